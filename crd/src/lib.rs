@@ -1,0 +1,368 @@
+//! The `BenchCluster` custom resource: a kubeadm cluster of one control-plane VM and N
+//! worker VMs on a libvirt host, declared as a Kubernetes object.
+//!
+//! This crate holds types only (no I/O): the spec a user writes, the status the
+//! controller reports, and the validation the API server enforces (OpenAPI bounds and
+//! CEL rules). Doc comments become the schema descriptions shown by `kubectl explain`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub mod conditions;
+pub mod quantity;
+
+pub use conditions::ConditionType;
+
+/// API group of every resource this project defines.
+pub const GROUP: &str = "benchcluster.dev";
+/// Finalizer the controller puts on each BenchCluster so its VMs are removed first.
+pub const FINALIZER: &str = "benchcluster.dev/cleanup";
+/// Upper bound on `spec.workers.replicas`; one libvirt host cannot hold more.
+pub const MAX_WORKERS: i32 = 256;
+/// Longest BenchCluster name: node names are `<name>-w-<index>` and must stay DNS labels.
+pub const MAX_NAME_LEN: usize = 40;
+
+/// A disposable kubeadm cluster on a libvirt host: one control-plane VM and
+/// `workers.replicas` worker VMs, each a copy-on-write overlay of its role's base image.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[kube(
+    group = "benchcluster.dev",
+    version = "v1alpha1",
+    kind = "BenchCluster",
+    plural = "benchclusters",
+    shortname = "bc",
+    category = "benchcluster",
+    namespaced,
+    status = "BenchClusterStatus",
+    derive = "PartialEq",
+    doc = "A kubeadm cluster of libvirt VMs for benchmarking Kubernetes: one control plane and N workers.",
+    scale(
+        spec_replicas_path = ".spec.workers.replicas",
+        status_replicas_path = ".status.readyWorkers"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Workers", type_ = "integer", json_path = ".status.readyWorkers"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.workers.replicas"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.controlPlaneEndpoint"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(
+        "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40"
+    )
+    .message("metadata.name must be a DNS label (lowercase letters, digits, '-') of at most 40 characters: it prefixes every node name")
+    .field_path(".metadata.name")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BenchClusterSpec {
+    /// The single control-plane VM. Immutable: a different size or image needs a new BenchCluster.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("controlPlane is immutable; create a new BenchCluster to change it"))]
+    pub control_plane: NodeTemplate,
+    /// The worker VMs. `replicas` may change at any time (scale by edit, or
+    /// `kubectl scale bc/<name> --replicas=N`); the rest is immutable.
+    pub workers: WorkerPool,
+    /// The libvirt network the VMs attach to. It must exist on the hypervisor and serve DHCP.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("network is immutable"))]
+    pub network: NetworkSpec,
+    /// Settings of the kubeadm cluster formed on the VMs.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("kubernetes is immutable"))]
+    pub kubernetes: KubernetesSpec,
+    /// How the controller reaches the VMs over SSH.
+    pub ssh: SshSpec,
+    /// While true the controller takes no libvirt or SSH action for this cluster.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// The shape of one VM: size and base image.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTemplate {
+    /// Virtual CPUs.
+    #[schemars(range(min = 1, max = 256))]
+    pub cpus: u32,
+    /// Memory as a Kubernetes quantity, for example `4Gi`. At least 256Mi.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('256Mi')) >= 0 && quantity(self).compareTo(quantity('4Ti')) <= 0").message("memory must be a quantity between 256Mi and 4Ti, for example 4Gi"))]
+    pub memory: String,
+    /// Size of the VM's disk as a Kubernetes quantity, for example `40Gi`. The disk is a
+    /// qcow2 overlay on the base image, so it must be at least the image's virtual size.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1Gi')) >= 0 && quantity(self).compareTo(quantity('64Ti')) <= 0").message("disk must be a quantity between 1Gi and 64Ti, for example 40Gi"))]
+    pub disk: String,
+    /// The base image the VM's disk is an overlay of.
+    pub image: ImageSpec,
+}
+
+/// A base image: a volume in the controller's image pool.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSpec {
+    /// Name of a volume in the storage pool the controller is configured with
+    /// (`--image-pool`). A plain file name: no path, no `..`.
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9._+-]*$') && !self.contains('..')").message("image.volume must be a volume name in the image pool (letters, digits, '.', '_', '+', '-'), not a path"))]
+    pub volume: String,
+    /// Firmware the image boots with: `bios`, or `uefi` (q35 + OVMF, as NixOS images
+    /// built with systemd-boot need).
+    #[serde(default)]
+    pub firmware: Firmware,
+}
+
+/// Firmware of a base image.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// Legacy BIOS (SeaBIOS).
+    #[default]
+    Bios,
+    /// UEFI through OVMF, on a q35 machine with ACPI.
+    Uefi,
+}
+
+/// The worker VMs: a template and a count. Kept as its own struct so named pools can
+/// be added later as a list of these.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerPool {
+    /// Number of worker VMs, 0 to 256.
+    #[schemars(range(min = 0, max = 256))]
+    pub replicas: i32,
+    /// Size and image of every worker. Immutable.
+    #[serde(flatten)]
+    pub template: WorkerTemplate,
+}
+
+/// The immutable part of a worker pool.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerTemplate {
+    /// Virtual CPUs of each worker.
+    #[schemars(range(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("workers.cpus is immutable"))]
+    pub cpus: u32,
+    /// Memory of each worker as a Kubernetes quantity. At least 256Mi.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('256Mi')) >= 0 && quantity(self).compareTo(quantity('4Ti')) <= 0").message("memory must be a quantity between 256Mi and 4Ti, for example 4Gi"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("workers.memory is immutable"))]
+    pub memory: String,
+    /// Disk of each worker as a Kubernetes quantity. At least 1Gi.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1Gi')) >= 0 && quantity(self).compareTo(quantity('64Ti')) <= 0").message("disk must be a quantity between 1Gi and 64Ti, for example 40Gi"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("workers.disk is immutable"))]
+    pub disk: String,
+    /// Base image of every worker.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("workers.image is immutable"))]
+    pub image: ImageSpec,
+}
+
+/// The libvirt network the VMs attach to.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// Name of an existing libvirt network with DHCP, for example `scheduler_benchmark_net`.
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9._-]*$')").message("network.name must be a libvirt network name (letters, digits, '.', '_', '-')"))]
+    pub name: String,
+}
+
+/// Settings of the kubeadm cluster.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesSpec {
+    /// Pod network CIDR (kubeadm `networking.podSubnet`).
+    #[serde(default = "default_pod_subnet")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("podSubnet must be a CIDR, for example 10.244.0.0/16"))]
+    pub pod_subnet: String,
+    /// Service CIDR (kubeadm `networking.serviceSubnet`).
+    #[serde(default = "default_service_subnet")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("serviceSubnet must be a CIDR, for example 10.96.0.0/12"))]
+    pub service_subnet: String,
+}
+
+impl Default for KubernetesSpec {
+    fn default() -> Self {
+        Self {
+            pod_subnet: default_pod_subnet(),
+            service_subnet: default_service_subnet(),
+        }
+    }
+}
+
+fn default_pod_subnet() -> String {
+    "10.244.0.0/16".into()
+}
+
+fn default_service_subnet() -> String {
+    "10.96.0.0/12".into()
+}
+
+/// SSH access to the VMs.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SshSpec {
+    /// The user the controller logs in as; it must be able to run kubeadm through sudo.
+    #[serde(default = "default_ssh_user")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z_][a-z0-9_-]*$')").message("ssh.user must be a POSIX user name (lowercase letters, digits, '_', '-')"))]
+    pub user: String,
+    /// Secret in the BenchCluster's namespace holding the SSH key pair: `ssh-privatekey`
+    /// (OpenSSH format) and `ssh-publickey`, as in a `kubernetes.io/ssh-auth` Secret.
+    pub key_secret: SecretReference,
+}
+
+fn default_ssh_user() -> String {
+    "bench".into()
+}
+
+/// A Secret in the BenchCluster's own namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("keySecret.name must be a Secret name (DNS subdomain)"))]
+    pub name: String,
+}
+
+/// What the controller observed. Written only by the controller.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BenchClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// kstatus conditions: Ready, ControlPlaneReady, WorkersReady, Reconciling, Stalled.
+    #[serde(default)]
+    #[schemars(schema_with = "conditions::list_map_schema")]
+    pub conditions: Vec<Condition>,
+    /// One entry per VM that exists or is being created, control plane first.
+    #[serde(default)]
+    pub nodes: Vec<NodeStatus>,
+    /// Workers whose Node is Ready (the scale subresource's status replicas).
+    #[serde(default)]
+    pub ready_workers: i32,
+    /// `https://<control-plane IP>:6443` once the control plane is initialised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane_endpoint: Option<String>,
+    /// Secret holding the guest cluster's admin kubeconfig.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig_secret: Option<String>,
+    /// Phase timings of the most recent provisioning, each the slowest node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_provisioning: Option<PhaseTimings>,
+}
+
+/// A VM's role in the cluster.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub enum Role {
+    /// The kubeadm control plane.
+    ControlPlane,
+    /// A worker joined with `kubeadm join`.
+    Worker,
+}
+
+/// Where a VM is in its life.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Disk and domain are being created.
+    Creating,
+    /// The domain runs and waits for a DHCP lease.
+    Booting,
+    /// It has an address; SSH is not answering yet.
+    AwaitingSsh,
+    /// Reachable over SSH; kubeadm has not run yet.
+    Reachable,
+    /// kubeadm init or join ran; the Node is not Ready yet.
+    Joined,
+    /// The Node is Ready.
+    Ready,
+    /// Being drained and removed.
+    Deleting,
+    /// The domain exists but is not running.
+    Stopped,
+}
+
+/// One VM of the cluster.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// Node name in the guest cluster (also the VM's hostname).
+    pub name: String,
+    /// Control plane or worker.
+    pub role: Role,
+    /// Index within the role.
+    pub index: u32,
+    /// libvirt domain name.
+    pub domain: String,
+    /// MAC address of the VM's interface.
+    pub mac: String,
+    /// Address from the VM's DHCP lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Life-cycle state.
+    pub state: NodeState,
+    /// Whether the guest cluster reports this Node Ready.
+    pub ready: bool,
+    /// How long each provisioning phase took for this VM.
+    #[serde(default)]
+    pub timings: PhaseTimings,
+}
+
+/// Durations of the provisioning phases, in milliseconds. A phase not reached or not
+/// observed by this controller process is absent.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTimings {
+    /// Creating the disk overlay and defining the domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub define_ms: Option<u64>,
+    /// Starting the domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_ms: Option<u64>,
+    /// From start until a DHCP lease for the VM's MAC appeared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// From the lease until the first SSH command succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_ms: Option<u64>,
+    /// `kubeadm init` on the control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_ms: Option<u64>,
+    /// `kubeadm join` on a worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_ms: Option<u64>,
+    /// From kubeadm's end until the Node reported Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
+}
+
+impl BenchCluster {
+    /// The status, or an empty one when the controller has not written any yet.
+    pub fn status_or_default(&self) -> BenchClusterStatus {
+        self.status.clone().unwrap_or_default()
+    }
+}
+
+/// The CRD as YAML, exactly as committed in `manifests/crd.yaml`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    let crd = BenchCluster::crd();
+    let yaml = serde_yaml::to_string(&crd)?;
+    Ok(format!(
+        "# Generated by `cargo xtask crd` from crd/src/lib.rs. Do not edit.\n{yaml}"
+    ))
+}
