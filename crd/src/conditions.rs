@@ -39,7 +39,7 @@ impl ConditionType {
 }
 
 /// Finds a condition by type.
-pub fn find<'a>(conditions: &'a [Condition], type_: ConditionType) -> Option<&'a Condition> {
+pub fn find(conditions: &[Condition], type_: ConditionType) -> Option<&Condition> {
     conditions.iter().find(|c| c.type_ == type_.as_str())
 }
 
@@ -105,8 +105,22 @@ mod tests {
 
     #[test]
     fn unchanged_status_keeps_transition_time() {
-        let old = vec![new(ConditionType::Ready, false, "Provisioning", "a", Some(1), at(10))];
-        let next = vec![new(ConditionType::Ready, false, "Provisioning", "b", Some(2), at(20))];
+        let old = vec![new(
+            ConditionType::Ready,
+            false,
+            "Provisioning",
+            "a",
+            Some(1),
+            at(10),
+        )];
+        let next = vec![new(
+            ConditionType::Ready,
+            false,
+            "Provisioning",
+            "b",
+            Some(2),
+            at(20),
+        )];
         let merged = merge(&old, next);
         assert_eq!(merged[0].last_transition_time, at(10));
         assert_eq!(merged[0].message, "b");
@@ -114,8 +128,22 @@ mod tests {
 
     #[test]
     fn changed_status_moves_transition_time() {
-        let old = vec![new(ConditionType::Ready, false, "Provisioning", "", Some(1), at(10))];
-        let next = vec![new(ConditionType::Ready, true, "Ready", "", Some(1), at(20))];
+        let old = vec![new(
+            ConditionType::Ready,
+            false,
+            "Provisioning",
+            "",
+            Some(1),
+            at(10),
+        )];
+        let next = vec![new(
+            ConditionType::Ready,
+            true,
+            "Ready",
+            "",
+            Some(1),
+            at(20),
+        )];
         assert_eq!(merge(&old, next)[0].last_transition_time, at(20));
     }
 }

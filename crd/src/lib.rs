@@ -61,7 +61,6 @@ pub const MAX_NAME_LEN: usize = 40;
         "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40"
     )
     .message("metadata.name must be a DNS label (lowercase letters, digits, '-') of at most 40 characters: it prefixes every node name")
-    .field_path(".metadata.name")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BenchClusterSpec {
@@ -267,7 +266,9 @@ pub struct BenchClusterStatus {
 }
 
 /// A VM's role in the cluster.
-#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum Role {
     /// The kubeadm control plane.

@@ -50,9 +50,7 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
         Some((suffix, m)) => (&s[..s.len() - suffix.len()], *m),
         None => match s.find(['e', 'E']) {
             Some(pos) => {
-                let exponent: u32 = s[pos + 1..]
-                    .parse()
-                    .map_err(|_| err("bad exponent"))?;
+                let exponent: u32 = s[pos + 1..].parse().map_err(|_| err("bad exponent"))?;
                 let m = 10u128
                     .checked_pow(exponent)
                     .ok_or_else(|| err("too large"))?;
@@ -65,8 +63,7 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
     if whole.is_empty() && fraction.is_empty() {
         return Err(err("no digits"));
     }
-    if !whole.bytes().all(|b| b.is_ascii_digit()) || !fraction.bytes().all(|b| b.is_ascii_digit())
-    {
+    if !whole.bytes().all(|b| b.is_ascii_digit()) || !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return Err(err("not a non-negative decimal number"));
     }
     if fraction.len() > 18 {
@@ -111,7 +108,17 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "Gi", "-1Gi", "4 Gi", "4GB", "1.2.3", "$(reboot)", "9999999Ei", "."] {
+        for bad in [
+            "",
+            "Gi",
+            "-1Gi",
+            "4 Gi",
+            "4GB",
+            "1.2.3",
+            "$(reboot)",
+            "9999999Ei",
+            ".",
+        ] {
             assert!(parse_bytes(bad).is_err(), "{bad:?} accepted");
         }
     }

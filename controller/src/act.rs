@@ -1,0 +1,456 @@
+//! Stage 3: execute planned actions against the hypervisor and the guests.
+//!
+//! Steps of one node run in order; nodes run concurrently up to
+//! `Settings::max_parallel_steps`. Each step is idempotent on its own, so a pass that
+//! dies half-way is resumed by the next one.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use benchcluster_crd::quantity::parse_bytes;
+use benchcluster_crd::{BenchCluster, Role};
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ObjectMeta, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::context::{Context, FIELD_MANAGER};
+use crate::error::{Error, Result};
+use crate::guest::{
+    AdminKubeconfig, Credentials, Guest, GuestError, GuestNode, InitConfig, Sensitive,
+};
+use crate::hypervisor::{DomainSpec, Hypervisor, OverlaySpec, Owner};
+use crate::names::{ClusterNames, NodeId};
+use crate::observe::{KUBECONFIG_KEY, Observation};
+use crate::plan::Action;
+
+/// Keys of a `kubernetes.io/ssh-auth` Secret.
+pub const SSH_PRIVATE_KEY: &str = "ssh-privatekey";
+
+/// What one pass achieved.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Steps that failed, with the step that failed.
+    pub failures: Vec<(Action, Error)>,
+    /// Nodes whose SSH did not answer yet: not a failure, a reason to poll again.
+    pub waiting_for_ssh: Vec<NodeId>,
+}
+
+impl Outcome {
+    /// The first failure as the pass's error, for the backoff policy.
+    pub fn into_error(mut self) -> Option<Error> {
+        if self.failures.is_empty() {
+            return None;
+        }
+        let failed = self.failures.len();
+        let (action, first) = self.failures.swap_remove(0);
+        Some(Error::Steps {
+            failed,
+            step: format!("{action:?}"),
+            first: Box::new(first),
+        })
+    }
+}
+
+enum StepResult {
+    Done,
+    WaitingForSsh,
+}
+
+/// How a node's steps of this pass ended.
+enum NodeResult {
+    Done,
+    WaitingForSsh(NodeId),
+    Failed(Action, Error),
+}
+
+/// Runs the actions: per node in order, nodes concurrently.
+pub async fn act<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    names: &ClusterNames,
+    observation: &Observation,
+    actions: Vec<Action>,
+    ctx: &Context<H, G>,
+) -> Outcome {
+    let mut per_node: BTreeMap<NodeId, Vec<Action>> = BTreeMap::new();
+    for action in actions {
+        per_node.entry(action.node()).or_default().push(action);
+    }
+    let mut outcome = Outcome::default();
+    let first_guest_step = per_node
+        .values()
+        .flatten()
+        .copied()
+        .find(|a| needs_credentials(*a));
+    let credentials = match first_guest_step {
+        None => None,
+        Some(step) => match ssh_credentials(bc, ctx).await {
+            Ok(credentials) => Some(credentials),
+            Err(error) => {
+                // Without the key no guest step can run; the others still can.
+                for steps in per_node.values_mut() {
+                    if let Some(pos) = steps.iter().position(|a| needs_credentials(*a)) {
+                        steps.truncate(pos);
+                    }
+                }
+                outcome.failures.push((step, error));
+                None
+            }
+        },
+    };
+
+    let results: Vec<NodeResult> = futures::stream::iter(per_node)
+        .map(|(id, steps)| {
+            let credentials = credentials.as_ref();
+            async move {
+                for step in steps {
+                    match run_step(bc, names, observation, step, credentials, ctx).await {
+                        Ok(StepResult::Done) => {}
+                        Ok(StepResult::WaitingForSsh) => return NodeResult::WaitingForSsh(id),
+                        Err(e) => return NodeResult::Failed(step, e),
+                    }
+                }
+                NodeResult::Done
+            }
+        })
+        .buffer_unordered(ctx.settings.max_parallel_steps.max(1))
+        .collect()
+        .await;
+
+    for result in results {
+        match result {
+            NodeResult::Done => {}
+            NodeResult::WaitingForSsh(id) => outcome.waiting_for_ssh.push(id),
+            NodeResult::Failed(action, error) => {
+                warn!(?action, error = %error.chain(), "step failed");
+                publish(
+                    bc,
+                    ctx,
+                    EventType::Warning,
+                    "StepFailed",
+                    "Reconcile",
+                    format!("{action:?}: {}", error.chain()),
+                )
+                .await;
+                outcome.failures.push((action, error));
+            }
+        }
+    }
+    outcome.waiting_for_ssh.sort();
+    outcome
+}
+
+fn needs_credentials(action: Action) -> bool {
+    matches!(action, Action::InitControlPlane | Action::JoinWorker(_))
+}
+
+async fn ssh_credentials<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    ctx: &Context<H, G>,
+) -> Result<Credentials> {
+    let namespace = bc.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let name = bc.spec.ssh.key_secret.name.clone();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret = secrets
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube("read the SSH key Secret"))?
+        .ok_or_else(|| Error::SshKeySecret {
+            name: name.clone(),
+            problem: "not found",
+        })?;
+    let key = secret
+        .data
+        .and_then(|mut d| d.remove(SSH_PRIVATE_KEY))
+        .ok_or_else(|| Error::SshKeySecret {
+            name: name.clone(),
+            problem: "has no ssh-privatekey",
+        })?;
+    let key = String::from_utf8(key.0).map_err(|_| Error::SshKeySecret {
+        name,
+        problem: "ssh-privatekey is not UTF-8",
+    })?;
+    Ok(Credentials {
+        user: bc.spec.ssh.user.clone(),
+        private_key: Sensitive::new(key),
+    })
+}
+
+fn guest_node(names: &ClusterNames, observation: &Observation, id: NodeId) -> Result<GuestNode> {
+    let ip = observation
+        .world
+        .node(id)
+        .and_then(|n| n.ip)
+        .ok_or(Error::NotReady {
+            action: "reach a node over SSH",
+            requirement: "it has a DHCP lease",
+        })?;
+    Ok(GuestNode {
+        name: names.node(id),
+        ip,
+    })
+}
+
+async fn run_step<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    names: &ClusterNames,
+    observation: &Observation,
+    action: Action,
+    credentials: Option<&Credentials>,
+    ctx: &Context<H, G>,
+) -> Result<StepResult> {
+    let hv = &ctx.hypervisor;
+    let uid = names.uid.as_str();
+    let started = Instant::now();
+    match action {
+        Action::CreateDisk(id) => {
+            ctx.timeline(uid, id, |t| t.create_started(started));
+            let (template_disk, image) = match id.role {
+                Role::ControlPlane => (&bc.spec.control_plane.disk, &bc.spec.control_plane.image),
+                Role::Worker => (
+                    &bc.spec.workers.template.disk,
+                    &bc.spec.workers.template.image,
+                ),
+            };
+            let capacity_bytes = parse_bytes(template_disk).map_err(|source| Error::Quantity {
+                field: "disk",
+                source,
+            })?;
+            hv.create_overlay(&OverlaySpec {
+                name: names.disk_volume(id),
+                base_image: image.volume.clone(),
+                capacity_bytes,
+            })
+            .await?;
+        }
+        Action::DefineDomain(id) => {
+            let (cpus, memory, image) = match id.role {
+                Role::ControlPlane => {
+                    let t = &bc.spec.control_plane;
+                    (t.cpus, &t.memory, &t.image)
+                }
+                Role::Worker => {
+                    let t = &bc.spec.workers.template;
+                    (t.cpus, &t.memory, &t.image)
+                }
+            };
+            let memory_bytes = parse_bytes(memory).map_err(|source| Error::Quantity {
+                field: "memory",
+                source,
+            })?;
+            hv.define_domain(&DomainSpec {
+                name: names.domain(id),
+                owner: Owner {
+                    uid: names.uid.clone(),
+                    namespace: names.namespace.clone(),
+                    name: names.name.clone(),
+                    role: id.role,
+                    index: id.index,
+                },
+                vcpus: cpus,
+                memory_bytes,
+                disk_volume: names.disk_volume(id),
+                seed_volume: None,
+                mac: names.mac(id),
+                network: bc.spec.network.name.clone(),
+                firmware: image.firmware,
+            })
+            .await?;
+            ctx.timeline(uid, id, |t| t.defined(Instant::now()));
+        }
+        Action::StartDomain(id) => {
+            hv.start_domain(&names.domain(id)).await?;
+            ctx.timeline(uid, id, |t| t.booted(started, Instant::now()));
+            info!(domain = %names.domain(id), "VM started");
+            publish(
+                bc,
+                ctx,
+                EventType::Normal,
+                "VmStarted",
+                "StartDomain",
+                names.domain(id),
+            )
+            .await;
+        }
+        Action::InitControlPlane => {
+            let node = guest_node(names, observation, NodeId::CONTROL_PLANE)?;
+            let credentials = credentials.ok_or(Error::NotReady {
+                action: "initialise the control plane",
+                requirement: "SSH credentials are loaded",
+            })?;
+            if !probe(ctx, uid, NodeId::CONTROL_PLANE, &node, credentials).await? {
+                return Ok(StepResult::WaitingForSsh);
+            }
+            let began = Instant::now();
+            let config = InitConfig {
+                pod_subnet: bc.spec.kubernetes.pod_subnet.clone(),
+                service_subnet: bc.spec.kubernetes.service_subnet.clone(),
+            };
+            let kubeconfig = ctx
+                .guest
+                .init_control_plane(&node, credentials, &config)
+                .await?;
+            store_kubeconfig(bc, names, &kubeconfig, ctx).await?;
+            ctx.timeline(uid, NodeId::CONTROL_PLANE, |t| {
+                t.initialised(began, Instant::now())
+            });
+            info!(node = %node.name, "control plane initialised");
+            publish(
+                bc,
+                ctx,
+                EventType::Normal,
+                "ControlPlaneInitialized",
+                "KubeadmInit",
+                node.name,
+            )
+            .await;
+        }
+        Action::JoinWorker(id) => {
+            let control_plane = guest_node(names, observation, NodeId::CONTROL_PLANE)?;
+            let worker = guest_node(names, observation, id)?;
+            let credentials = credentials.ok_or(Error::NotReady {
+                action: "join a worker",
+                requirement: "SSH credentials are loaded",
+            })?;
+            if !probe(ctx, uid, id, &worker, credentials).await? {
+                return Ok(StepResult::WaitingForSsh);
+            }
+            let began = Instant::now();
+            ctx.guest
+                .join_worker(&control_plane, &worker, credentials)
+                .await?;
+            ctx.timeline(uid, id, |t| t.joined(began, Instant::now()));
+            info!(node = %worker.name, "worker joined");
+            publish(
+                bc,
+                ctx,
+                EventType::Normal,
+                "WorkerJoined",
+                "KubeadmJoin",
+                worker.name,
+            )
+            .await;
+        }
+        Action::DrainNode(id) => {
+            let kubeconfig = observation.kubeconfig.as_ref().ok_or(Error::NotReady {
+                action: "drain a Node",
+                requirement: "the admin kubeconfig is stored",
+            })?;
+            ctx.guest.remove_node(kubeconfig, &names.node(id)).await?;
+            publish(
+                bc,
+                ctx,
+                EventType::Normal,
+                "NodeDrained",
+                "Drain",
+                names.node(id),
+            )
+            .await;
+        }
+        Action::RemoveDomain(id) => {
+            hv.remove_domain(&names.domain(id)).await?;
+            ctx.forget(uid, |node| node != id);
+            info!(domain = %names.domain(id), "VM removed");
+            publish(
+                bc,
+                ctx,
+                EventType::Normal,
+                "VmRemoved",
+                "RemoveDomain",
+                names.domain(id),
+            )
+            .await;
+        }
+        Action::DeleteDisk(id) => {
+            hv.delete_volume(&names.disk_volume(id)).await?;
+        }
+    }
+    Ok(StepResult::Done)
+}
+
+/// Proves the node answers over SSH. `Ok(false)` means "not yet": it is still booting.
+async fn probe<H: Hypervisor, G: Guest>(
+    ctx: &Context<H, G>,
+    uid: &str,
+    id: NodeId,
+    node: &GuestNode,
+    credentials: &Credentials,
+) -> Result<bool> {
+    match ctx.guest.probe(node, credentials).await {
+        Ok(()) => {
+            ctx.timeline(uid, id, |t| t.reachable(Instant::now()));
+            Ok(true)
+        }
+        Err(GuestError::Unreachable { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn store_kubeconfig<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    names: &ClusterNames,
+    kubeconfig: &AdminKubeconfig,
+    ctx: &Context<H, G>,
+) -> Result<()> {
+    let owner = bc
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingMetadata("uid"))?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(names.kubeconfig_secret()),
+            namespace: Some(names.namespace.clone()),
+            owner_references: Some(vec![owner]),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    FIELD_MANAGER.to_owned(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(
+            [(
+                KUBECONFIG_KEY.to_owned(),
+                ByteString(kubeconfig.0.expose().as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
+        ..Secret::default()
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    secrets
+        .patch(
+            &names.kubeconfig_secret(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .map_err(Error::kube("store the kubeconfig Secret"))?;
+    Ok(())
+}
+
+/// Publishes an Event on the BenchCluster; failing to publish is logged, never fatal.
+pub async fn publish<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    ctx: &Context<H, G>,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &bc.object_ref(&())).await {
+        warn!(%error, reason, "cannot publish event");
+    }
+}

@@ -1,0 +1,204 @@
+//! State shared by every reconcile: clients, the two edges, settings, and the
+//! in-memory provisioning timelines behind the phase timings.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use benchcluster_crd::PhaseTimings;
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+
+use crate::guest::Guest;
+use crate::hypervisor::Hypervisor;
+use crate::names::NodeId;
+
+/// Field manager of every server-side apply this controller makes.
+pub const FIELD_MANAGER: &str = "benchcluster-controller";
+
+/// Timeouts and limits, in one place.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a running VM may go without a DHCP lease before the status says so.
+    pub lease_timeout: Duration,
+    /// Requeue interval while something is on its way (boot, lease, SSH).
+    pub poll_interval: Duration,
+    /// Requeue interval once converged, to notice drift behind the controller's back.
+    pub resync_interval: Duration,
+    /// Steps of different nodes of one cluster that run at once.
+    pub max_parallel_steps: usize,
+    /// Backoff after a failed reconcile: doubled per consecutive failure up to the cap.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lease_timeout: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(2),
+            resync_interval: Duration::from_secs(300),
+            max_parallel_steps: 64,
+            backoff_base: Duration::from_secs(2),
+            backoff_cap: Duration::from_secs(300),
+        }
+    }
+}
+
+/// When each provisioning phase of one node began and ended, as seen by this process.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    pub create_started: Option<Instant>,
+    pub started: Option<Instant>,
+    pub leased: Option<Instant>,
+    pub reachable: Option<Instant>,
+    pub kubeadm_done: Option<Instant>,
+    pub timings: PhaseTimings,
+}
+
+fn ms(from: Instant, to: Instant) -> Option<u64> {
+    u64::try_from(to.saturating_duration_since(from).as_millis()).ok()
+}
+
+impl Timeline {
+    pub fn create_started(&mut self, now: Instant) {
+        *self = Timeline {
+            create_started: Some(now),
+            ..Timeline::default()
+        };
+    }
+
+    pub fn defined(&mut self, now: Instant) {
+        if let Some(t) = self.create_started {
+            self.timings.define_ms = ms(t, now);
+        }
+    }
+
+    pub fn booted(&mut self, boot_started: Instant, now: Instant) {
+        self.timings.boot_ms = ms(boot_started, now);
+        self.started = Some(now);
+    }
+
+    pub fn leased(&mut self, now: Instant) {
+        if self.leased.is_none() {
+            self.leased = Some(now);
+            if let Some(t) = self.started {
+                self.timings.lease_ms = ms(t, now);
+            }
+        }
+    }
+
+    pub fn reachable(&mut self, now: Instant) {
+        if self.reachable.is_none() {
+            self.reachable = Some(now);
+            if let Some(t) = self.leased {
+                self.timings.ssh_ms = ms(t, now);
+            }
+        }
+    }
+
+    pub fn initialised(&mut self, began: Instant, now: Instant) {
+        self.timings.init_ms = ms(began, now);
+        self.kubeadm_done = Some(now);
+    }
+
+    pub fn joined(&mut self, began: Instant, now: Instant) {
+        self.timings.join_ms = ms(began, now);
+        self.kubeadm_done = Some(now);
+    }
+
+    pub fn node_ready(&mut self, now: Instant) {
+        if self.timings.ready_ms.is_none()
+            && let Some(t) = self.kubeadm_done
+        {
+            self.timings.ready_ms = ms(t, now);
+        }
+    }
+
+    /// How long a started VM has waited for its lease.
+    pub fn lease_wait(&self, now: Instant) -> Option<Duration> {
+        match (self.started, self.leased) {
+            (Some(t), None) => Some(now.saturating_duration_since(t)),
+            _ => None,
+        }
+    }
+}
+
+pub struct Context<H, G> {
+    pub client: Client,
+    pub hypervisor: H,
+    pub guest: G,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    timelines: Mutex<HashMap<(String, NodeId), Timeline>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl<H: Hypervisor, G: Guest> Context<H, G> {
+    pub fn new(client: Client, hypervisor: H, guest: G, settings: Settings) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            hypervisor,
+            guest,
+            settings,
+            timelines: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs `f` on the node's timeline (created empty on first use).
+    pub fn timeline<T>(&self, uid: &str, node: NodeId, f: impl FnOnce(&mut Timeline) -> T) -> T {
+        let mut map = self
+            .timelines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(map.entry((uid.to_owned(), node)).or_default())
+    }
+
+    /// A copy of the node's timeline, if this process has one.
+    pub fn timeline_snapshot(&self, uid: &str, node: NodeId) -> Option<Timeline> {
+        let map = self
+            .timelines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(&(uid.to_owned(), node)).cloned()
+    }
+
+    /// Drops the timelines of nodes that no longer exist.
+    pub fn forget(&self, uid: &str, keep: impl Fn(NodeId) -> bool) {
+        let mut map = self
+            .timelines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.retain(|(u, node), _| u != uid || keep(*node));
+    }
+
+    /// Records a failed reconcile and returns the backoff before the next attempt.
+    pub fn backoff(&self, uid: &str) -> Duration {
+        let mut map = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(uid.to_owned()).or_default();
+        *n = n.saturating_add(1);
+        let factor = 1u32 << (*n - 1).min(16);
+        self.settings
+            .backoff_base
+            .saturating_mul(factor)
+            .min(self.settings.backoff_cap)
+    }
+
+    /// Clears the failure count after a successful reconcile.
+    pub fn succeeded(&self, uid: &str) {
+        let mut map = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.remove(uid);
+    }
+}

@@ -1,0 +1,98 @@
+//! The controller's one error type.
+
+use benchcluster_crd::quantity::QuantityError;
+
+use crate::guest::GuestError;
+use crate::hypervisor::HypervisorError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("BenchCluster has no {0}")]
+    MissingMetadata(&'static str),
+    #[error("Kubernetes API: {context}")]
+    Kube {
+        context: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("hypervisor")]
+    Hypervisor(#[from] HypervisorError),
+    #[error("guest")]
+    Guest(#[from] GuestError),
+    #[error("{field} is not a byte quantity")]
+    Quantity {
+        field: &'static str,
+        #[source]
+        source: QuantityError,
+    },
+    #[error("SSH key Secret {name:?}: {problem}")]
+    SshKeySecret { name: String, problem: &'static str },
+    #[error("cannot {action} before {requirement}")]
+    NotReady {
+        action: &'static str,
+        requirement: &'static str,
+    },
+    #[error("{failed} step(s) failed, first {step}")]
+    Steps {
+        failed: usize,
+        step: String,
+        #[source]
+        first: Box<Error>,
+    },
+    #[error("cleanup left {remaining} node(s) behind")]
+    CleanupIncomplete { remaining: usize },
+    #[error("finalizer")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn kube(context: &'static str) -> impl FnOnce(kube::Error) -> Error {
+        move |source| Error::Kube { context, source }
+    }
+
+    /// A low-cardinality label for metrics and event reasons.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::MissingMetadata(_) => "metadata",
+            Error::Kube { .. } => "kube",
+            Error::Hypervisor(_) => "hypervisor",
+            Error::Guest(_) => "guest",
+            Error::Quantity { .. } => "spec",
+            Error::SshKeySecret { .. } => "ssh_key_secret",
+            Error::NotReady { .. } => "not_ready",
+            Error::Steps { first, .. } => first.metric_label(),
+            Error::CleanupIncomplete { .. } => "cleanup",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+        }
+    }
+
+    /// Errors that retrying cannot fix until the user or the host changes something.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Hypervisor(e) => e.is_permanent(),
+            Error::Guest(GuestError::HostKeyMismatch { .. }) => true,
+            Error::Quantity { .. } | Error::SshKeySecret { .. } => true,
+            Error::Steps { first, .. } => first.is_permanent(),
+            _ => false,
+        }
+    }
+
+    /// The error and its causes, one line, for conditions and Warning events. Sources
+    /// never carry secrets: guest output is trimmed and redacted before it becomes one.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+}

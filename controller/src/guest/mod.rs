@@ -1,0 +1,143 @@
+//! The guest edge: what the controller needs from inside the VMs (SSH + kubeadm) and
+//! from the guest cluster's API, as a trait. It knows nothing of libvirt; the act stage
+//! hands it addresses found in DHCP leases.
+
+use std::fmt;
+use std::future::Future;
+use std::net::Ipv4Addr;
+
+/// A string that must never be printed: private keys, join tokens, kubeconfigs.
+/// `Debug` and `Display` show only a placeholder.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Sensitive(String);
+
+impl Sensitive {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must send or store it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Sensitive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Sensitive(<redacted>)")
+    }
+}
+
+impl fmt::Display for Sensitive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// How to log in to a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    /// OpenSSH private key.
+    pub private_key: Sensitive,
+}
+
+/// One VM, as the guest side sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNode {
+    /// Node name in the guest cluster; also the VM's hostname.
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+/// What `kubeadm init` needs beyond the node itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitConfig {
+    pub pod_subnet: String,
+    pub service_subnet: String,
+}
+
+/// The admin kubeconfig of a guest cluster, with its server set to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminKubeconfig(pub Sensitive);
+
+/// A Node of the guest cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub name: String,
+    pub ready: bool,
+}
+
+/// Failures of the guest edge.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// SSH did not connect or authenticate (the VM may still be booting).
+    #[error("cannot reach {node} over SSH: {reason}")]
+    Unreachable { node: String, reason: String },
+    /// The VM presented a host key other than the one pinned for it: nothing was run.
+    #[error("host key of {node} does not match the pinned key; refusing to run commands")]
+    HostKeyMismatch { node: String },
+    /// A command ran and failed; `output` is trimmed and free of secrets.
+    #[error("{command} failed on {node} (exit {exit_code:?}): {output}")]
+    CommandFailed {
+        node: String,
+        command: &'static str,
+        exit_code: Option<i32>,
+        output: String,
+    },
+    /// A step did not finish within its bound.
+    #[error("{step} on {node} timed out after {seconds}s")]
+    Timeout {
+        node: String,
+        step: &'static str,
+        seconds: u64,
+    },
+    /// The guest cluster's API failed.
+    #[error("guest cluster API: {0}")]
+    Api(String),
+}
+
+pub type Result<T, E = GuestError> = std::result::Result<T, E>;
+
+/// What the controller needs from the VMs and from the cluster they form. Every call is
+/// safe to repeat: init on an initialised control plane returns its kubeconfig, join on a
+/// joined worker is a no-op, removal of a removed Node succeeds.
+pub trait Guest: Send + Sync + 'static {
+    /// Runs a harmless command to prove the VM answers over SSH with its pinned host key.
+    fn probe(
+        &self,
+        node: &GuestNode,
+        credentials: &Credentials,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Initialises the control plane (`kubeadm init`), unless it already is and is
+    /// healthy, and returns the admin kubeconfig.
+    fn init_control_plane(
+        &self,
+        node: &GuestNode,
+        credentials: &Credentials,
+        config: &InitConfig,
+    ) -> impl Future<Output = Result<AdminKubeconfig>> + Send;
+
+    /// Mints a short-lived join command on the control plane and joins the worker with it
+    /// (resetting a half-done join first).
+    fn join_worker(
+        &self,
+        control_plane: &GuestNode,
+        worker: &GuestNode,
+        credentials: &Credentials,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The Nodes of the guest cluster, through its API.
+    fn cluster_nodes(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+    ) -> impl Future<Output = Result<Vec<ClusterNode>>> + Send;
+
+    /// Cordons and drains the Node (eviction API, bounded) and deletes it.
+    fn remove_node(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+}

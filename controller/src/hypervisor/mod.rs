@@ -1,0 +1,153 @@
+//! The hypervisor edge: what the controller needs from libvirt, as a trait.
+//!
+//! The planner never sees this module; the act stage calls it. [`libvirt::Libvirt`]
+//! implements it on the `virt` crate for any libvirt URI (`test:///default` in the api
+//! tier, `qemu:///system` or `qemu+ssh://...` for real VMs).
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+
+use benchcluster_crd::{Firmware, Role};
+
+pub mod libvirt;
+pub mod xml;
+
+/// Who owns a domain: written into the domain XML's metadata in our own namespace,
+/// read back to find and adopt domains after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// `metadata.uid` of the BenchCluster.
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub role: Role,
+    pub index: u32,
+}
+
+/// Run state of a domain, as far as the controller cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    Running,
+    /// Defined but not running (shut off, crashed, paused...).
+    Stopped,
+}
+
+/// A domain that carries owner metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub name: String,
+    pub owner: Owner,
+    pub state: DomainState,
+    /// MAC of the interface on the cluster network, lowercase.
+    pub mac: Option<String>,
+}
+
+/// A libvirt network as seen by the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInfo {
+    pub active: bool,
+    /// Whether the network's XML has a `<dhcp>` element; without it VMs get no address.
+    pub dhcp: bool,
+}
+
+/// A DHCP lease from the network's dnsmasq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    /// Expiry as seconds since the Unix epoch; 0 for an infinite lease.
+    pub expiry_unix: i64,
+}
+
+/// A qcow2 overlay to create in the node pool, backed by a base image in the image pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlaySpec {
+    pub name: String,
+    /// Volume name of the base image in the image pool.
+    pub base_image: String,
+    pub capacity_bytes: u64,
+}
+
+/// Everything needed to define one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSpec {
+    pub name: String,
+    pub owner: Owner,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// Overlay volume (in the node pool) holding the root disk.
+    pub disk_volume: String,
+    /// NoCloud seed volume (in the node pool), when per-VM identity is injected.
+    pub seed_volume: Option<String>,
+    pub mac: String,
+    pub network: String,
+    pub firmware: Firmware,
+}
+
+/// Failures of the hypervisor edge.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("libvirt {operation} failed")]
+    Libvirt {
+        operation: &'static str,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("cannot connect to libvirt at {uri}")]
+    Connect {
+        uri: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("storage pool {pool:?} does not exist")]
+    PoolMissing { pool: String },
+    #[error("base image {volume:?} is not in storage pool {pool:?}")]
+    ImageMissing { pool: String, volume: String },
+    #[error("domain name {name:?} is taken by a domain this BenchCluster does not own")]
+    NameConflict { name: String },
+    #[error("domain XML")]
+    Xml(#[from] xml::XmlError),
+    #[error("a blocking libvirt task died")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl HypervisorError {
+    /// True when retrying the same call cannot help until something outside changes.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::PoolMissing { .. } | Self::ImageMissing { .. } | Self::NameConflict { .. }
+        )
+    }
+}
+
+pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
+
+/// What the controller needs from a hypervisor. Every mutation is idempotent: creating
+/// what already exists (as specified) and removing what is gone both succeed, so a pass
+/// that died half-way can simply run again.
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Every domain whose name starts with `name_prefix` and that carries owner metadata,
+    /// read from the hypervisor itself (no cache). Only matching names are parsed, so a
+    /// host with thousands of domains costs each cluster one cheap name listing.
+    fn list_domains(
+        &self,
+        name_prefix: &str,
+    ) -> impl Future<Output = Result<Vec<DomainInfo>>> + Send;
+    /// Names of the volumes in the node pool.
+    fn list_volumes(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// The named network, or `None` when it does not exist.
+    fn network(&self, name: &str) -> impl Future<Output = Result<Option<NetworkInfo>>> + Send;
+    /// Current DHCP leases of the named network.
+    fn leases(&self, network: &str) -> impl Future<Output = Result<Vec<Lease>>> + Send;
+    /// Creates the overlay unless a volume of that name exists.
+    fn create_overlay(&self, spec: &OverlaySpec) -> impl Future<Output = Result<()>> + Send;
+    /// Defines the domain unless a domain of that name exists with the same owner.
+    fn define_domain(&self, spec: &DomainSpec) -> impl Future<Output = Result<()>> + Send;
+    /// Starts the domain unless it is running.
+    fn start_domain(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Stops (hard) and undefines the domain; succeeds if it does not exist.
+    fn remove_domain(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Deletes a volume of the node pool; succeeds if it does not exist.
+    fn delete_volume(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+}

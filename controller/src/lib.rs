@@ -1,0 +1,22 @@
+//! benchcluster controller: reconciles `BenchCluster` resources into libvirt VMs that
+//! form kubeadm clusters.
+//!
+//! A pass is four stages: [`observe`] reads the hypervisor and the guest cluster into a
+//! [`world::World`]; [`plan`] is a pure function from spec and world to actions; [`act`]
+//! executes them through the [`hypervisor`] and [`guest`] edges; [`status`] derives the
+//! status written back (only when it changed).
+
+pub mod act;
+pub mod context;
+pub mod error;
+pub mod guest;
+pub mod hypervisor;
+pub mod names;
+pub mod observe;
+pub mod plan;
+pub mod reconcile;
+pub mod status;
+pub mod world;
+
+pub use context::{Context, Settings};
+pub use error::{Error, Result};

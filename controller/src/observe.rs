@@ -1,0 +1,189 @@
+//! Stage 1: read the hypervisor and the guest cluster into a [`World`].
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use benchcluster_crd::BenchCluster;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::guest::{AdminKubeconfig, Guest, Sensitive};
+use crate::hypervisor::{DomainState, Hypervisor, Lease};
+use crate::names::{ClusterNames, NodeId};
+use crate::world::{GuestCluster, NetworkState, ObservedNode, VmState, World};
+
+/// Key of the admin kubeconfig in the `<name>-kubeconfig` Secret.
+pub const KUBECONFIG_KEY: &str = "value";
+
+/// What observe found: the world for the planner, and the secret it must not carry.
+pub struct Observation {
+    pub world: World,
+    pub kubeconfig: Option<AdminKubeconfig>,
+}
+
+pub async fn observe<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    names: &ClusterNames,
+    ctx: &Context<H, G>,
+) -> Result<Observation> {
+    let hv = &ctx.hypervisor;
+    let network = match hv.network(&bc.spec.network.name).await? {
+        None => NetworkState::Missing,
+        Some(n) if !n.active => NetworkState::Inactive,
+        Some(n) if !n.dhcp => NetworkState::NoDhcp,
+        Some(_) => NetworkState::Ready,
+    };
+
+    let mut nodes: BTreeMap<NodeId, ObservedNode> = BTreeMap::new();
+    let mut macs: BTreeMap<NodeId, String> = BTreeMap::new();
+    for domain in hv.list_domains(&names.domain_prefix()).await? {
+        if domain.owner.uid != names.uid {
+            continue;
+        }
+        let id = NodeId {
+            role: domain.owner.role,
+            index: domain.owner.index,
+        };
+        let entry = nodes.entry(id).or_default();
+        entry.domain = Some(match domain.state {
+            DomainState::Running => VmState::Running,
+            DomainState::Stopped => VmState::Stopped,
+        });
+        if let Some(mac) = domain.mac {
+            macs.insert(id, mac);
+        }
+    }
+    for volume in hv.list_volumes().await? {
+        if let Some(id) = names.volume_owner(&volume) {
+            nodes.entry(id).or_default().disk = true;
+        }
+    }
+
+    let running = nodes.values().any(|n| n.domain == Some(VmState::Running));
+    if network == NetworkState::Ready && running {
+        let leases = hv.leases(&bc.spec.network.name).await?;
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        for (id, node) in nodes.iter_mut() {
+            if node.domain != Some(VmState::Running) {
+                continue;
+            }
+            // The MAC the domain really has, else the one we would have given it.
+            let mac = macs.get(id).cloned().unwrap_or_else(|| names.mac(*id));
+            node.ip = lease_for(&leases, &mac, now_unix);
+        }
+    }
+
+    let (cluster, kubeconfig) = observe_guest_cluster(names, ctx, &mut nodes).await?;
+
+    let now = Instant::now();
+    for (id, node) in nodes.iter_mut() {
+        ctx.timeline(&names.uid, *id, |t| {
+            if node.ip.is_some() {
+                t.leased(now);
+            } else if node.domain == Some(VmState::Running) {
+                node.waiting_for_lease = t.lease_wait(now);
+            }
+            if node.registered == Some(true) {
+                t.node_ready(now);
+            }
+        });
+    }
+
+    Ok(Observation {
+        world: World {
+            network,
+            nodes,
+            cluster,
+        },
+        kubeconfig,
+    })
+}
+
+/// The address of an unexpired lease for exactly this MAC. A stale lease for another
+/// MAC on the same address, or an expired one for ours, is never taken.
+pub fn lease_for(leases: &[Lease], mac: &str, now_unix: i64) -> Option<std::net::Ipv4Addr> {
+    leases
+        .iter()
+        .filter(|l| l.mac.eq_ignore_ascii_case(mac))
+        .filter(|l| l.expiry_unix == 0 || l.expiry_unix > now_unix)
+        .max_by_key(|l| {
+            if l.expiry_unix == 0 {
+                i64::MAX
+            } else {
+                l.expiry_unix
+            }
+        })
+        .map(|l| l.ip)
+}
+
+async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
+    names: &ClusterNames,
+    ctx: &Context<H, G>,
+    nodes: &mut BTreeMap<NodeId, ObservedNode>,
+) -> Result<(GuestCluster, Option<AdminKubeconfig>)> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let secret = secrets
+        .get_opt(&names.kubeconfig_secret())
+        .await
+        .map_err(Error::kube("read the kubeconfig Secret"))?;
+    let Some(kubeconfig) = secret
+        .and_then(|s| s.data)
+        .and_then(|mut d| d.remove(KUBECONFIG_KEY))
+        .and_then(|bytes| String::from_utf8(bytes.0).ok())
+        .map(|text| AdminKubeconfig(Sensitive::new(text)))
+    else {
+        return Ok((GuestCluster::Uninitialised, None));
+    };
+    match ctx.guest.cluster_nodes(&kubeconfig).await {
+        Ok(cluster_nodes) => {
+            for cluster_node in cluster_nodes {
+                if let Some((_, node)) = nodes
+                    .iter_mut()
+                    .find(|(id, _)| names.node(**id) == cluster_node.name)
+                {
+                    node.registered = Some(cluster_node.ready);
+                }
+            }
+            Ok((GuestCluster::Reachable, Some(kubeconfig)))
+        }
+        Err(e) => Ok((GuestCluster::Unreachable(e.to_string()), Some(kubeconfig))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn lease(mac: &str, ip: u8, expiry: i64) -> Lease {
+        Lease {
+            mac: mac.into(),
+            ip: Ipv4Addr::new(192, 168, 222, ip),
+            expiry_unix: expiry,
+        }
+    }
+
+    #[test]
+    fn only_an_unexpired_lease_for_our_own_mac_counts() {
+        let ours = "52:54:00:aa:bb:cc";
+        let leases = [
+            lease("52:54:00:11:22:33", 10, 2_000), // another VM, same network
+            lease(ours, 11, 500),                  // ours, expired
+            lease("52:54:00:AA:BB:CC", 12, 2_000), // ours, upper case from dnsmasq
+        ];
+        assert_eq!(
+            lease_for(&leases, ours, 1_000),
+            Some(Ipv4Addr::new(192, 168, 222, 12))
+        );
+        assert_eq!(lease_for(&leases[..2], ours, 1_000), None);
+        assert_eq!(
+            lease_for(&[lease(ours, 13, 0)], ours, 1_000),
+            Some(Ipv4Addr::new(192, 168, 222, 13))
+        );
+    }
+}

@@ -1,0 +1,231 @@
+//! The reconcile loop: finalizer, then observe, plan, act, status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use benchcluster_crd::{BenchCluster, FINALIZER};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::act::{act, publish};
+use crate::context::{Context, FIELD_MANAGER, Timeline};
+use crate::error::{Error, Result};
+use crate::guest::Guest;
+use crate::hypervisor::Hypervisor;
+use crate::names::{ClusterNames, NodeId};
+use crate::observe::observe;
+use crate::plan::{plan, plan_teardown};
+use crate::status;
+
+/// Reconciles one BenchCluster. The only top-level call is the finalizer, which
+/// dispatches to [`apply`] or [`cleanup`].
+pub async fn reconcile<H: Hypervisor, G: Guest>(
+    bc: Arc<BenchCluster>,
+    ctx: Arc<Context<H, G>>,
+) -> Result<Action> {
+    let namespace = bc.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let span = info_span!("reconcile", namespace = %namespace, name = %bc.name_any());
+    let api: Api<BenchCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let uid = bc.uid().unwrap_or_default();
+    let result = finalizer(&api, FINALIZER, bc, |event| async {
+        match event {
+            Finalizer::Apply(bc) => apply(&bc, &api, &ctx).await,
+            Finalizer::Cleanup(bc) => cleanup(&bc, &ctx).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        ctx.succeeded(&uid);
+    }
+    result
+}
+
+/// Requeue policy after a failed reconcile: exponential backoff per object.
+pub fn error_policy<H: Hypervisor, G: Guest>(
+    bc: Arc<BenchCluster>,
+    error: &Error,
+    ctx: Arc<Context<H, G>>,
+) -> Action {
+    let delay = ctx.backoff(&bc.uid().unwrap_or_default());
+    warn!(
+        namespace = bc.namespace().unwrap_or_default(),
+        name = %bc.name_any(),
+        error = %error.chain(),
+        retry_in_s = delay.as_secs(),
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+fn cluster_names(bc: &BenchCluster) -> Result<ClusterNames> {
+    Ok(ClusterNames {
+        namespace: bc.namespace().ok_or(Error::MissingMetadata("namespace"))?,
+        name: bc.name_any(),
+        uid: bc.uid().ok_or(Error::MissingMetadata("uid"))?,
+    })
+}
+
+async fn apply<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    api: &Api<BenchCluster>,
+    ctx: &Context<H, G>,
+) -> Result<Action> {
+    let names = cluster_names(bc)?;
+    let observation = observe(bc, &names, ctx).await?;
+    let actions = plan(&bc.spec, &observation.world);
+    debug!(?actions, "planned");
+    let outcome = act(bc, &names, &observation, actions.clone(), ctx).await;
+
+    let previous = bc.status_or_default();
+    let timelines: BTreeMap<NodeId, Timeline> = observation
+        .world
+        .nodes
+        .keys()
+        .chain(
+            crate::plan::desired_nodes(&bc.spec)
+                .collect::<Vec<_>>()
+                .iter(),
+        )
+        .filter_map(|id| ctx.timeline_snapshot(&names.uid, *id).map(|t| (*id, t)))
+        .collect();
+    let next = status::compute(&status::Inputs {
+        spec: &bc.spec,
+        generation: bc.metadata.generation,
+        names: &names,
+        world: &observation.world,
+        outcome: &outcome,
+        previous: &previous,
+        timelines: &timelines,
+        settings: &ctx.settings,
+        now: Time(Timestamp::now()),
+    });
+    let became_ready = next
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+        && !previous
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+    if next != previous {
+        patch_status(api, &names.name, &next).await?;
+    }
+    if became_ready {
+        info!("cluster Ready");
+        publish(
+            bc,
+            ctx,
+            EventType::Normal,
+            "Ready",
+            "Reconcile",
+            "all nodes Ready".into(),
+        )
+        .await;
+    }
+
+    if let Some(error) = outcome.into_error() {
+        return Err(error);
+    }
+    let converged = actions.is_empty()
+        && next
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+    Ok(if converged || bc.spec.paused {
+        Action::requeue(ctx.settings.resync_interval)
+    } else {
+        Action::requeue(ctx.settings.poll_interval)
+    })
+}
+
+async fn patch_status(
+    api: &Api<BenchCluster>,
+    name: &str,
+    status: &benchcluster_crd::BenchClusterStatus,
+) -> Result<()> {
+    let patch = serde_json::json!({
+        "apiVersion": "benchcluster.dev/v1alpha1",
+        "kind": "BenchCluster",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube("patch the status"))?;
+    Ok(())
+}
+
+/// Removes everything the cluster owns: workers, then the control plane, their disks,
+/// and the kubeconfig Secret. Returns only when nothing is left, so the finalizer is
+/// removed only then.
+async fn cleanup<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    ctx: &Context<H, G>,
+) -> Result<Action> {
+    if bc.spec.paused {
+        return Ok(Action::requeue(ctx.settings.resync_interval));
+    }
+    let names = cluster_names(bc)?;
+    // Workers go in the first pass, the control plane in the second; a third finds
+    // nothing unless something failed or appeared meanwhile.
+    for _ in 0..3 {
+        let observation = observe(bc, &names, ctx).await?;
+        let actions = plan_teardown(&observation.world);
+        if actions.is_empty() && observation.world.nodes.is_empty() {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
+            match secrets
+                .delete(&names.kubeconfig_secret(), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.is_not_found() => {}
+                Err(e) => return Err(Error::kube("delete the kubeconfig Secret")(e)),
+            }
+            ctx.forget(&names.uid, |_| false);
+            info!("deleted");
+            return Ok(Action::await_change());
+        }
+        let outcome = act(bc, &names, &observation, actions, ctx).await;
+        if let Some(error) = outcome.into_error() {
+            return Err(error);
+        }
+    }
+    let remaining = observe(bc, &names, ctx).await?.world.nodes.len();
+    Err(Error::CleanupIncomplete { remaining })
+}
+
+/// Runs the controller until `shutdown` resolves, over every namespace or only `namespace`.
+pub async fn run<H: Hypervisor, G: Guest>(
+    ctx: Arc<Context<H, G>>,
+    namespace: Option<&str>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<BenchCluster> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    Controller::new(api, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => debug!(name = %object.name, "reconciled"),
+                Err(error) => debug!(%error, "reconcile error"),
+            }
+        })
+        .await;
+}

@@ -1,0 +1,383 @@
+//! Stage 4: derive the status from what was observed and done. Pure: the caller
+//! passes the clock and the timelines, and writes the result only when it changed.
+
+use std::collections::BTreeMap;
+
+use benchcluster_crd::conditions::{self, ConditionType};
+use benchcluster_crd::{
+    BenchClusterSpec, BenchClusterStatus, NodeState, NodeStatus, PhaseTimings, Role,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::act::Outcome;
+use crate::context::{Settings, Timeline};
+use crate::names::{ClusterNames, NodeId};
+use crate::plan::desired_nodes;
+use crate::world::{GuestCluster, NetworkState, VmState, World};
+
+/// Everything the status is computed from.
+pub struct Inputs<'a> {
+    pub spec: &'a BenchClusterSpec,
+    pub generation: Option<i64>,
+    pub names: &'a ClusterNames,
+    pub world: &'a World,
+    pub outcome: &'a Outcome,
+    pub previous: &'a BenchClusterStatus,
+    pub timelines: &'a BTreeMap<NodeId, Timeline>,
+    pub settings: &'a Settings,
+    pub now: Time,
+}
+
+/// The status for this pass.
+pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
+    let Inputs {
+        spec,
+        generation,
+        names,
+        world,
+        previous,
+        ..
+    } = inputs;
+    let desired: Vec<NodeId> = desired_nodes(spec).collect();
+
+    let mut nodes = Vec::new();
+    let mut ids: Vec<NodeId> = desired.clone();
+    ids.extend(world.nodes.keys().filter(|id| !desired.contains(id)));
+    for id in ids {
+        let observed = world.node(id).cloned().unwrap_or_default();
+        let timeline = inputs.timelines.get(&id);
+        let state = if !desired.contains(&id) {
+            NodeState::Deleting
+        } else {
+            match (observed.domain, observed.ip, observed.registered) {
+                (None, _, _) => NodeState::Creating,
+                (Some(VmState::Stopped), _, _) => NodeState::Stopped,
+                (Some(VmState::Running), None, _) => NodeState::Booting,
+                (Some(VmState::Running), Some(_), Some(true)) => NodeState::Ready,
+                (Some(VmState::Running), Some(_), Some(false)) => NodeState::Joined,
+                (Some(VmState::Running), Some(_), None) => {
+                    if timeline.is_some_and(|t| t.reachable.is_some()) {
+                        NodeState::Reachable
+                    } else {
+                        NodeState::AwaitingSsh
+                    }
+                }
+            }
+        };
+        let previous_timings = previous
+            .nodes
+            .iter()
+            .find(|n| n.role == id.role && n.index == id.index)
+            .map(|n| n.timings.clone())
+            .unwrap_or_default();
+        nodes.push(NodeStatus {
+            name: names.node(id),
+            role: id.role,
+            index: id.index,
+            domain: names.domain(id),
+            mac: names.mac(id),
+            ip: observed.ip.map(|ip| ip.to_string()),
+            state,
+            ready: observed.registered == Some(true),
+            timings: timeline
+                .map(|t| merge_timings(&previous_timings, &t.timings))
+                .unwrap_or(previous_timings),
+        });
+    }
+
+    let ready_workers = desired
+        .iter()
+        .filter(|id| id.role == Role::Worker && world.ready(**id))
+        .count();
+    let desired_workers = desired.len() - 1;
+    let control_plane_ready = world.ready(NodeId::CONTROL_PLANE);
+    let surplus = world.nodes.keys().any(|id| !desired.contains(id));
+    let workers_ready = ready_workers == desired_workers && !surplus;
+    let ready = control_plane_ready && workers_ready && world.network == NetworkState::Ready;
+
+    let (stalled, stall_reason, stall_message) = stall(inputs);
+    let (progress_reason, progress_message) = progress(inputs, &nodes);
+    let now = inputs.now.clone();
+    let cond = |t, status, reason: &str, message: String| {
+        conditions::new(t, status, reason, message, *generation, now.clone())
+    };
+
+    let cp_ip = world.node(NodeId::CONTROL_PLANE).and_then(|n| n.ip);
+    let control_plane = if control_plane_ready {
+        cond(
+            ConditionType::ControlPlaneReady,
+            true,
+            "NodeReady",
+            format!("{} is Ready", names.node(NodeId::CONTROL_PLANE)),
+        )
+    } else {
+        cond(
+            ConditionType::ControlPlaneReady,
+            false,
+            &progress_reason_for(&nodes, NodeId::CONTROL_PLANE),
+            node_message(&nodes, NodeId::CONTROL_PLANE),
+        )
+    };
+    let workers = cond(
+        ConditionType::WorkersReady,
+        workers_ready,
+        if workers_ready {
+            "AllWorkersReady"
+        } else if surplus {
+            "ScalingDown"
+        } else {
+            "WorkersNotReady"
+        },
+        format!("{ready_workers}/{desired_workers} workers Ready"),
+    );
+    let paused = spec.paused;
+    let ready_condition = if ready {
+        cond(
+            ConditionType::Ready,
+            true,
+            "Ready",
+            format!("control plane and {desired_workers} worker(s) Ready"),
+        )
+    } else if stalled {
+        cond(
+            ConditionType::Ready,
+            false,
+            &stall_reason,
+            stall_message.clone(),
+        )
+    } else if paused {
+        cond(
+            ConditionType::Ready,
+            false,
+            "Paused",
+            "spec.paused is true: no VM or guest action is taken".into(),
+        )
+    } else {
+        cond(
+            ConditionType::Ready,
+            false,
+            &progress_reason,
+            progress_message.clone(),
+        )
+    };
+    let reconciling = if ready || stalled || paused {
+        cond(
+            ConditionType::Reconciling,
+            false,
+            if paused {
+                "Paused"
+            } else if ready {
+                "Ready"
+            } else {
+                "Stalled"
+            },
+            String::new(),
+        )
+    } else {
+        cond(
+            ConditionType::Reconciling,
+            true,
+            &progress_reason,
+            progress_message,
+        )
+    };
+    let stalled_condition = if stalled {
+        cond(ConditionType::Stalled, true, &stall_reason, stall_message)
+    } else {
+        cond(ConditionType::Stalled, false, "NotStalled", String::new())
+    };
+    let next: Vec<Condition> = vec![
+        ready_condition,
+        control_plane,
+        workers,
+        reconciling,
+        stalled_condition,
+    ];
+
+    let last_provisioning = aggregate(&nodes).or_else(|| previous.last_provisioning.clone());
+    let initialised = !matches!(world.cluster, GuestCluster::Uninitialised);
+    BenchClusterStatus {
+        observed_generation: *generation,
+        conditions: conditions::merge(&previous.conditions, next),
+        nodes,
+        ready_workers: i32::try_from(ready_workers).unwrap_or(i32::MAX),
+        control_plane_endpoint: match (initialised, cp_ip) {
+            (true, Some(ip)) => Some(format!("https://{ip}:6443")),
+            _ => previous
+                .control_plane_endpoint
+                .clone()
+                .filter(|_| initialised),
+        },
+        kubeconfig_secret: initialised.then(|| names.kubeconfig_secret()),
+        last_provisioning,
+    }
+}
+
+fn merge_timings(previous: &PhaseTimings, current: &PhaseTimings) -> PhaseTimings {
+    PhaseTimings {
+        define_ms: current.define_ms.or(previous.define_ms),
+        boot_ms: current.boot_ms.or(previous.boot_ms),
+        lease_ms: current.lease_ms.or(previous.lease_ms),
+        ssh_ms: current.ssh_ms.or(previous.ssh_ms),
+        init_ms: current.init_ms.or(previous.init_ms),
+        join_ms: current.join_ms.or(previous.join_ms),
+        ready_ms: current.ready_ms.or(previous.ready_ms),
+    }
+}
+
+/// The slowest node's duration of each phase: what bounded the cluster's provisioning.
+fn aggregate(nodes: &[NodeStatus]) -> Option<PhaseTimings> {
+    let max =
+        |f: fn(&PhaseTimings) -> Option<u64>| nodes.iter().filter_map(|n| f(&n.timings)).max();
+    let timings = PhaseTimings {
+        define_ms: max(|t| t.define_ms),
+        boot_ms: max(|t| t.boot_ms),
+        lease_ms: max(|t| t.lease_ms),
+        ssh_ms: max(|t| t.ssh_ms),
+        init_ms: max(|t| t.init_ms),
+        join_ms: max(|t| t.join_ms),
+        ready_ms: max(|t| t.ready_ms),
+    };
+    (timings != PhaseTimings::default()).then_some(timings)
+}
+
+/// Whether progress is blocked on something outside the controller's reach.
+fn stall(inputs: &Inputs<'_>) -> (bool, String, String) {
+    let network = &inputs.spec.network.name;
+    match inputs.world.network {
+        NetworkState::Missing => {
+            return (
+                true,
+                "NetworkNotFound".into(),
+                format!("libvirt network {network:?} does not exist on the hypervisor"),
+            );
+        }
+        NetworkState::Inactive => {
+            return (
+                true,
+                "NetworkInactive".into(),
+                format!("libvirt network {network:?} is not active"),
+            );
+        }
+        NetworkState::NoDhcp => {
+            return (
+                true,
+                "NetworkHasNoDhcp".into(),
+                format!(
+                    "libvirt network {network:?} has no <dhcp> element: VMs would never get an address"
+                ),
+            );
+        }
+        NetworkState::Ready => {}
+    }
+    if let Some((action, error)) = inputs
+        .outcome
+        .failures
+        .iter()
+        .find(|(_, e)| e.is_permanent())
+    {
+        let reason = match error {
+            crate::error::Error::SshKeySecret { .. } => "SshKeySecretInvalid",
+            crate::error::Error::Hypervisor(crate::hypervisor::HypervisorError::ImageMissing {
+                ..
+            }) => "ImageNotFound",
+            crate::error::Error::Hypervisor(crate::hypervisor::HypervisorError::PoolMissing {
+                ..
+            }) => "PoolNotFound",
+            crate::error::Error::Hypervisor(crate::hypervisor::HypervisorError::NameConflict {
+                ..
+            }) => "NameConflict",
+            crate::error::Error::Guest(crate::guest::GuestError::HostKeyMismatch { .. }) => {
+                "HostKeyMismatch"
+            }
+            _ => "Failed",
+        };
+        return (
+            true,
+            reason.into(),
+            format!("{action:?}: {}", error.chain()),
+        );
+    }
+    let timeout = inputs.settings.lease_timeout;
+    if let Some(id) = inputs
+        .world
+        .nodes
+        .iter()
+        .find_map(|(id, n)| n.waiting_for_lease.filter(|w| *w >= timeout).map(|_| *id))
+    {
+        return (
+            true,
+            "NoDhcpLease".into(),
+            format!(
+                // A fixed bound, not the growing wait, so the status does not change every pass.
+                "{} has had no DHCP lease for its MAC {} for more than {}s on network {network:?}",
+                inputs.names.domain(id),
+                inputs.names.mac(id),
+                timeout.as_secs()
+            ),
+        );
+    }
+    (false, String::new(), String::new())
+}
+
+/// Reason and message of the current step towards the spec.
+fn progress(inputs: &Inputs<'_>, nodes: &[NodeStatus]) -> (String, String) {
+    if let Some((action, error)) = inputs.outcome.failures.first() {
+        return (
+            "StepFailed".into(),
+            format!("{action:?}: {}", error.chain()),
+        );
+    }
+    if let GuestCluster::Unreachable(reason) = &inputs.world.cluster {
+        return (
+            "GuestApiUnreachable".into(),
+            format!("guest cluster API: {reason}"),
+        );
+    }
+    let pending: Vec<&NodeStatus> = nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Ready)
+        .collect();
+    match pending.first() {
+        None => ("Converging".into(), String::new()),
+        Some(first) => (
+            state_reason(first.state).into(),
+            format!(
+                "{} node(s) not Ready; {} is {:?}",
+                pending.len(),
+                first.name,
+                first.state
+            ),
+        ),
+    }
+}
+
+fn state_reason(state: NodeState) -> &'static str {
+    match state {
+        NodeState::Creating => "CreatingVMs",
+        NodeState::Booting => "WaitingForLease",
+        NodeState::AwaitingSsh => "WaitingForSsh",
+        NodeState::Reachable => "Provisioning",
+        NodeState::Joined => "WaitingForNodeReady",
+        NodeState::Ready => "Ready",
+        NodeState::Deleting => "ScalingDown",
+        NodeState::Stopped => "StartingVMs",
+    }
+}
+
+fn progress_reason_for(nodes: &[NodeStatus], id: NodeId) -> String {
+    nodes
+        .iter()
+        .find(|n| n.role == id.role && n.index == id.index)
+        .map(|n| state_reason(n.state))
+        .unwrap_or("CreatingVMs")
+        .into()
+}
+
+fn node_message(nodes: &[NodeStatus], id: NodeId) -> String {
+    nodes
+        .iter()
+        .find(|n| n.role == id.role && n.index == id.index)
+        .map(|n| format!("{} is {:?}", n.name, n.state))
+        .unwrap_or_default()
+}

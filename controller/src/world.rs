@@ -1,0 +1,78 @@
+//! The observed state of one BenchCluster: a plain value the planner reads.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::names::NodeId;
+
+/// What the hypervisor says about the cluster's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkState {
+    Ready,
+    Missing,
+    Inactive,
+    /// The network exists but has no `<dhcp>` element: VMs would never get an address.
+    NoDhcp,
+}
+
+/// Run state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Running,
+    /// Defined but not running.
+    Stopped,
+}
+
+/// One node as observed: any of domain, disk and lease may be missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedNode {
+    /// Run state of the owned domain, if one exists.
+    pub domain: Option<VmState>,
+    /// Whether the node's disk overlay exists.
+    pub disk: bool,
+    /// Address from an unexpired lease for the node's own MAC.
+    pub ip: Option<Ipv4Addr>,
+    /// How long the domain has been running without a lease, when known.
+    pub waiting_for_lease: Option<Duration>,
+    /// The guest cluster's Node of this name: `None` when absent, else its readiness.
+    pub registered: Option<bool>,
+}
+
+/// The guest cluster as seen through its API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestCluster {
+    /// No admin kubeconfig stored yet: the control plane was never initialised.
+    Uninitialised,
+    /// A kubeconfig exists but the API did not answer; the reason is for the status.
+    Unreachable(String),
+    /// The API answered; each node's `registered` says what it reported.
+    Reachable,
+}
+
+/// Everything observe found, the only input of the planner besides the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct World {
+    pub network: NetworkState,
+    pub nodes: BTreeMap<NodeId, ObservedNode>,
+    pub cluster: GuestCluster,
+}
+
+impl World {
+    pub fn node(&self, id: NodeId) -> Option<&ObservedNode> {
+        self.nodes.get(&id)
+    }
+
+    /// Whether the node's Node exists in the guest cluster and is Ready.
+    pub fn ready(&self, id: NodeId) -> bool {
+        self.node(id).and_then(|n| n.registered).unwrap_or(false)
+    }
+
+    /// Worker indices that have a domain or a disk.
+    pub fn worker_indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.nodes
+            .keys()
+            .filter(|id| id.role == benchcluster_crd::Role::Worker)
+            .map(|id| id.index)
+    }
+}

@@ -1,0 +1,296 @@
+//! Test doubles for the api tier: an in-memory guest that models kubeadm state, and a
+//! wrapper that instruments a hypervisor. Test code only; the controller never imports
+//! this crate.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use benchcluster_controller::guest::{
+    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig, Result,
+    Sensitive,
+};
+use benchcluster_controller::hypervisor::{
+    DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
+};
+
+/// Marker in every fake kubeconfig and private key, so a scrape of logs, events and
+/// status can prove none of them leaked.
+pub const SECRET_MARKER: &str = "FAKE-SECRET-d41d8cd98f00";
+
+#[derive(Debug, Default)]
+struct Cluster {
+    /// Node name -> Ready.
+    nodes: BTreeMap<String, bool>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Control-plane node name -> its cluster.
+    clusters: BTreeMap<String, Cluster>,
+    /// Nodes for which the next init fails (consumed).
+    fail_init: BTreeSet<String>,
+    /// Nodes that do not answer SSH.
+    unreachable: BTreeSet<String>,
+}
+
+/// An in-memory guest: `kubeadm init` creates a cluster keyed by the control plane's
+/// node name, `join` registers a worker in it, and Nodes are Ready at once.
+#[derive(Debug, Default)]
+pub struct FakeGuest {
+    state: Mutex<State>,
+    /// Added to every SSH step, to model real latency in benchmarks.
+    pub step_latency: Duration,
+    pub inits: AtomicU64,
+    pub joins: AtomicU64,
+    pub removals: AtomicU64,
+}
+
+impl FakeGuest {
+    pub fn with_latency(step_latency: Duration) -> Self {
+        Self {
+            step_latency,
+            ..Self::default()
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The next `kubeadm init` on this node fails.
+    pub fn fail_next_init(&self, node: &str) {
+        self.state().fail_init.insert(node.to_owned());
+    }
+
+    /// Makes the node (un)reachable over SSH.
+    pub fn set_unreachable(&self, node: &str, unreachable: bool) {
+        let mut state = self.state();
+        if unreachable {
+            state.unreachable.insert(node.to_owned());
+        } else {
+            state.unreachable.remove(node);
+        }
+    }
+
+    /// Deletes a Node behind the controller's back.
+    pub fn delete_node(&self, control_plane: &str, node: &str) {
+        if let Some(cluster) = self.state().clusters.get_mut(control_plane) {
+            cluster.nodes.remove(node);
+        }
+    }
+
+    /// Node names registered in the cluster of that control plane.
+    pub fn nodes(&self, control_plane: &str) -> Vec<String> {
+        self.state()
+            .clusters
+            .get(control_plane)
+            .map(|c| c.nodes.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    async fn latency(&self) {
+        if !self.step_latency.is_zero() {
+            tokio::time::sleep(self.step_latency).await;
+        }
+    }
+
+    fn check_reachable(&self, node: &GuestNode) -> Result<()> {
+        if self.state().unreachable.contains(&node.name) {
+            return Err(GuestError::Unreachable {
+                node: node.name.clone(),
+                reason: "connection refused (fake)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn kubeconfig_for(control_plane: &str) -> AdminKubeconfig {
+    AdminKubeconfig(Sensitive::new(format!(
+        "# {SECRET_MARKER}\ncontrol-plane: {control_plane}\n"
+    )))
+}
+
+fn control_plane_of(kubeconfig: &AdminKubeconfig) -> Option<String> {
+    kubeconfig
+        .0
+        .expose()
+        .lines()
+        .find_map(|l| l.strip_prefix("control-plane: "))
+        .map(str::to_owned)
+}
+
+impl Guest for FakeGuest {
+    async fn probe(&self, node: &GuestNode, _credentials: &Credentials) -> Result<()> {
+        self.check_reachable(node)
+    }
+
+    async fn init_control_plane(
+        &self,
+        node: &GuestNode,
+        _credentials: &Credentials,
+        _config: &InitConfig,
+    ) -> Result<AdminKubeconfig> {
+        self.check_reachable(node)?;
+        self.latency().await;
+        let mut state = self.state();
+        if state.fail_init.remove(&node.name) {
+            return Err(GuestError::CommandFailed {
+                node: node.name.clone(),
+                command: "kubeadm init",
+                exit_code: Some(1),
+                output: "[preflight] fake failure".into(),
+            });
+        }
+        self.inits.fetch_add(1, Ordering::Relaxed);
+        let cluster = state.clusters.entry(node.name.clone()).or_default();
+        cluster.nodes.insert(node.name.clone(), true);
+        Ok(kubeconfig_for(&node.name))
+    }
+
+    async fn join_worker(
+        &self,
+        control_plane: &GuestNode,
+        worker: &GuestNode,
+        _credentials: &Credentials,
+    ) -> Result<()> {
+        self.check_reachable(worker)?;
+        self.latency().await;
+        let mut state = self.state();
+        let cluster = state.clusters.get_mut(&control_plane.name).ok_or_else(|| {
+            GuestError::CommandFailed {
+                node: worker.name.clone(),
+                command: "kubeadm join",
+                exit_code: Some(1),
+                output: "control plane not initialised (fake)".into(),
+            }
+        })?;
+        cluster.nodes.insert(worker.name.clone(), true);
+        self.joins.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn cluster_nodes(&self, kubeconfig: &AdminKubeconfig) -> Result<Vec<ClusterNode>> {
+        let cp = control_plane_of(kubeconfig)
+            .ok_or_else(|| GuestError::Api("unparsable fake kubeconfig".into()))?;
+        let state = self.state();
+        let cluster = state
+            .clusters
+            .get(&cp)
+            .ok_or_else(|| GuestError::Api(format!("{cp}: connection refused (fake)")))?;
+        Ok(cluster
+            .nodes
+            .iter()
+            .map(|(name, ready)| ClusterNode {
+                name: name.clone(),
+                ready: *ready,
+            })
+            .collect())
+    }
+
+    async fn remove_node(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
+        self.latency().await;
+        let cp = control_plane_of(kubeconfig)
+            .ok_or_else(|| GuestError::Api("unparsable fake kubeconfig".into()))?;
+        if let Some(cluster) = self.state().clusters.get_mut(&cp) {
+            cluster.nodes.remove(node_name);
+        }
+        self.removals.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Wraps a hypervisor to count the mutations that reach it (the steady state must
+/// cause none) and to freeze a controller mid-pass (restart tests).
+pub struct Instrumented<H> {
+    pub inner: H,
+    /// Counts mutations that reached the hypervisor (define, start, remove...).
+    pub mutations: AtomicU64,
+    /// After this many domain definitions, every further one hangs forever: the process
+    /// "dies" mid-pass, for restart tests.
+    pub define_gate: Option<u64>,
+    defines: AtomicU64,
+}
+
+impl<H> Instrumented<H> {
+    pub fn new(inner: H) -> Self {
+        Self {
+            inner,
+            mutations: AtomicU64::new(0),
+            define_gate: None,
+            defines: AtomicU64::new(0),
+        }
+    }
+
+    fn mutated(&self) {
+        self.mutations.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<H: Hypervisor> Hypervisor for Instrumented<H> {
+    async fn list_domains(
+        &self,
+        name_prefix: &str,
+    ) -> benchcluster_controller::hypervisor::Result<
+        Vec<benchcluster_controller::hypervisor::DomainInfo>,
+    > {
+        self.inner.list_domains(name_prefix).await
+    }
+
+    async fn list_volumes(&self) -> benchcluster_controller::hypervisor::Result<Vec<String>> {
+        self.inner.list_volumes().await
+    }
+
+    async fn network(
+        &self,
+        name: &str,
+    ) -> benchcluster_controller::hypervisor::Result<Option<NetworkInfo>> {
+        self.inner.network(name).await
+    }
+
+    async fn leases(
+        &self,
+        network: &str,
+    ) -> benchcluster_controller::hypervisor::Result<Vec<Lease>> {
+        self.inner.leases(network).await
+    }
+
+    async fn create_overlay(
+        &self,
+        spec: &OverlaySpec,
+    ) -> benchcluster_controller::hypervisor::Result<()> {
+        self.mutated();
+        self.inner.create_overlay(spec).await
+    }
+
+    async fn define_domain(
+        &self,
+        spec: &DomainSpec,
+    ) -> benchcluster_controller::hypervisor::Result<()> {
+        let n = self.defines.fetch_add(1, Ordering::SeqCst);
+        if self.define_gate.is_some_and(|gate| n >= gate) {
+            std::future::pending::<()>().await;
+        }
+        self.mutated();
+        self.inner.define_domain(spec).await
+    }
+
+    async fn start_domain(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
+        self.mutated();
+        self.inner.start_domain(name).await
+    }
+
+    async fn remove_domain(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
+        self.mutated();
+        self.inner.remove_domain(name).await
+    }
+
+    async fn delete_volume(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
+        self.mutated();
+        self.inner.delete_volume(name).await
+    }
+}
