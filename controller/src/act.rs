@@ -26,9 +26,11 @@ use crate::hypervisor::{DomainSpec, Hypervisor, OverlaySpec, Owner};
 use crate::names::{ClusterNames, NodeId};
 use crate::observe::{KUBECONFIG_KEY, Observation};
 use crate::plan::Action;
+use crate::seed::{self, HostKey, Identity};
 
 /// Keys of a `kubernetes.io/ssh-auth` Secret.
 pub const SSH_PRIVATE_KEY: &str = "ssh-privatekey";
+pub const SSH_PUBLIC_KEY: &str = "ssh-publickey";
 
 /// What one pass achieved.
 #[derive(Debug, Default)]
@@ -143,8 +145,13 @@ pub async fn act<H: Hypervisor, G: Guest>(
     outcome
 }
 
+/// Steps that need the SSH key pair: guest steps log in with the private half, and a
+/// new domain's seed authorizes the public half.
 fn needs_credentials(action: Action) -> bool {
-    matches!(action, Action::InitControlPlane | Action::JoinWorker(_))
+    matches!(
+        action,
+        Action::InitControlPlane | Action::JoinWorker(_) | Action::DefineDomain(_)
+    )
 }
 
 async fn ssh_credentials<H: Hypervisor, G: Guest>(
@@ -162,20 +169,30 @@ async fn ssh_credentials<H: Hypervisor, G: Guest>(
             name: name.clone(),
             problem: "not found",
         })?;
-    let key = secret
-        .data
-        .and_then(|mut d| d.remove(SSH_PRIVATE_KEY))
+    let mut data = secret.data.unwrap_or_default();
+    let key = data
+        .remove(SSH_PRIVATE_KEY)
         .ok_or_else(|| Error::SshKeySecret {
             name: name.clone(),
             problem: "has no ssh-privatekey",
         })?;
     let key = String::from_utf8(key.0).map_err(|_| Error::SshKeySecret {
-        name,
+        name: name.clone(),
         problem: "ssh-privatekey is not UTF-8",
     })?;
+    let public_key = data
+        .remove(SSH_PUBLIC_KEY)
+        .and_then(|k| String::from_utf8(k.0).ok())
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty() && !k.contains(['\n', '\r']))
+        .ok_or_else(|| Error::SshKeySecret {
+            name,
+            problem: "has no single-line UTF-8 ssh-publickey",
+        })?;
     Ok(Credentials {
         user: bc.spec.ssh.user.clone(),
         private_key: Sensitive::new(key),
+        public_key,
     })
 }
 
@@ -188,9 +205,18 @@ fn guest_node(names: &ClusterNames, observation: &Observation, id: NodeId) -> Re
             action: "reach a node over SSH",
             requirement: "it has a DHCP lease",
         })?;
+    let host_key = observation
+        .host_keys
+        .get(&id)
+        .cloned()
+        .ok_or(Error::NotReady {
+            action: "trust a node's SSH host key",
+            requirement: "its domain records the pinned key",
+        })?;
     Ok(GuestNode {
         name: names.node(id),
         ip,
+        host_key,
     })
 }
 
@@ -241,6 +267,23 @@ async fn run_step<H: Hypervisor, G: Guest>(
                 field: "memory",
                 source,
             })?;
+            let credentials = credentials.ok_or(Error::NotReady {
+                action: "write a node's identity seed",
+                requirement: "the SSH key Secret is loaded",
+            })?;
+            // A fresh host key per VM incarnation: its private half only ever exists
+            // in the seed; the public half is pinned in the domain's metadata.
+            let host_key = HostKey::generate()?;
+            let hostname = names.node(id);
+            let instance_id = format!("{}-{id}-{}", names.uid, host_key.fingerprint());
+            let seed_image = seed::build(&Identity {
+                hostname: &hostname,
+                instance_id: &instance_id,
+                user: &credentials.user,
+                authorized_key: &credentials.public_key,
+                host_key: &host_key,
+            })?;
+            hv.create_seed(&names.seed_volume(id), &seed_image).await?;
             hv.define_domain(&DomainSpec {
                 name: names.domain(id),
                 owner: Owner {
@@ -249,11 +292,12 @@ async fn run_step<H: Hypervisor, G: Guest>(
                     name: names.name.clone(),
                     role: id.role,
                     index: id.index,
+                    host_key: Some(host_key.public_openssh.clone()),
                 },
                 vcpus: cpus,
                 memory_bytes,
                 disk_volume: names.disk_volume(id),
-                seed_volume: None,
+                seed_volume: Some(names.seed_volume(id)),
                 mac: names.mac(id),
                 network: bc.spec.network.name.clone(),
                 firmware: image.firmware,
@@ -364,8 +408,9 @@ async fn run_step<H: Hypervisor, G: Guest>(
             )
             .await;
         }
-        Action::DeleteDisk(id) => {
+        Action::DeleteVolumes(id) => {
             hv.delete_volume(&names.disk_volume(id)).await?;
+            hv.delete_volume(&names.seed_volume(id)).await?;
         }
     }
     Ok(StepResult::Done)

@@ -2,7 +2,8 @@
 //! in-memory provisioning timelines behind the phase timings.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use benchcluster_crd::PhaseTimings;
@@ -11,6 +12,7 @@ use kube::runtime::events::{Recorder, Reporter};
 
 use crate::guest::Guest;
 use crate::hypervisor::Hypervisor;
+use crate::metrics::{Metrics, Phase};
 use crate::names::NodeId;
 
 /// Field manager of every server-side apply this controller makes.
@@ -54,28 +56,40 @@ pub struct Timeline {
     pub reachable: Option<Instant>,
     pub kubeadm_done: Option<Instant>,
     pub timings: PhaseTimings,
+    /// Phases completed since [`Context::timeline`] last took them for the metrics.
+    completed: Vec<(Phase, Duration)>,
 }
 
-fn ms(from: Instant, to: Instant) -> Option<u64> {
-    u64::try_from(to.saturating_duration_since(from).as_millis()).ok()
+fn ms(duration: Duration) -> Option<u64> {
+    u64::try_from(duration.as_millis()).ok()
 }
 
 impl Timeline {
+    /// Records a completed phase: returns its timing for the status and keeps it for
+    /// the phase histogram.
+    fn complete(&mut self, phase: Phase, from: Instant, to: Instant) -> Option<u64> {
+        let duration = to.saturating_duration_since(from);
+        self.completed.push((phase, duration));
+        ms(duration)
+    }
+
     pub fn create_started(&mut self, now: Instant) {
+        let completed = std::mem::take(&mut self.completed);
         *self = Timeline {
             create_started: Some(now),
+            completed,
             ..Timeline::default()
         };
     }
 
     pub fn defined(&mut self, now: Instant) {
         if let Some(t) = self.create_started {
-            self.timings.define_ms = ms(t, now);
+            self.timings.define_ms = self.complete(Phase::Define, t, now);
         }
     }
 
     pub fn booted(&mut self, boot_started: Instant, now: Instant) {
-        self.timings.boot_ms = ms(boot_started, now);
+        self.timings.boot_ms = self.complete(Phase::Boot, boot_started, now);
         self.started = Some(now);
     }
 
@@ -83,7 +97,7 @@ impl Timeline {
         if self.leased.is_none() {
             self.leased = Some(now);
             if let Some(t) = self.started {
-                self.timings.lease_ms = ms(t, now);
+                self.timings.lease_ms = self.complete(Phase::Lease, t, now);
             }
         }
     }
@@ -92,18 +106,18 @@ impl Timeline {
         if self.reachable.is_none() {
             self.reachable = Some(now);
             if let Some(t) = self.leased {
-                self.timings.ssh_ms = ms(t, now);
+                self.timings.ssh_ms = self.complete(Phase::Ssh, t, now);
             }
         }
     }
 
     pub fn initialised(&mut self, began: Instant, now: Instant) {
-        self.timings.init_ms = ms(began, now);
+        self.timings.init_ms = self.complete(Phase::Init, began, now);
         self.kubeadm_done = Some(now);
     }
 
     pub fn joined(&mut self, began: Instant, now: Instant) {
-        self.timings.join_ms = ms(began, now);
+        self.timings.join_ms = self.complete(Phase::Join, began, now);
         self.kubeadm_done = Some(now);
     }
 
@@ -111,7 +125,7 @@ impl Timeline {
         if self.timings.ready_ms.is_none()
             && let Some(t) = self.kubeadm_done
         {
-            self.timings.ready_ms = ms(t, now);
+            self.timings.ready_ms = self.complete(Phase::NodeReady, t, now);
         }
     }
 
@@ -130,8 +144,11 @@ pub struct Context<H, G> {
     pub guest: G,
     pub recorder: Recorder,
     pub settings: Settings,
+    pub metrics: Arc<Metrics>,
     timelines: Mutex<HashMap<(String, NodeId), Timeline>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Whether the controller's watch has listed every BenchCluster once.
+    synced: AtomicBool,
 }
 
 impl<H: Hypervisor, G: Guest> Context<H, G> {
@@ -146,18 +163,41 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
             hypervisor,
             guest,
             settings,
+            metrics: Arc::new(Metrics::new()),
             timelines: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            synced: AtomicBool::new(false),
         }
     }
 
-    /// Runs `f` on the node's timeline (created empty on first use).
+    /// Replaces the metrics (to share one registry with something built before).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Runs `f` on the node's timeline (created empty on first use). Each phase `f`
+    /// completes is observed in the phase histogram here, once.
     pub fn timeline<T>(&self, uid: &str, node: NodeId, f: impl FnOnce(&mut Timeline) -> T) -> T {
         let mut map = self
             .timelines
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(map.entry((uid.to_owned(), node)).or_default())
+        let timeline = map.entry((uid.to_owned(), node)).or_default();
+        let result = f(timeline);
+        for (phase, duration) in timeline.completed.drain(..) {
+            self.metrics.phase(phase, duration);
+        }
+        result
+    }
+
+    /// Whether the controller's watch has synced (for readiness).
+    pub fn watch_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_watch_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::Release);
     }
 
     /// A copy of the node's timeline, if this process has one.

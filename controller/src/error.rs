@@ -19,6 +19,8 @@ pub enum Error {
     Hypervisor(#[from] HypervisorError),
     #[error("guest")]
     Guest(#[from] GuestError),
+    #[error("identity seed")]
+    Seed(#[from] crate::seed::SeedError),
     #[error("{field} is not a byte quantity")]
     Quantity {
         field: &'static str,
@@ -59,6 +61,7 @@ impl Error {
             Error::Kube { .. } => "kube",
             Error::Hypervisor(_) => "hypervisor",
             Error::Guest(_) => "guest",
+            Error::Seed(_) => "seed",
             Error::Quantity { .. } => "spec",
             Error::SshKeySecret { .. } => "ssh_key_secret",
             Error::NotReady { .. } => "not_ready",
@@ -78,6 +81,7 @@ impl Error {
             Error::Hypervisor(e) => e.is_permanent(),
             Error::Guest(GuestError::HostKeyMismatch { .. }) => true,
             Error::Quantity { .. } | Error::SshKeySecret { .. } => true,
+            Error::Seed(crate::seed::SeedError::Unrepresentable { .. }) => true,
             Error::Steps { first, .. } => first.is_permanent(),
             _ => false,
         }

@@ -10,12 +10,17 @@ pub mod act;
 pub mod context;
 pub mod error;
 pub mod guest;
+pub mod http;
 pub mod hypervisor;
+pub mod leader;
+pub mod metrics;
 pub mod names;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;
+pub mod seed;
 pub mod status;
+pub mod telemetry;
 pub mod world;
 
 pub use context::{Context, Settings};

@@ -41,6 +41,15 @@ impl fmt::Display for NodeId {
     }
 }
 
+/// The two volumes of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeKind {
+    /// The root disk overlay.
+    Disk,
+    /// The identity seed.
+    Seed,
+}
+
 /// The names of one BenchCluster's objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterNames {
@@ -71,16 +80,24 @@ impl ClusterNames {
         self.uid.chars().filter(|c| *c != '-').take(8).collect()
     }
 
-    /// Suffix shared by every volume this BenchCluster owns.
-    pub fn volume_suffix(&self) -> String {
+    fn disk_suffix(&self) -> String {
         format!(".{}.qcow2", self.uid_tag())
+    }
+
+    fn seed_suffix(&self) -> String {
+        format!(".{}.seed.img", self.uid_tag())
     }
 
     /// The node's root-disk overlay. Volumes carry no metadata, so the UID tag in the
     /// name is what ties a volume to its owner (two clusters whose domain names collide
     /// still own distinct volumes).
     pub fn disk_volume(&self, node: NodeId) -> String {
-        format!("{}{}", self.domain(node), self.volume_suffix())
+        format!("{}{}", self.domain(node), self.disk_suffix())
+    }
+
+    /// The node's identity seed (docs/image-contract.md), tagged like its disk.
+    pub fn seed_volume(&self, node: NodeId) -> String {
+        format!("{}{}", self.domain(node), self.seed_suffix())
     }
 
     /// Secret holding the guest cluster's admin kubeconfig.
@@ -88,11 +105,15 @@ impl ClusterNames {
         format!("{}-kubeconfig", self.name)
     }
 
-    /// Parses a volume name back into the node it belongs to, if this cluster owns it.
-    pub fn volume_owner(&self, volume: &str) -> Option<NodeId> {
-        let stem = volume.strip_suffix(&self.volume_suffix())?;
+    /// Parses a volume name back into the node it belongs to and what it is, if this
+    /// cluster owns it.
+    pub fn volume_owner(&self, volume: &str) -> Option<(NodeId, VolumeKind)> {
+        let (stem, kind) = match volume.strip_suffix(&self.disk_suffix()) {
+            Some(stem) => (stem, VolumeKind::Disk),
+            None => (volume.strip_suffix(&self.seed_suffix())?, VolumeKind::Seed),
+        };
         let rest = stem.strip_prefix(&self.domain_prefix())?;
-        parse_node_tag(rest)
+        Some((parse_node_tag(rest)?, kind))
     }
 
     /// Deterministic MAC in QEMU's 52:54:00 range: a 24-bit hash of the UID plus the
@@ -160,11 +181,11 @@ mod tests {
         let n = names();
         assert_eq!(
             n.volume_owner("bench-small-w-12.0f8fad5b.qcow2"),
-            Some(NodeId::worker(12))
+            Some((NodeId::worker(12), VolumeKind::Disk))
         );
         assert_eq!(
-            n.volume_owner("bench-small-cp-0.0f8fad5b.qcow2"),
-            Some(NodeId::CONTROL_PLANE)
+            n.volume_owner("bench-small-cp-0.0f8fad5b.seed.img"),
+            Some((NodeId::CONTROL_PLANE, VolumeKind::Seed))
         );
         for foreign in [
             "bench-small-w-1.aaaaaaaa.qcow2",
@@ -172,6 +193,7 @@ mod tests {
             "bench-small-w-01.0f8fad5b.qcow2",
             "bench-small-x-1.0f8fad5b.qcow2",
             "bench-small-w-.0f8fad5b.qcow2",
+            "bench-small-w-1.0f8fad5b.img",
             "base.qcow2",
         ] {
             assert_eq!(n.volume_owner(foreign), None, "{foreign}");
@@ -196,7 +218,9 @@ mod tests {
         #[test]
         fn volume_names_round_trip(index in 0u32..10_000) {
             let n = names();
-            prop_assert_eq!(n.volume_owner(&n.disk_volume(NodeId::worker(index))), Some(NodeId::worker(index)));
+            let id = NodeId::worker(index);
+            prop_assert_eq!(n.volume_owner(&n.disk_volume(id)), Some((id, VolumeKind::Disk)));
+            prop_assert_eq!(n.volume_owner(&n.seed_volume(id)), Some((id, VolumeKind::Seed)));
         }
     }
 }

@@ -11,16 +11,19 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::guest::{AdminKubeconfig, Guest, Sensitive};
 use crate::hypervisor::{DomainState, Hypervisor, Lease};
-use crate::names::{ClusterNames, NodeId};
+use crate::names::{ClusterNames, NodeId, VolumeKind};
 use crate::world::{GuestCluster, NetworkState, ObservedNode, VmState, World};
 
 /// Key of the admin kubeconfig in the `<name>-kubeconfig` Secret.
 pub const KUBECONFIG_KEY: &str = "value";
 
-/// What observe found: the world for the planner, and the secret it must not carry.
+/// What observe found: the world for the planner, and what the act stage needs
+/// besides (the kubeconfig is a secret and stays out of the world).
 pub struct Observation {
     pub world: World,
     pub kubeconfig: Option<AdminKubeconfig>,
+    /// Pinned SSH host public key of each domain, from its metadata.
+    pub host_keys: BTreeMap<NodeId, String>,
 }
 
 pub async fn observe<H: Hypervisor, G: Guest>(
@@ -38,6 +41,7 @@ pub async fn observe<H: Hypervisor, G: Guest>(
 
     let mut nodes: BTreeMap<NodeId, ObservedNode> = BTreeMap::new();
     let mut macs: BTreeMap<NodeId, String> = BTreeMap::new();
+    let mut host_keys: BTreeMap<NodeId, String> = BTreeMap::new();
     for domain in hv.list_domains(&names.domain_prefix()).await? {
         if domain.owner.uid != names.uid {
             continue;
@@ -54,10 +58,15 @@ pub async fn observe<H: Hypervisor, G: Guest>(
         if let Some(mac) = domain.mac {
             macs.insert(id, mac);
         }
+        if let Some(key) = domain.owner.host_key {
+            host_keys.insert(id, key);
+        }
     }
     for volume in hv.list_volumes().await? {
-        if let Some(id) = names.volume_owner(&volume) {
-            nodes.entry(id).or_default().disk = true;
+        match names.volume_owner(&volume) {
+            Some((id, VolumeKind::Disk)) => nodes.entry(id).or_default().disk = true,
+            Some((id, VolumeKind::Seed)) => nodes.entry(id).or_default().seed = true,
+            None => {}
         }
     }
 
@@ -101,6 +110,7 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             cluster,
         },
         kubeconfig,
+        host_keys,
     })
 }
 

@@ -16,7 +16,8 @@ use crate::world::{GuestCluster, NetworkState, ObservedNode, VmState, World};
 pub enum Action {
     /// Create the node's qcow2 overlay on its role's base image.
     CreateDisk(NodeId),
-    /// Define the node's domain (with owner metadata).
+    /// Generate the node's host key, write its identity seed, and define its domain
+    /// (owner metadata and pinned host key in the domain XML).
     DefineDomain(NodeId),
     /// Start the node's domain.
     StartDomain(NodeId),
@@ -28,8 +29,8 @@ pub enum Action {
     DrainNode(NodeId),
     /// Destroy and undefine the node's domain.
     RemoveDomain(NodeId),
-    /// Delete the node's disk overlay.
-    DeleteDisk(NodeId),
+    /// Delete the node's disk overlay and identity seed.
+    DeleteVolumes(NodeId),
 }
 
 impl Action {
@@ -43,7 +44,7 @@ impl Action {
             | Action::JoinWorker(id)
             | Action::DrainNode(id)
             | Action::RemoveDomain(id)
-            | Action::DeleteDisk(id) => id,
+            | Action::DeleteVolumes(id) => id,
         }
     }
 
@@ -51,7 +52,7 @@ impl Action {
     pub fn is_removal(self) -> bool {
         matches!(
             self,
-            Action::DrainNode(_) | Action::RemoveDomain(_) | Action::DeleteDisk(_)
+            Action::DrainNode(_) | Action::RemoveDomain(_) | Action::DeleteVolumes(_)
         )
     }
 }
@@ -165,8 +166,8 @@ fn remove(nodes: &[NodeId], world: &World, drain: bool, out: &mut Vec<Action>) {
         if node.domain.is_some() {
             out.push(Action::RemoveDomain(id));
         }
-        if node.disk {
-            out.push(Action::DeleteDisk(id));
+        if node.disk || node.seed {
+            out.push(Action::DeleteVolumes(id));
         }
     }
 }
@@ -225,6 +226,7 @@ mod tests {
         ObservedNode {
             domain: Some(VmState::Running),
             disk: true,
+            seed: true,
             ip: Some(Ipv4Addr::new(192, 168, 222, 10)),
             waiting_for_lease: None,
             registered: Some(true),
@@ -248,7 +250,10 @@ mod tests {
             let node = world.nodes.entry(id).or_default();
             match action {
                 Action::CreateDisk(_) => node.disk = true,
-                Action::DefineDomain(_) => node.domain = Some(VmState::Stopped),
+                Action::DefineDomain(_) => {
+                    node.seed = true;
+                    node.domain = Some(VmState::Stopped);
+                }
                 Action::StartDomain(_) => node.domain = Some(VmState::Running),
                 Action::InitControlPlane => {
                     node.registered = Some(true);
@@ -260,10 +265,13 @@ mod tests {
                     node.domain = None;
                     node.ip = None;
                 }
-                Action::DeleteDisk(_) => node.disk = false,
+                Action::DeleteVolumes(_) => {
+                    node.disk = false;
+                    node.seed = false;
+                }
             }
             let node = world.nodes.entry(id).or_default();
-            if node.domain.is_none() && !node.disk {
+            if node.domain.is_none() && !node.disk && !node.seed {
                 world.nodes.remove(&id);
             }
         }
@@ -327,10 +335,10 @@ mod tests {
             vec![
                 Action::DrainNode(NodeId::worker(2)),
                 Action::RemoveDomain(NodeId::worker(2)),
-                Action::DeleteDisk(NodeId::worker(2)),
+                Action::DeleteVolumes(NodeId::worker(2)),
                 Action::DrainNode(NodeId::worker(1)),
                 Action::RemoveDomain(NodeId::worker(1)),
-                Action::DeleteDisk(NodeId::worker(1)),
+                Action::DeleteVolumes(NodeId::worker(1)),
             ]
         );
     }
@@ -386,17 +394,19 @@ mod tests {
             prop::option::of(prop_oneof![Just(VmState::Running), Just(VmState::Stopped)]),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
             prop::option::of(any::<bool>()),
         )
-            .prop_map(|(domain, disk, ip, registered)| ObservedNode {
+            .prop_map(|(domain, disk, seed, ip, registered)| ObservedNode {
                 domain,
                 disk,
+                seed,
                 ip: (ip && domain == Some(VmState::Running)).then_some(Ipv4Addr::new(10, 0, 0, 1)),
                 waiting_for_lease: None,
                 registered,
             })
-            .prop_filter("a node is observed through its domain or disk", |n| {
-                n.domain.is_some() || n.disk
+            .prop_filter("a node is observed through its domain or volumes", |n| {
+                n.domain.is_some() || n.disk || n.seed
             })
     }
 

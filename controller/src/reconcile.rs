@@ -2,8 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
-use benchcluster_crd::{BenchCluster, FINALIZER};
+use benchcluster_crd::{BenchCluster, FINALIZER, NodeState};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -32,23 +33,55 @@ pub async fn reconcile<H: Hypervisor, G: Guest>(
     bc: Arc<BenchCluster>,
     ctx: Arc<Context<H, G>>,
 ) -> Result<Action> {
+    let started = Instant::now();
     let namespace = bc.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     let span = info_span!("reconcile", namespace = %namespace, name = %bc.name_any());
     let api: Api<BenchCluster> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = bc.uid().unwrap_or_default();
+    let object = Arc::clone(&bc);
     let result = finalizer(&api, FINALIZER, bc, |event| async {
         match event {
             Finalizer::Apply(bc) => apply(&bc, &api, &ctx).await,
             Finalizer::Cleanup(bc) => cleanup(&bc, &ctx).await,
         }
     })
-    .instrument(span)
+    .instrument(span.clone())
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    if result.is_ok() {
-        ctx.succeeded(&uid);
+    ctx.metrics
+        .reconciled(started.elapsed(), result.as_ref().err());
+    match &result {
+        Ok(_) => ctx.succeeded(&uid),
+        // Failed steps were published one by one where they failed; anything else
+        // (observe, status, finalizer) is published here, so every failure is an Event.
+        Err(error) if !steps_failed(error) => {
+            publish(
+                &object,
+                &ctx,
+                EventType::Warning,
+                "ReconcileFailed",
+                "Reconcile",
+                error.chain(),
+            )
+            .instrument(span)
+            .await;
+        }
+        Err(_) => {}
     }
     result
+}
+
+/// Whether the error is failed steps, whose Events the act stage published already.
+fn steps_failed(error: &Error) -> bool {
+    match error {
+        Error::Steps { .. } => true,
+        Error::Finalizer(inner) => matches!(
+            inner.as_ref(),
+            kube::runtime::finalizer::Error::ApplyFailed(Error::Steps { .. })
+                | kube::runtime::finalizer::Error::CleanupFailed(Error::Steps { .. })
+        ),
+        _ => false,
+    }
 }
 
 /// Requeue policy after a failed reconcile: exponential backoff per object.
@@ -110,6 +143,10 @@ async fn apply<H: Hypervisor, G: Guest>(
         settings: &ctx.settings,
         now: Time(Timestamp::now()),
     });
+    ctx.metrics.set_cluster_vms(
+        &names.uid,
+        next.nodes.iter().map(|node| (node.role, node.state)),
+    );
     let became_ready = next
         .conditions
         .iter()
@@ -119,7 +156,9 @@ async fn apply<H: Hypervisor, G: Guest>(
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True");
     if next != previous {
-        patch_status(api, &names.name, &next).await?;
+        let patched = patch_status(api, &names.name, &next).await;
+        ctx.metrics.status_patched(patched.is_ok());
+        patched?;
     }
     if became_ready {
         info!("cluster Ready");
@@ -184,6 +223,14 @@ async fn cleanup<H: Hypervisor, G: Guest>(
     // nothing unless something failed or appeared meanwhile.
     for _ in 0..3 {
         let observation = observe(bc, &names, ctx).await?;
+        ctx.metrics.set_cluster_vms(
+            &names.uid,
+            observation
+                .world
+                .nodes
+                .keys()
+                .map(|id| (id.role, NodeState::Deleting)),
+        );
         let actions = plan_teardown(&observation.world);
         if actions.is_empty() && observation.world.nodes.is_empty() {
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
@@ -196,7 +243,17 @@ async fn cleanup<H: Hypervisor, G: Guest>(
                 Err(e) => return Err(Error::kube("delete the kubeconfig Secret")(e)),
             }
             ctx.forget(&names.uid, |_| false);
+            ctx.metrics.forget_cluster(&names.uid);
             info!("deleted");
+            publish(
+                bc,
+                ctx,
+                EventType::Normal,
+                "Deleted",
+                "Cleanup",
+                "every VM, disk and the kubeconfig Secret removed".into(),
+            )
+            .await;
             return Ok(Action::await_change());
         }
         let outcome = act(bc, &names, &observation, actions, ctx).await;
@@ -209,6 +266,11 @@ async fn cleanup<H: Hypervisor, G: Guest>(
 }
 
 /// Runs the controller until `shutdown` resolves, over every namespace or only `namespace`.
+///
+/// In-flight reconciles finish before this returns (kube's graceful shutdown): a step is
+/// never cut between creating something and recording its owner.
+/// [`Context::watch_synced`] turns true once the watch has listed every BenchCluster,
+/// and false again when this returns.
 pub async fn run<H: Hypervisor, G: Guest>(
     ctx: Arc<Context<H, G>>,
     namespace: Option<&str>,
@@ -218,14 +280,28 @@ pub async fn run<H: Hypervisor, G: Guest>(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    Controller::new(api, watcher::Config::default().any_semantic())
+    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let sync_ctx = Arc::clone(&ctx);
+    let synced = async move {
+        if store.wait_until_ready().await.is_ok() {
+            info!("watch synced");
+            sync_ctx.set_watch_synced(true);
+        }
+        // Keep the join below waiting on the controller alone.
+        std::future::pending::<()>().await;
+    };
+    let controller = controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, Arc::clone(&ctx))
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => debug!(name = %object.name, "reconciled"),
                 Err(error) => debug!(%error, "reconcile error"),
             }
-        })
-        .await;
+        });
+    futures::pin_mut!(synced, controller);
+    futures::future::select(controller, synced).await;
+    ctx.set_watch_synced(false);
+    info!("controller stopped");
 }

@@ -31,6 +31,8 @@ pub struct ObservedNode {
     pub domain: Option<VmState>,
     /// Whether the node's disk overlay exists.
     pub disk: bool,
+    /// Whether the node's identity seed volume exists.
+    pub seed: bool,
     /// Address from an unexpired lease for the node's own MAC.
     pub ip: Option<Ipv4Addr>,
     /// How long the domain has been running without a lease, when known.

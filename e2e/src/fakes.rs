@@ -29,7 +29,7 @@ struct Cluster {
 struct State {
     /// Control-plane node name -> its cluster.
     clusters: BTreeMap<String, Cluster>,
-    /// Nodes for which the next init fails (consumed).
+    /// Nodes on which every init fails until cleared.
     fail_init: BTreeSet<String>,
     /// Nodes that do not answer SSH.
     unreachable: BTreeSet<String>,
@@ -43,6 +43,8 @@ pub struct FakeGuest {
     /// Added to every SSH step, to model real latency in benchmarks.
     pub step_latency: Duration,
     pub inits: AtomicU64,
+    /// Init calls, failed ones included.
+    pub init_attempts: AtomicU64,
     pub joins: AtomicU64,
     pub removals: AtomicU64,
 }
@@ -61,9 +63,14 @@ impl FakeGuest {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The next `kubeadm init` on this node fails.
-    pub fn fail_next_init(&self, node: &str) {
-        self.state().fail_init.insert(node.to_owned());
+    /// Makes every `kubeadm init` on this node fail, or succeed again.
+    pub fn set_init_failing(&self, node: &str, failing: bool) {
+        let mut state = self.state();
+        if failing {
+            state.fail_init.insert(node.to_owned());
+        } else {
+            state.fail_init.remove(node);
+        }
     }
 
     /// Makes the node (un)reachable over SSH.
@@ -138,7 +145,8 @@ impl Guest for FakeGuest {
         self.check_reachable(node)?;
         self.latency().await;
         let mut state = self.state();
-        if state.fail_init.remove(&node.name) {
+        self.init_attempts.fetch_add(1, Ordering::Relaxed);
+        if state.fail_init.contains(&node.name) {
             return Err(GuestError::CommandFailed {
                 node: node.name.clone(),
                 command: "kubeadm init",
@@ -214,6 +222,56 @@ pub struct Instrumented<H> {
     /// "dies" mid-pass, for restart tests.
     pub define_gate: Option<u64>,
     defines: AtomicU64,
+    /// Set for libvirt's test driver, which cannot upload into volumes: seeds are then
+    /// created empty through libvirt in this pool, and their content kept here.
+    pub recorded_seeds: Option<RecordedSeeds>,
+}
+
+/// Seeds of the test driver: volumes created through libvirt, content kept in memory.
+pub struct RecordedSeeds {
+    pub uri: String,
+    pub pool: String,
+    pub content: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+impl RecordedSeeds {
+    pub fn new(uri: &str, pool: &str) -> Self {
+        Self {
+            uri: uri.to_owned(),
+            pool: pool.to_owned(),
+            content: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The content of a seed the controller wrote.
+    pub fn get(&self, name: &str) -> Option<Vec<u8>> {
+        self.content
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    fn create(&self, name: &str, content: &[u8]) -> Result<(), String> {
+        let conn = virt::connect::Connect::open(Some(&self.uri)).map_err(|e| e.to_string())?;
+        let pool = conn
+            .lookup_storage_pool_by_name(&self.pool)
+            .map_err(|e| e.to_string())?;
+        if let Ok(old) = pool.lookup_storage_vol_by_name(name) {
+            old.delete(0).map_err(|e| e.to_string())?;
+        }
+        let xml = format!(
+            "<volume><name>{name}</name><capacity unit='bytes'>{}</capacity>\
+             <target><format type='raw'/></target></volume>",
+            content.len()
+        );
+        virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0).map_err(|e| e.to_string())?;
+        self.content
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned(), content.to_vec());
+        Ok(())
+    }
 }
 
 impl<H> Instrumented<H> {
@@ -223,6 +281,7 @@ impl<H> Instrumented<H> {
             mutations: AtomicU64::new(0),
             define_gate: None,
             defines: AtomicU64::new(0),
+            recorded_seeds: None,
         }
     }
 
@@ -287,6 +346,25 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
     async fn remove_domain(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
         self.mutated();
         self.inner.remove_domain(name).await
+    }
+
+    async fn create_seed(
+        &self,
+        name: &str,
+        content: &[u8],
+    ) -> benchcluster_controller::hypervisor::Result<()> {
+        self.mutated();
+        match &self.recorded_seeds {
+            None => self.inner.create_seed(name, content).await,
+            Some(seeds) => {
+                // Test-only names from the controller's own naming scheme; no user input.
+                seeds.create(name, content).map_err(|reason| {
+                    benchcluster_controller::hypervisor::HypervisorError::UploadStalled {
+                        volume: format!("{name}: {reason}"),
+                    }
+                })
+            }
+        }
     }
 
     async fn delete_volume(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {

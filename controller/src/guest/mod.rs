@@ -6,6 +6,8 @@ use std::fmt;
 use std::future::Future;
 use std::net::Ipv4Addr;
 
+pub mod ssh;
+
 /// A string that must never be printed: private keys, join tokens, kubeconfigs.
 /// `Debug` and `Display` show only a placeholder.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -40,6 +42,8 @@ pub struct Credentials {
     pub user: String,
     /// OpenSSH private key.
     pub private_key: Sensitive,
+    /// Its public key, `ssh-ed25519 AAAA... comment`: authorized in every VM's seed.
+    pub public_key: String,
 }
 
 /// One VM, as the guest side sees it.
@@ -48,6 +52,8 @@ pub struct GuestNode {
     /// Node name in the guest cluster; also the VM's hostname.
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The host public key the VM must present (`ssh-ed25519 AAAA...`).
+    pub host_key: String,
 }
 
 /// What `kubeadm init` needs beyond the node itself.

@@ -628,6 +628,40 @@ impl Hypervisor for Libvirt {
         .await
     }
 
+    async fn create_seed(&self, name: &str, content: &[u8]) -> Result<()> {
+        let name = name.to_owned();
+        let content = content.to_vec();
+        self.run(move |conn, config| {
+            let pool = lookup_pool(conn, &config.node_pool)?;
+            // A seed left by an interrupted pass holds another host key: replace it.
+            if let Some(old) = lookup_volume(&pool, &name)? {
+                old.delete(0).map_err(libvirt("delete stale seed volume"))?;
+            }
+            let length = content.len() as u64;
+            let xml = xml::raw_volume_xml(&name, length)?;
+            let volume =
+                StorageVol::create_xml(&pool, &xml, 0).map_err(libvirt("create seed volume"))?;
+            // Uploaded through libvirt's stream, so this works for remote hypervisors too.
+            let stream =
+                virt::stream::Stream::new(conn, 0).map_err(libvirt("open upload stream"))?;
+            volume
+                .upload(&stream, 0, length, 0)
+                .map_err(libvirt("upload seed"))?;
+            let mut sent = 0;
+            while sent < content.len() {
+                let n = stream
+                    .send(&content[sent..])
+                    .map_err(libvirt("send seed data"))?;
+                match usize::try_from(n) {
+                    Ok(n) if n > 0 => sent += n,
+                    _ => return Err(HypervisorError::UploadStalled { volume: name }),
+                }
+            }
+            stream.finish().map_err(libvirt("finish seed upload"))
+        })
+        .await
+    }
+
     async fn delete_volume(&self, name: &str) -> Result<()> {
         let name = name.to_owned();
         self.run(move |conn, config| {
@@ -673,6 +707,9 @@ mod tests {
                 name: tag.to_owned(),
                 role: Role::Worker,
                 index: 0,
+                host_key: Some(
+                    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheTestDomain".to_owned(),
+                ),
             },
             vcpus: 1,
             memory_bytes: 256 << 20,

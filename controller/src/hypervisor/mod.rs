@@ -22,6 +22,9 @@ pub struct Owner {
     pub name: String,
     pub role: Role,
     pub index: u32,
+    /// The VM's pinned SSH host public key (`ssh-ed25519 AAAA...`), recorded with the
+    /// domain so a restarted controller still knows which key to expect.
+    pub host_key: Option<String>,
 }
 
 /// Run state of a domain, as far as the controller cares.
@@ -105,6 +108,8 @@ pub enum HypervisorError {
     ImageMissing { pool: String, volume: String },
     #[error("domain name {name:?} is taken by a domain this BenchCluster does not own")]
     NameConflict { name: String },
+    #[error("upload to volume {volume:?} stopped making progress")]
+    UploadStalled { volume: String },
     #[error("domain XML")]
     Xml(#[from] xml::XmlError),
     #[error("a blocking libvirt task died")]
@@ -148,6 +153,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn start_domain(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     /// Stops (hard) and undefines the domain; succeeds if it does not exist.
     fn remove_domain(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Creates (or replaces) a raw volume in the node pool holding exactly `content`.
+    fn create_seed(&self, name: &str, content: &[u8]) -> impl Future<Output = Result<()>> + Send;
     /// Deletes a volume of the node pool; succeeds if it does not exist.
     fn delete_volume(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
 }

@@ -111,6 +111,8 @@ struct OwnerXml<'a> {
     role: &'static str,
     #[serde(rename = "bc:index")]
     index: u32,
+    #[serde(rename = "bc:hostKey", skip_serializing_if = "Option::is_none")]
+    host_key: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -343,7 +345,7 @@ fn to_xml<T: Serialize>(what: &'static str, value: &T) -> Result<String> {
 }
 
 /// The domain XML for one VM: owner metadata, firmware, the overlay as `vda`, the
-/// optional NoCloud seed as a read-only SATA cdrom, one virtio NIC on the cluster
+/// optional identity seed as a read-only virtio disk, one virtio NIC on the cluster
 /// network with the given MAC, and a serial console.
 pub fn domain_xml(spec: &DomainSpec, host: &DomainHost<'_>) -> Result<String> {
     let text = [
@@ -351,6 +353,10 @@ pub fn domain_xml(spec: &DomainSpec, host: &DomainHost<'_>) -> Result<String> {
         ("owner uid", &spec.owner.uid),
         ("owner namespace", &spec.owner.namespace),
         ("owner name", &spec.owner.name),
+        (
+            "host key",
+            spec.owner.host_key.as_deref().unwrap_or_default(),
+        ),
         ("emulator", host.emulator.unwrap_or_default()),
         ("OVMF code path", host.ovmf_code),
     ];
@@ -392,10 +398,10 @@ pub fn domain_xml(spec: &DomainSpec, host: &DomainHost<'_>) -> Result<String> {
         readonly: None,
     }];
     if let Some(seed) = &spec.seed_volume {
-        // SATA, not IDE: q35 has no IDE controller, and OVMF and SeaBIOS both drive AHCI.
+        // A read-only virtio disk holding a FAT file system (docs/image-contract.md).
         disks.push(DiskXml {
             disk_type: "volume",
-            device: "cdrom",
+            device: "disk",
             driver: DriverXml {
                 name: "qemu",
                 format: "raw",
@@ -405,8 +411,8 @@ pub fn domain_xml(spec: &DomainSpec, host: &DomainHost<'_>) -> Result<String> {
                 volume: seed,
             },
             target: DiskTargetXml {
-                dev: "sda",
-                bus: "sata",
+                dev: "vdb",
+                bus: "virtio",
             },
             readonly: Some(()),
         });
@@ -423,6 +429,7 @@ pub fn domain_xml(spec: &DomainSpec, host: &DomainHost<'_>) -> Result<String> {
                 name: &spec.owner.name,
                 role: role_name(spec.owner.role),
                 index: spec.owner.index,
+                host_key: spec.owner.host_key.as_deref(),
             },
         },
         memory: ScaledXml {
@@ -496,8 +503,8 @@ struct VolumeXml<'a> {
     name: &'a str,
     capacity: ScaledXml,
     target: VolumeTargetXml<'a>,
-    #[serde(rename = "backingStore")]
-    backing_store: BackingStoreXml<'a>,
+    #[serde(rename = "backingStore", skip_serializing_if = "Option::is_none")]
+    backing_store: Option<BackingStoreXml<'a>>,
 }
 
 #[derive(Serialize)]
@@ -539,12 +546,31 @@ pub fn overlay_volume_xml(
             target: VolumeTargetXml {
                 format: FormatXml { format: "qcow2" },
             },
-            backing_store: BackingStoreXml {
+            backing_store: Some(BackingStoreXml {
                 path: backing_path,
                 format: FormatXml {
                     format: backing_format,
                 },
+            }),
+        },
+    )
+}
+
+/// Storage volume XML for a raw volume of exactly `capacity_bytes` (the identity seed).
+pub fn raw_volume_xml(name: &str, capacity_bytes: u64) -> Result<String> {
+    check_text("volume name", name)?;
+    to_xml(
+        "volume",
+        &VolumeXml {
+            name,
+            capacity: ScaledXml {
+                unit: "bytes",
+                value: capacity_bytes,
             },
+            target: VolumeTargetXml {
+                format: FormatXml { format: "raw" },
+            },
+            backing_store: None,
         },
     )
 }
@@ -560,6 +586,7 @@ enum OwnerField {
     Name,
     Role,
     Index,
+    HostKey,
 }
 
 impl OwnerField {
@@ -570,6 +597,7 @@ impl OwnerField {
             "name" => Some(Self::Name),
             "role" => Some(Self::Role),
             "index" => Some(Self::Index),
+            "hostKey" => Some(Self::HostKey),
             _ => None,
         }
     }
@@ -591,6 +619,7 @@ struct OwnerFields {
     name: Option<String>,
     role: Option<String>,
     index: Option<String>,
+    host_key: Option<String>,
 }
 
 impl OwnerFields {
@@ -601,6 +630,7 @@ impl OwnerFields {
             OwnerField::Name => &mut self.name,
             OwnerField::Role => &mut self.role,
             OwnerField::Index => &mut self.index,
+            OwnerField::HostKey => &mut self.host_key,
         };
         slot.get_or_insert(value);
     }
@@ -623,6 +653,7 @@ impl OwnerFields {
             index: index.parse().map_err(|_| XmlError::InvalidOwner {
                 reason: Cow::Owned(format!("index {index:?} is not a number")),
             })?,
+            host_key: self.host_key,
         })
     }
 }
@@ -986,6 +1017,9 @@ mod tests {
             name: "small".to_owned(),
             role,
             index,
+            host_key: Some(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPinnedHostKeyForGoldenTests".to_owned(),
+            ),
         }
     }
 
@@ -1010,14 +1044,20 @@ mod tests {
             vcpus: 4,
             memory_bytes: 4 << 30,
             disk_volume: "bench-small-cp-0.qcow2".to_owned(),
-            seed_volume: Some("bench-small-cp-0-seed.iso".to_owned()),
+            seed_volume: Some("bench-small-cp-0.6f1c2b9e.seed.img".to_owned()),
             mac: "52:54:00:ab:cd:ef".to_owned(),
             network: "benchnet".to_owned(),
             firmware: Firmware::Uefi,
         }
     }
 
-    fn assert_golden(actual: &str, golden: &str) {
+    /// Compares with a golden file; `BENCHCLUSTER_BLESS=1` rewrites it instead.
+    fn assert_golden(actual: &str, golden: &str, path: &str) {
+        if std::env::var("BENCHCLUSTER_BLESS").is_ok_and(|v| v == "1") {
+            let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+            std::fs::write(file, actual).unwrap_or_default();
+            return;
+        }
         assert_eq!(
             actual, golden,
             "XML differs from the golden file; actual:\n{actual}"
@@ -1030,6 +1070,7 @@ mod tests {
         assert_golden(
             &xml,
             include_str!("../../tests/golden/domain-bios-worker.xml"),
+            "tests/golden/domain-bios-worker.xml",
         );
         Ok(())
     }
@@ -1040,6 +1081,7 @@ mod tests {
         assert_golden(
             &xml,
             include_str!("../../tests/golden/domain-uefi-control-plane.xml"),
+            "tests/golden/domain-uefi-control-plane.xml",
         );
         Ok(())
     }
@@ -1052,7 +1094,11 @@ mod tests {
             "/var/lib/benchcluster/images/worker.qcow2",
             "qcow2",
         )?;
-        assert_golden(&xml, include_str!("../../tests/golden/volume-overlay.xml"));
+        assert_golden(
+            &xml,
+            include_str!("../../tests/golden/volume-overlay.xml"),
+            "tests/golden/volume-overlay.xml",
+        );
         Ok(())
     }
 
@@ -1143,6 +1189,7 @@ mod tests {
                 name: "a&b <c> <d>".to_owned(),
                 role: Role::Worker,
                 index: 7,
+                host_key: None,
             })
         );
         assert_eq!(readback.primary_mac().as_deref(), Some("52:54:00:ab:cd:ef"));
@@ -1266,6 +1313,7 @@ mod tests {
                 name,
                 role: if worker { Role::Worker } else { Role::ControlPlane },
                 index,
+                host_key: None,
             };
             let xml = domain_xml(&spec, &HOST).map_err(|e| TestCaseError::fail(e.to_string()))?;
 

@@ -1,0 +1,997 @@
+//! The real guest: OpenSSH to the VMs (through the `openssh` crate, which drives the
+//! system's `ssh` client) and a kube client on the guest cluster's admin kubeconfig.
+//!
+//! - Host keys are pinned: each connection uses a known_hosts file holding only the key
+//!   the controller generated for that VM, with strict checking. An unknown or different
+//!   key refuses the connection before any command runs.
+//! - Commands are argv: the `openssh` crate quotes every argument for the remote shell,
+//!   and no argument is built by pasting user fields into a command line. Files (kubeadm
+//!   configurations) travel on stdin, never in argv.
+//! - Secrets (the private key, join tokens, kubeconfigs) are written only to files mode
+//!   0600 under the state directory or inside the guest, and never logged: command
+//!   output shown to users is trimmed and has bootstrap tokens redacted.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, warn};
+
+use super::{
+    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig, Result,
+    Sensitive,
+};
+
+const INIT_CONFIG: &str = "/etc/benchcluster/kubeadm-init.yaml";
+const JOIN_CONFIG: &str = "/etc/benchcluster/kubeadm-join.yaml";
+const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
+const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
+const CRI_SOCKET: &str = "unix:///run/containerd/containerd.sock";
+/// Lines of failing command output kept for conditions and events.
+const OUTPUT_TAIL_LINES: usize = 12;
+
+/// Timeouts and places of the SSH guest.
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    /// Private key files, known_hosts files and ssh control sockets (mode 0700).
+    pub state_dir: PathBuf,
+    /// `user@host` to reach the VMs through, when they sit on a network only the
+    /// hypervisor host can reach (`qemu+ssh://` setups).
+    pub jump_host: Option<String>,
+    pub connect_timeout: Duration,
+    /// Bound of short commands (probes, file writes, token minting).
+    pub command_timeout: Duration,
+    /// Bound of `kubeadm init` and `kubeadm join` (slow under software emulation).
+    pub kubeadm_timeout: Duration,
+    /// How long a drain may wait for evicted pods before the Node is deleted anyway.
+    pub drain_timeout: Duration,
+    /// Lifetime of a join token; minted just before each join.
+    pub join_token_ttl: Duration,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/benchcluster"),
+            jump_host: None,
+            connect_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(60),
+            kubeadm_timeout: Duration::from_secs(900),
+            drain_timeout: Duration::from_secs(120),
+            join_token_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The guest side over SSH and the guest cluster's API.
+pub struct SshGuest {
+    config: SshConfig,
+    clients: Mutex<HashMap<[u8; 32], Client>>,
+}
+
+impl SshGuest {
+    pub fn new(config: SshConfig) -> Self {
+        Self {
+            config,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.config.state_dir.join(name);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| local_error("create state directory", &e))?;
+        Ok(dir)
+    }
+
+    /// Writes the private key to a 0600 file named by its hash (written once).
+    fn key_file(&self, credentials: &Credentials) -> Result<PathBuf> {
+        let digest = Sha256::digest(credentials.private_key.expose().as_bytes());
+        let path = self.dir("keys")?.join(hex(&digest[..12]));
+        if !path.exists() {
+            let mut key = credentials.private_key.expose().to_owned();
+            if !key.ends_with('\n') {
+                key.push('\n'); // ssh refuses a key without its final newline
+            }
+            write_private(&path, key.as_bytes())?;
+        }
+        Ok(path)
+    }
+
+    /// An ssh_config pinning exactly the node's host key.
+    fn ssh_config(&self, node: &GuestNode, key: &Path) -> Result<PathBuf> {
+        let known_hosts = self.dir("known_hosts")?.join(&node.name);
+        write_private(
+            &known_hosts,
+            format!("{} {}\n", node.name, node.host_key).as_bytes(),
+        )?;
+        let config = self.dir("ssh_config")?.join(&node.name);
+        let text = format!(
+            "Host *\n  HostKeyAlias {alias}\n  UserKnownHostsFile {kh}\n  GlobalKnownHostsFile /dev/null\n  \
+             StrictHostKeyChecking yes\n  CheckHostIP no\n  UpdateHostKeys no\n  HostKeyAlgorithms ssh-ed25519\n  \
+             IdentityFile {key}\n  IdentitiesOnly yes\n  PasswordAuthentication no\n  \
+             KbdInteractiveAuthentication no\n  BatchMode yes\n  LogLevel ERROR\n  ServerAliveInterval 15\n",
+            alias = node.name,
+            kh = known_hosts.display(),
+            key = key.display(),
+        );
+        write_private(&config, text.as_bytes())?;
+        Ok(config)
+    }
+
+    async fn connect(&self, node: &GuestNode, credentials: &Credentials) -> Result<Session> {
+        let key = self.key_file(credentials)?;
+        let config = self.ssh_config(node, &key)?;
+        let mut builder = SessionBuilder::default();
+        builder
+            .user(credentials.user.clone())
+            .config_file(&config)
+            .keyfile(&key)
+            .known_hosts_check(KnownHosts::Strict)
+            .connect_timeout(self.config.connect_timeout)
+            .control_directory(self.dir("control")?);
+        if let Some(jump) = &self.config.jump_host {
+            builder.jump_hosts([jump]);
+        }
+        let bound = self.config.connect_timeout + Duration::from_secs(5);
+        match tokio::time::timeout(bound, builder.connect(node.ip.to_string())).await {
+            Err(_) => Err(GuestError::Unreachable {
+                node: node.name.clone(),
+                reason: format!("no SSH session within {}s", bound.as_secs()),
+            }),
+            Ok(Ok(session)) => Ok(session),
+            Ok(Err(error)) => Err(classify_connect_error(&node.name, &error)),
+        }
+    }
+
+    /// Runs one argv command; non-zero exit is an error carrying the redacted output.
+    async fn run(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+        label: &'static str,
+        argv: &[&str],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Output> {
+        let output = tokio::time::timeout(timeout, async {
+            let Some((program, args)) = argv.split_first() else {
+                return Err(local_error("run", &std::io::Error::other("empty argv")));
+            };
+            let mut command = session.command(*program);
+            command.args(args.iter().copied());
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            command.stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+            let mut child = command.spawn().await.map_err(|e| remote_error(node, &e))?;
+            if let (Some(input), Some(mut pipe)) = (stdin, child.stdin().take()) {
+                pipe.write_all(input)
+                    .await
+                    .map_err(|e| local_error("write to remote stdin", &e))?;
+                pipe.shutdown()
+                    .await
+                    .map_err(|e| local_error("close remote stdin", &e))?;
+            }
+            child
+                .wait_with_output()
+                .await
+                .map_err(|e| remote_error(node, &e))
+        })
+        .await
+        .map_err(|_| GuestError::Timeout {
+            node: node.name.clone(),
+            step: label,
+            seconds: timeout.as_secs(),
+        })??;
+        if output.status.success() {
+            Ok(output)
+        } else {
+            Err(GuestError::CommandFailed {
+                node: node.name.clone(),
+                command: label,
+                exit_code: output.status.code(),
+                output: shown_output(&output),
+            })
+        }
+    }
+
+    /// Whether a command succeeds (exit 0), for checks like `test -f`.
+    async fn succeeds(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+        label: &'static str,
+        argv: &[&str],
+    ) -> Result<bool> {
+        match self
+            .run(
+                session,
+                node,
+                label,
+                argv,
+                None,
+                self.config.command_timeout,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(GuestError::CommandFailed { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes a file inside the guest (mode 0600, root-owned) from stdin.
+    async fn put_file(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+        path: &str,
+        content: &[u8],
+    ) -> Result<()> {
+        self.run(
+            session,
+            node,
+            "install config file",
+            &[
+                "sudo",
+                "-n",
+                "install",
+                "-D",
+                "-m",
+                "0600",
+                "/dev/stdin",
+                path,
+            ],
+            Some(content),
+            self.config.command_timeout,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn client(&self, kubeconfig: &AdminKubeconfig) -> Result<Client> {
+        let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose().as_bytes()).into();
+        if let Some(client) = self.lock_clients().get(&digest) {
+            return Ok(client.clone());
+        }
+        let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose())
+            .map_err(|_| GuestError::Api("the stored admin kubeconfig does not parse".into()))?;
+        let mut config = Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
+            .await
+            .map_err(|_| GuestError::Api("the stored admin kubeconfig is unusable".into()))?;
+        config.connect_timeout = Some(self.config.connect_timeout);
+        config.read_timeout = Some(self.config.command_timeout);
+        let client = Client::try_from(config).map_err(|e| GuestError::Api(e.to_string()))?;
+        self.lock_clients().insert(digest, client.clone());
+        Ok(client)
+    }
+
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Client>> {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Guest for SshGuest {
+    async fn probe(&self, node: &GuestNode, credentials: &Credentials) -> Result<()> {
+        let session = self.connect(node, credentials).await?;
+        let result = self
+            .run(
+                &session,
+                node,
+                "probe",
+                &["true"],
+                None,
+                self.config.command_timeout,
+            )
+            .await;
+        close(session).await;
+        result.map(drop)
+    }
+
+    async fn init_control_plane(
+        &self,
+        node: &GuestNode,
+        credentials: &Credentials,
+        config: &InitConfig,
+    ) -> Result<AdminKubeconfig> {
+        let session = self.connect(node, credentials).await?;
+        let result = self.init_on(&session, node, config).await;
+        close(session).await;
+        result
+    }
+
+    async fn join_worker(
+        &self,
+        control_plane: &GuestNode,
+        worker: &GuestNode,
+        credentials: &Credentials,
+    ) -> Result<()> {
+        let worker_session = self.connect(worker, credentials).await?;
+        let result = self
+            .join_on(&worker_session, control_plane, worker, credentials)
+            .await;
+        close(worker_session).await;
+        result
+    }
+
+    async fn cluster_nodes(&self, kubeconfig: &AdminKubeconfig) -> Result<Vec<ClusterNode>> {
+        let client = self.client(kubeconfig).await?;
+        let nodes = Api::<Node>::all(client)
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| GuestError::Api(e.to_string()))?;
+        Ok(nodes
+            .items
+            .into_iter()
+            .filter_map(|node| {
+                let name = node.metadata.name?;
+                let ready = node
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                Some(ClusterNode { name, ready })
+            })
+            .collect())
+    }
+
+    async fn remove_node(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
+        let client = self.client(kubeconfig).await?;
+        let nodes: Api<Node> = Api::all(client.clone());
+        let api_error = |e: kube::Error| GuestError::Api(e.to_string());
+        let cordon = serde_json::json!({"spec": {"unschedulable": true}});
+        match nodes
+            .patch(node_name, &PatchParams::default(), &Patch::Merge(&cordon))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.is_not_found() => return Ok(()),
+            Err(e) => return Err(api_error(e)),
+        }
+        drain(&client, node_name, self.config.drain_timeout).await?;
+        match nodes.delete(node_name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            Err(e) => Err(api_error(e)),
+        }
+    }
+}
+
+impl SshGuest {
+    async fn init_on(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+        config: &InitConfig,
+    ) -> Result<AdminKubeconfig> {
+        let short = self.config.command_timeout;
+        if self
+            .succeeds(
+                session,
+                node,
+                "test admin.conf",
+                &["sudo", "-n", "test", "-f", ADMIN_CONF],
+            )
+            .await?
+        {
+            let healthy = self
+                .succeeds(
+                    session,
+                    node,
+                    "check API server health",
+                    &[
+                        "sudo",
+                        "-n",
+                        "kubectl",
+                        "--kubeconfig",
+                        ADMIN_CONF,
+                        "get",
+                        "--raw",
+                        "/readyz",
+                    ],
+                )
+                .await?;
+            if healthy {
+                debug!(node = %node.name, "control plane already initialised");
+                return self.read_admin_conf(session, node).await;
+            }
+            // An init that died half-way leaves files that make the next one fail.
+            warn!(node = %node.name, "resetting a half-initialised control plane");
+            self.run(
+                session,
+                node,
+                "kubeadm reset",
+                &["sudo", "-n", "kubeadm", "reset", "-f"],
+                None,
+                self.config.kubeadm_timeout,
+            )
+            .await?;
+        }
+        let version = self
+            .run(
+                session,
+                node,
+                "kubeadm version",
+                &["kubeadm", "version", "-o", "short"],
+                None,
+                short,
+            )
+            .await?;
+        let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+        let document = init_configuration(node, config, &version, self.config.join_token_ttl);
+        self.put_file(session, node, INIT_CONFIG, document.as_bytes())
+            .await?;
+        self.run(
+            session,
+            node,
+            "kubeadm init",
+            &[
+                "sudo",
+                "-n",
+                "kubeadm",
+                "init",
+                "--config",
+                INIT_CONFIG,
+                "--skip-token-print",
+            ],
+            None,
+            self.config.kubeadm_timeout,
+        )
+        .await?;
+        self.read_admin_conf(session, node).await
+    }
+
+    async fn read_admin_conf(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+    ) -> Result<AdminKubeconfig> {
+        let output = self
+            .run(
+                session,
+                node,
+                "read admin.conf",
+                &["sudo", "-n", "cat", ADMIN_CONF],
+                None,
+                self.config.command_timeout,
+            )
+            .await?;
+        let text = String::from_utf8(output.stdout).map_err(|_| GuestError::CommandFailed {
+            node: node.name.clone(),
+            command: "read admin.conf",
+            exit_code: Some(0),
+            output: "admin.conf is not UTF-8".into(),
+        })?;
+        Ok(AdminKubeconfig(Sensitive::new(text)))
+    }
+
+    async fn join_on(
+        &self,
+        worker_session: &Session,
+        control_plane: &GuestNode,
+        worker: &GuestNode,
+        credentials: &Credentials,
+    ) -> Result<()> {
+        if self
+            .succeeds(
+                worker_session,
+                worker,
+                "test kubelet.conf",
+                &["sudo", "-n", "test", "-f", KUBELET_CONF],
+            )
+            .await?
+        {
+            // The planner joins only workers whose Node is absent: a kubelet.conf means
+            // a join that half-happened (or a Node deleted behind our back).
+            warn!(node = %worker.name, "resetting a half-joined worker");
+            self.run(
+                worker_session,
+                worker,
+                "kubeadm reset",
+                &["sudo", "-n", "kubeadm", "reset", "-f"],
+                None,
+                self.config.kubeadm_timeout,
+            )
+            .await?;
+        }
+        // Minted just in time, so an expired or deleted token is never reused.
+        let ticket = self.mint_join_ticket(control_plane, credentials).await?;
+        let document = join_configuration(control_plane, worker, &ticket);
+        let result = async {
+            self.put_file(
+                worker_session,
+                worker,
+                JOIN_CONFIG,
+                document.expose().as_bytes(),
+            )
+            .await?;
+            self.run(
+                worker_session,
+                worker,
+                "kubeadm join",
+                &["sudo", "-n", "kubeadm", "join", "--config", JOIN_CONFIG],
+                None,
+                self.config.kubeadm_timeout,
+            )
+            .await
+        }
+        .await;
+        let _ = self
+            .run(
+                worker_session,
+                worker,
+                "remove join config",
+                &["sudo", "-n", "rm", "-f", JOIN_CONFIG],
+                None,
+                self.config.command_timeout,
+            )
+            .await;
+        self.revoke(control_plane, credentials, &ticket).await;
+        result.map(drop)
+    }
+
+    async fn mint_join_ticket(
+        &self,
+        control_plane: &GuestNode,
+        credentials: &Credentials,
+    ) -> Result<JoinTicket> {
+        let session = self.connect(control_plane, credentials).await?;
+        let ttl = format!("{}s", self.config.join_token_ttl.as_secs());
+        let result = self
+            .run(
+                &session,
+                control_plane,
+                "kubeadm token create",
+                &[
+                    "sudo",
+                    "-n",
+                    "kubeadm",
+                    "token",
+                    "create",
+                    "--ttl",
+                    &ttl,
+                    "--print-join-command",
+                ],
+                None,
+                self.config.command_timeout,
+            )
+            .await;
+        close(session).await;
+        let output = result?;
+        parse_join_command(&String::from_utf8_lossy(&output.stdout)).ok_or_else(|| {
+            GuestError::CommandFailed {
+                node: control_plane.name.clone(),
+                command: "kubeadm token create",
+                exit_code: Some(0),
+                output: "unexpected output (no token and CA hash)".into(),
+            }
+        })
+    }
+
+    /// Deletes a used token; failure only shortens nothing (it expires by itself).
+    async fn revoke(
+        &self,
+        control_plane: &GuestNode,
+        credentials: &Credentials,
+        ticket: &JoinTicket,
+    ) {
+        let Ok(session) = self.connect(control_plane, credentials).await else {
+            return;
+        };
+        let token_id = ticket
+            .token
+            .expose()
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        if let Err(error) = self
+            .run(
+                &session,
+                control_plane,
+                "kubeadm token delete",
+                &["sudo", "-n", "kubeadm", "token", "delete", &token_id],
+                None,
+                self.config.command_timeout,
+            )
+            .await
+        {
+            debug!(%error, "join token not deleted; it expires by itself");
+        }
+        close(session).await;
+    }
+}
+
+/// A freshly minted join credential.
+struct JoinTicket {
+    endpoint: String,
+    token: Sensitive,
+    ca_cert_hash: String,
+}
+
+/// Parses `kubeadm join <endpoint> --token <t> --discovery-token-ca-cert-hash sha256:<h>`.
+fn parse_join_command(text: &str) -> Option<JoinTicket> {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("kubeadm join"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let endpoint = (*words.get(2)?).to_owned();
+    let after = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1))
+            .map(|w| (*w).to_owned())
+    };
+    let token = after("--token")?;
+    let ca_cert_hash = after("--discovery-token-ca-cert-hash")?;
+    let valid_token = token.len() == 23
+        && token.as_bytes()[6] == b'.'
+        && token
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| i == 6 || b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !valid_token || !ca_cert_hash.starts_with("sha256:") || !endpoint.ends_with(":6443") {
+        return None;
+    }
+    Some(JoinTicket {
+        endpoint,
+        token: Sensitive::new(token),
+        ca_cert_hash,
+    })
+}
+
+/// kubeadm's InitConfiguration + ClusterConfiguration + KubeletConfiguration, as JSON
+/// documents (JSON is YAML), so no value can change the document's structure.
+fn init_configuration(
+    node: &GuestNode,
+    config: &InitConfig,
+    version: &str,
+    token_ttl: Duration,
+) -> String {
+    let ip = node.ip.to_string();
+    let timeouts = serde_json::json!({
+        "controlPlaneComponentHealthCheck": "15m0s",
+        "kubeletHealthCheck": "15m0s",
+        "kubernetesAPICall": "5m0s",
+        "tlsBootstrap": "15m0s",
+    });
+    let init = serde_json::json!({
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "InitConfiguration",
+        // The default token lives 24 h; ours only until the first joins are done.
+        "bootstrapTokens": [{
+            "ttl": format!("{}s", token_ttl.as_secs()),
+            "groups": ["system:bootstrappers:kubeadm:default-node-token"],
+            "usages": ["signing", "authentication"],
+        }],
+        "localAPIEndpoint": {"advertiseAddress": ip, "bindPort": 6443},
+        "nodeRegistration": {
+            "name": node.name,
+            "criSocket": CRI_SOCKET,
+            "kubeletExtraArgs": [{"name": "node-ip", "value": ip}],
+        },
+        "timeouts": timeouts,
+    });
+    let cluster = serde_json::json!({
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "ClusterConfiguration",
+        "kubernetesVersion": version,
+        "networking": {"podSubnet": config.pod_subnet, "serviceSubnet": config.service_subnet},
+        "apiServer": {"certSANs": [ip]},
+    });
+    let kubelet = serde_json::json!({
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "cgroupDriver": "systemd",
+    });
+    format!("{init}\n---\n{cluster}\n---\n{kubelet}\n")
+}
+
+fn join_configuration(
+    control_plane: &GuestNode,
+    worker: &GuestNode,
+    ticket: &JoinTicket,
+) -> Sensitive {
+    let ip = worker.ip.to_string();
+    let join = serde_json::json!({
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "JoinConfiguration",
+        "discovery": {
+            "bootstrapToken": {
+                "apiServerEndpoint": ticket.endpoint,
+                "token": ticket.token.expose(),
+                // Discovery always pins the CA: never unsafeSkipCAVerification.
+                "caCertHashes": [ticket.ca_cert_hash],
+            },
+        },
+        "nodeRegistration": {
+            "name": worker.name,
+            "criSocket": CRI_SOCKET,
+            "kubeletExtraArgs": [{"name": "node-ip", "value": ip}],
+        },
+        "timeouts": {
+            "discovery": "5m0s",
+            "tlsBootstrap": "15m0s",
+            "kubernetesAPICall": "5m0s",
+        },
+    });
+    let _ = control_plane;
+    Sensitive::new(format!("{join}\n"))
+}
+
+/// Evicts every pod but DaemonSet and mirror pods, then waits (bounded) for them to go.
+async fn drain(client: &Client, node_name: &str, bound: Duration) -> Result<()> {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let on_node = ListParams::default().fields(&format!("spec.nodeName={node_name}"));
+    let evictable = |pod: &Pod| {
+        let daemon = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "DaemonSet");
+        let mirror = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+        !daemon && !mirror
+    };
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let list = pods
+            .list(&on_node)
+            .await
+            .map_err(|e| GuestError::Api(e.to_string()))?;
+        let remaining: Vec<&Pod> = list.items.iter().filter(|p| evictable(p)).collect();
+        if remaining.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                node = node_name,
+                pods = remaining.len(),
+                "drain bound reached; deleting the Node anyway"
+            );
+            return Ok(());
+        }
+        for pod in remaining {
+            let (Some(name), Some(namespace)) = (&pod.metadata.name, &pod.metadata.namespace)
+            else {
+                continue;
+            };
+            let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+            // 429 means a PodDisruptionBudget says "not now": the loop retries.
+            if let Err(error) = api.evict(name, &EvictParams::default()).await {
+                debug!(%error, pod = %name, "eviction refused for now");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2).min(bound)).await;
+    }
+}
+
+async fn close(session: Session) {
+    if let Err(error) = session.close().await {
+        debug!(%error, "closing the ssh session");
+    }
+}
+
+fn write_private(path: &Path, content: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| local_error("write state file", &e))?;
+    file.write_all(content)
+        .map_err(|e| local_error("write state file", &e))?;
+    std::fs::rename(&tmp, path).map_err(|e| local_error("write state file", &e))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn local_error(what: &str, error: &std::io::Error) -> GuestError {
+    GuestError::Api(format!("{what}: {error}"))
+}
+
+fn remote_error(node: &GuestNode, error: &openssh::Error) -> GuestError {
+    GuestError::Unreachable {
+        node: node.name.clone(),
+        reason: error_chain(error),
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A refused host key is a different failure from "not up yet": it must stop the
+/// controller from running anything and say so. ssh reports it only as text.
+fn classify_connect_error(node: &str, error: &openssh::Error) -> GuestError {
+    let text = error_chain(error);
+    if text.contains("Host key verification failed")
+        || text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || text.contains("No ED25519 host key is known")
+    {
+        GuestError::HostKeyMismatch {
+            node: node.to_owned(),
+        }
+    } else {
+        GuestError::Unreachable {
+            node: node.to_owned(),
+            reason: text,
+        }
+    }
+}
+
+/// The last lines of stderr (else stdout), with bootstrap tokens redacted.
+fn shown_output(output: &Output) -> String {
+    let stream = if output.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
+        &output.stderr
+    } else {
+        &output.stdout
+    };
+    let text = String::from_utf8_lossy(stream);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(OUTPUT_TAIL_LINES)..].join("\n");
+    redact_tokens(&tail)
+}
+
+/// Replaces anything shaped like a bootstrap token (`[a-z0-9]{6}.[a-z0-9]{16}`).
+pub fn redact_tokens(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let token_char = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let candidate = i + 23 <= bytes.len()
+            && (i == 0 || !token_char(bytes[i - 1]))
+            && bytes[i..i + 6].iter().all(|b| token_char(*b))
+            && bytes[i + 6] == b'.'
+            && bytes[i + 7..i + 23].iter().all(|b| token_char(*b))
+            && (i + 23 == bytes.len() || !token_char(bytes[i + 23]));
+        if candidate {
+            out.push_str("<redacted-token>");
+            i += 23;
+        } else {
+            let ch = text[i..].chars().next().unwrap_or('\u{fffd}');
+            out.push(ch);
+            i += ch.len_utf8().max(1);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::Ipv4Addr;
+
+    fn node(name: &str) -> GuestNode {
+        GuestNode {
+            name: name.into(),
+            ip: Ipv4Addr::new(192, 168, 222, 101),
+            host_key: "ssh-ed25519 AAAAC3Nza".into(),
+        }
+    }
+
+    #[test]
+    fn parses_the_join_command() {
+        let text = "kubeadm join 192.168.222.101:6443 --token abcdef.0123456789abcdef --discovery-token-ca-cert-hash sha256:1234abcd \n";
+        let ticket = parse_join_command(text).unwrap();
+        assert_eq!(ticket.endpoint, "192.168.222.101:6443");
+        assert_eq!(ticket.token.expose(), "abcdef.0123456789abcdef");
+        assert_eq!(ticket.ca_cert_hash, "sha256:1234abcd");
+        assert!(
+            parse_join_command(
+                "kubeadm join x:6443 --token bad --discovery-token-ca-cert-hash sha256:1"
+            )
+            .is_none()
+        );
+        assert!(parse_join_command("error: something").is_none());
+    }
+
+    #[test]
+    fn tokens_are_redacted_from_output() {
+        let text = "[bootstrap-token] Using token: abcdef.0123456789abcdef\nnot-a-token: abcdefg.0123456789abcdef";
+        let redacted = redact_tokens(text);
+        assert!(!redacted.contains("abcdef.0123456789abcdef\n"));
+        assert!(redacted.contains("Using token: <redacted-token>"));
+        assert!(
+            redacted.contains("abcdefg.0123456789abcdef"),
+            "7-char prefix is no token"
+        );
+    }
+
+    #[test]
+    fn kubeadm_documents_keep_hostile_values_as_strings() {
+        let config = InitConfig {
+            pod_subnet: "10.244.0.0/16\"\n---\nkind: Evil".into(),
+            service_subnet: "10.96.0.0/12".into(),
+        };
+        let text = init_configuration(
+            &node("x-cp-0"),
+            &config,
+            "v1.35.4",
+            Duration::from_secs(600),
+        );
+        let documents: Vec<&str> = text.split("\n---\n").collect();
+        assert_eq!(documents.len(), 3);
+        let cluster: serde_json::Value = serde_json::from_str(documents[1]).unwrap();
+        assert_eq!(
+            cluster["networking"]["podSubnet"],
+            "10.244.0.0/16\"\n---\nkind: Evil"
+        );
+        assert_eq!(cluster["kubernetesVersion"], "v1.35.4");
+        let init: serde_json::Value = serde_json::from_str(documents[0]).unwrap();
+        assert_eq!(init["nodeRegistration"]["name"], "x-cp-0");
+        assert_eq!(
+            init["localAPIEndpoint"]["advertiseAddress"],
+            "192.168.222.101"
+        );
+    }
+
+    #[test]
+    fn join_configuration_pins_the_ca() {
+        let ticket = JoinTicket {
+            endpoint: "192.168.222.101:6443".into(),
+            token: Sensitive::new("abcdef.0123456789abcdef"),
+            ca_cert_hash: "sha256:ff".into(),
+        };
+        let text = join_configuration(&node("x-cp-0"), &node("x-w-0"), &ticket);
+        let doc: serde_json::Value = serde_json::from_str(text.expose()).unwrap();
+        assert_eq!(
+            doc["discovery"]["bootstrapToken"]["caCertHashes"][0],
+            "sha256:ff"
+        );
+        assert!(
+            doc["discovery"]["bootstrapToken"]
+                .get("unsafeSkipCAVerification")
+                .is_none()
+        );
+        assert_eq!(format!("{text:?}"), "Sensitive(<redacted>)");
+    }
+
+    proptest! {
+        #[test]
+        fn redaction_never_panics_and_removes_tokens(prefix in "\\PC{0,20}", token in "[a-z0-9]{6}\\.[a-z0-9]{16}") {
+            let text = format!("{prefix} {token} end");
+            let redacted = redact_tokens(&text);
+            prop_assert!(!redacted.contains(&token));
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The controller's one HTTP endpoint (`--http-addr`):
+//!
+//! - `/metrics`: the [`Metrics`] as OpenMetrics text;
+//! - `/healthz`: 200 while the process serves requests;
+//! - `/readyz`: 200 when every readiness [`Check`] passes, else 503 with the failures.
+//!
+//! Checks are closures, so the test hypervisor (or anything else) can stand in for
+//! libvirt. Plain HTTP/1.1 on hyper: three routes need no framework.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{Api, Client};
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::error::Error;
+use crate::hypervisor::libvirt::Libvirt;
+use crate::metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics};
+
+/// Bound on each readiness check, so a hung hypervisor makes `/readyz` fail, not hang.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on reading a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections may take to finish after shutdown began.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed `accept` (for example out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// One readiness check: `Err` carries the reason shown by `/readyz`.
+pub type Check = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// The named checks behind `/readyz`.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    checks: Vec<(&'static str, Check)>,
+}
+
+impl Readiness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a check.
+    pub fn with(mut self, name: &'static str, check: Check) -> Self {
+        self.checks.push((name, check));
+        self
+    }
+
+    /// Runs every check concurrently, each bounded by [`CHECK_TIMEOUT`].
+    pub async fn run(&self) -> Vec<(&'static str, Result<(), String>)> {
+        futures::future::join_all(self.checks.iter().map(|(name, check)| async move {
+            let result = match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("no answer within {}s", CHECK_TIMEOUT.as_secs())),
+            };
+            (*name, result)
+        }))
+        .await
+    }
+}
+
+/// Name of the CRD whose presence `/readyz` checks.
+pub const CRD_NAME: &str = "benchclusters.benchcluster.dev";
+
+/// Passes once the BenchCluster CRD exists and is Established. Once it passed it stays
+/// passed (no API call per probe): the watch reports later trouble.
+pub fn crd_check(client: Client) -> Check {
+    let found = Arc::new(AtomicBool::new(false));
+    Arc::new(move || {
+        let client = client.clone();
+        let found = Arc::clone(&found);
+        async move {
+            if found.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let crds: Api<CustomResourceDefinition> = Api::all(client);
+            let crd = crds
+                .get_opt(CRD_NAME)
+                .await
+                .map_err(|e| format!("cannot read CRD {CRD_NAME}: {e}"))?
+                .ok_or_else(|| format!("CRD {CRD_NAME} is not installed"))?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                found.store(true, Ordering::Release);
+                Ok(())
+            } else {
+                Err(format!("CRD {CRD_NAME} is not Established yet"))
+            }
+        }
+        .boxed()
+    })
+}
+
+/// Passes while `ok()` is true; `Err(reason)` otherwise.
+pub fn flag_check(reason: &'static str, ok: impl Fn() -> bool + Send + Sync + 'static) -> Check {
+    Arc::new(move || {
+        let result = if ok() { Ok(()) } else { Err(reason.to_owned()) };
+        futures::future::ready(result).boxed()
+    })
+}
+
+/// Passes while libvirt answers a round trip (reconnecting if the connection dropped).
+pub fn libvirt_check(libvirt: Libvirt) -> Check {
+    Arc::new(move || {
+        let libvirt = libvirt.clone();
+        async move {
+            libvirt
+                .check_connection()
+                .await
+                .map_err(|e| Error::from(e).chain())
+        }
+        .boxed()
+    })
+}
+
+struct State {
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+}
+
+type Body = Full<Bytes>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+impl State {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match request.uri().path() {
+            "/metrics" => match self.metrics.encode() {
+                Ok(body) => {
+                    let mut response = text(StatusCode::OK, body);
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+                    response
+                }
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n"),
+            },
+            "/healthz" | "/livez" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => {
+                let results = self.readiness.run().await;
+                let mut body = String::new();
+                let mut ready = true;
+                for (name, result) in &results {
+                    match result {
+                        Ok(()) => body.push_str(&format!("[+]{name} ok\n")),
+                        Err(reason) => {
+                            ready = false;
+                            body.push_str(&format!("[-]{name} failed: {reason}\n"));
+                        }
+                    }
+                }
+                if ready {
+                    body.push_str("ok\n");
+                    text(StatusCode::OK, body)
+                } else {
+                    debug!(%body, "not ready");
+                    text(StatusCode::SERVICE_UNAVAILABLE, body)
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves,
+/// then lets open requests finish (bounded) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    shutdown: impl Future<Output = ()>,
+) {
+    let state = Arc::new(State { metrics, readiness });
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving /metrics, /healthz, /readyz");
+    }
+    futures::pin_mut!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _peer)) => stream,
+                    Err(error) => {
+                        warn!(%error, "cannot accept an HTTP connection");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let state = Arc::clone(&state);
+                let service = hyper::service::service_fn(move |request| {
+                    let state = Arc::clone(&state);
+                    async move { Ok::<_, Infallible>(state.handle(request).await) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        debug!(%error, "HTTP connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("HTTP connections still open after shutdown; dropping them");
+    }
+    info!("HTTP server stopped");
+}

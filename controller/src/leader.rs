@@ -1,0 +1,427 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas can run and only
+//! one reconciles.
+//!
+//! The protocol (acquire, renew, release, take over an expired Lease) is
+//! `kube-lease-manager`'s. On top of it, while leading, a guard reads the Lease every
+//! [`GUARD_INTERVAL`] and declares the leadership lost when the Lease names another
+//! holder or when no renewal of ours was seen for `duration - renew_every` (measured on
+//! this process's monotonic clock). The crate alone keeps claiming leadership while the
+//! API server is unreachable; the guard makes a partitioned leader stop before a
+//! follower may take over (a follower waits the full `duration` after the last renewal).
+//!
+//! A replica that loses the leadership stops reconciling and [`run_controller`] returns
+//! [`Stopped::LeadershipLost`]: the binary then exits non-zero and restarts as a follower.
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::{Api, Client};
+use kube_lease_manager::{LeaseCreateMode, LeaseManager, LeaseManagerError, LeaseParams};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::context::Context;
+use crate::guest::Guest;
+use crate::hypervisor::Hypervisor;
+use crate::metrics::Metrics;
+use crate::reconcile;
+
+/// Default name of the Lease.
+pub const DEFAULT_LEASE_NAME: &str = "benchcluster-controller";
+/// How long a Lease stays valid after its last renewal: the bound on a takeover after
+/// the leader dies.
+pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+/// How often the leader renews.
+pub const RENEW_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the leader's guard reads the Lease.
+pub const GUARD_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stepping-down leader waits for its release of the Lease to land.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the Lease is and how it is held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// This replica's identity in `spec.holderIdentity`; unique per process.
+    pub identity: String,
+    /// Whole seconds, at least 2.
+    pub duration: Duration,
+    /// Whole seconds, at least 1 and less than `duration`.
+    pub renew_every: Duration,
+}
+
+impl LeaseConfig {
+    /// [`LEASE_DURATION`] and [`RENEW_INTERVAL`], with a fresh [`default_identity`].
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            identity: default_identity(),
+            duration: LEASE_DURATION,
+            renew_every: RENEW_INTERVAL,
+        }
+    }
+
+    /// The window after which a leader that saw none of its renewals steps down.
+    pub fn renew_deadline(&self) -> Duration {
+        self.duration.saturating_sub(self.renew_every)
+    }
+
+    fn seconds(&self) -> Result<(u64, u64), LeaderError> {
+        let duration = self.duration.as_secs();
+        let renew = self.renew_every.as_secs();
+        if self.duration.subsec_nanos() != 0 || self.renew_every.subsec_nanos() != 0 {
+            return Err(LeaderError::Config("lease times are whole seconds"));
+        }
+        if renew == 0 || renew >= duration {
+            return Err(LeaderError::Config(
+                "the renew interval must be at least 1 s and shorter than the lease",
+            ));
+        }
+        Ok((duration, renew))
+    }
+}
+
+/// `POD_NAME` (or the host name) and a random suffix: a restarted container gets a new
+/// identity, so it never mistakes its predecessor's Lease for its own.
+pub fn default_identity() -> String {
+    let base = std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_LEASE_NAME.to_owned());
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    format!("{base}-{:08x}", hasher.finish() as u32)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error("invalid leader election settings: {0}")]
+    Config(&'static str),
+    #[error("Lease {namespace}/{name}")]
+    Lease {
+        namespace: String,
+        name: String,
+        #[source]
+        source: LeaseManagerError,
+    },
+    #[error("leader election stopped before this replica became leader")]
+    Stopped,
+}
+
+/// Whether this replica leads, as seen by the elector; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LeaderStatus {
+    receiver: watch::Receiver<bool>,
+    /// Keeps the channel of [`LeaderStatus::always`] open: a closed channel means "the
+    /// elector stopped".
+    _sender: Option<Arc<watch::Sender<bool>>>,
+}
+
+impl LeaderStatus {
+    /// A status that always leads (leader election disabled).
+    pub fn always() -> Self {
+        let (sender, receiver) = watch::channel(true);
+        Self {
+            receiver,
+            _sender: Some(Arc::new(sender)),
+        }
+    }
+
+    fn of(receiver: watch::Receiver<bool>) -> Self {
+        Self {
+            receiver,
+            _sender: None,
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.receiver.borrow()
+    }
+
+    /// Resolves once this replica leads; `Err` if the elector stopped first.
+    pub async fn leading(&mut self) -> Result<(), LeaderError> {
+        self.receiver
+            .wait_for(|leading| *leading)
+            .await
+            .map(drop)
+            .map_err(|_| LeaderError::Stopped)
+    }
+
+    /// Resolves when a leadership, once gained, is lost, or when the elector stops.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
+        let mut receiver = self.receiver.clone();
+        let keep = self._sender.clone();
+        async move {
+            let _keep = keep;
+            if receiver.wait_for(|leading| *leading).await.is_ok() {
+                let _ = receiver.wait_for(|leading| !*leading).await;
+            }
+        }
+    }
+}
+
+/// One replica's participation in the election.
+///
+/// Dropping it models a crash: the Lease is left to expire. [`Elector::step_down`]
+/// releases it, so a follower takes over at once.
+pub struct Elector {
+    config: LeaseConfig,
+    status: LeaderStatus,
+    /// kube-lease-manager's task: acquires and renews; releases when its channel closes.
+    manager: Option<JoinHandle<kube_lease_manager::Result<LeaseManager>>>,
+    /// Owns the manager's channel; runs the guard while leading.
+    monitor: Option<JoinHandle<()>>,
+}
+
+impl Elector {
+    /// Creates the Lease if needed and starts competing for it.
+    pub async fn start(
+        client: Client,
+        config: LeaseConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, LeaderError> {
+        let (duration, renew) = config.seconds()?;
+        let lease_error = |source| LeaderError::Lease {
+            namespace: config.namespace.clone(),
+            name: config.name.clone(),
+            source,
+        };
+        // The crate renews `grace` seconds before expiry: every `renew` seconds.
+        let params = LeaseParams::new(config.identity.clone(), duration, duration - renew)
+            .with_field_manager(format!(
+                "{}-{}",
+                crate::context::FIELD_MANAGER,
+                config.identity
+            ));
+        let manager = LeaseManager::new(
+            client.clone(),
+            &config.name,
+            &config.namespace,
+            params,
+            LeaseCreateMode::AutoCreate,
+        )
+        .await
+        .map_err(lease_error)?;
+        let (manager_state, manager) = manager.watch().await;
+        let (leading, status) = watch::channel(false);
+        metrics.set_leader(false);
+        info!(identity = %config.identity, lease = %format!("{}/{}", config.namespace, config.name), "competing for the leader Lease");
+        let monitor = tokio::spawn(monitor(
+            manager_state,
+            Api::namespaced(client, &config.namespace),
+            config.clone(),
+            leading,
+            metrics,
+        ));
+        Ok(Self {
+            config,
+            status: LeaderStatus::of(status),
+            manager: Some(manager),
+            monitor: Some(monitor),
+        })
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.config.identity
+    }
+
+    pub fn status(&self) -> LeaderStatus {
+        self.status.clone()
+    }
+
+    /// Leaves the election and releases the Lease if held, so a follower takes over
+    /// without waiting for it to expire.
+    pub async fn step_down(mut self) {
+        if let Some(monitor) = self.monitor.take() {
+            // The monitor owns the manager's channel: ending it closes the channel,
+            // which makes the manager release the Lease and return.
+            monitor.abort();
+            let _ = monitor.await;
+        }
+        if let Some(manager) = self.manager.take() {
+            match tokio::time::timeout(RELEASE_TIMEOUT, manager).await {
+                Ok(Ok(Ok(_))) => info!("released the leader Lease"),
+                Ok(Ok(Err(error))) => warn!(%error, "cannot release the leader Lease"),
+                Ok(Err(error)) => warn!(%error, "the leader election task failed"),
+                Err(_) => warn!("releasing the leader Lease timed out"),
+            }
+        }
+    }
+}
+
+impl Drop for Elector {
+    fn drop(&mut self) {
+        // The manager first: once its channel closes it would release the Lease, and a
+        // dropped elector must behave like a dead process.
+        if let Some(manager) = self.manager.take() {
+            manager.abort();
+        }
+        if let Some(monitor) = self.monitor.take() {
+            monitor.abort();
+        }
+    }
+}
+
+/// Publishes the manager's view as `leading`, and while leading, guards it.
+async fn monitor(
+    mut manager_state: watch::Receiver<bool>,
+    api: Api<Lease>,
+    config: LeaseConfig,
+    leading: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        if *manager_state.borrow_and_update() {
+            break;
+        }
+        if manager_state.changed().await.is_err() {
+            warn!("the leader election task stopped");
+            return;
+        }
+    }
+    info!(identity = %config.identity, "became leader");
+    metrics.set_leader(true);
+    let _ = leading.send(true);
+
+    let deadline = config.renew_deadline();
+    let mut confirmed = Instant::now();
+    let mut last_renewal: Option<MicroTime> = None;
+    let mut tick = tokio::time::interval(GUARD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reason = loop {
+        tokio::select! {
+            changed = manager_state.changed() => {
+                if changed.is_err() {
+                    break "the leader election task stopped".to_owned();
+                }
+                if !*manager_state.borrow_and_update() {
+                    break "the Lease was taken over".to_owned();
+                }
+            }
+            _ = tick.tick() => {
+                match api.get_opt(&config.name).await {
+                    Ok(Some(lease)) => {
+                        let spec = lease.spec.unwrap_or_default();
+                        if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
+                            break format!(
+                                "the Lease names holder {:?}",
+                                spec.holder_identity.unwrap_or_default()
+                            );
+                        }
+                        if spec.renew_time != last_renewal {
+                            confirmed = Instant::now();
+                            last_renewal = spec.renew_time;
+                        }
+                    }
+                    Ok(None) => break "the Lease was deleted".to_owned(),
+                    Err(error) => debug!(%error, "cannot read the leader Lease"),
+                }
+                if confirmed.elapsed() > deadline {
+                    break format!("no renewal seen for {}s", deadline.as_secs());
+                }
+            }
+        }
+    };
+    warn!(identity = %config.identity, %reason, "leadership lost");
+    metrics.set_leader(false);
+    let _ = leading.send(false);
+    // Returning drops the manager's channel: it releases the Lease if it still holds it.
+}
+
+/// Why [`run_controller`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// `shutdown` resolved (SIGTERM): in-flight reconciles finished, the Lease was
+    /// released. Exit 0.
+    Shutdown,
+    /// Another replica holds the Lease now: reconciling stopped. Exit non-zero, to
+    /// restart as a follower.
+    LeadershipLost,
+}
+
+/// Runs the controller: without an elector at once, with one as soon as it leads; until
+/// `shutdown` resolves or the leadership is lost.
+pub async fn run_controller<H: Hypervisor, G: Guest>(
+    ctx: Arc<Context<H, G>>,
+    namespace: Option<String>,
+    elector: Option<Elector>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Stopped, LeaderError> {
+    let mut status = match &elector {
+        Some(elector) => elector.status(),
+        None => {
+            ctx.metrics.set_leader(true);
+            LeaderStatus::always()
+        }
+    };
+    let (reason_tx, mut reason_rx) = watch::channel(None::<Stopped>);
+    let lost = status.lost();
+    // One task decides why the controller stops, so the reason is known afterwards.
+    let decider = tokio::spawn(async move {
+        futures::pin_mut!(shutdown, lost);
+        let reason = match futures::future::select(shutdown, lost).await {
+            futures::future::Either::Left(_) => Stopped::Shutdown,
+            futures::future::Either::Right(_) => Stopped::LeadershipLost,
+        };
+        let _ = reason_tx.send(Some(reason));
+    });
+
+    let leading = async {
+        if elector.is_some() {
+            info!("waiting to become leader");
+        }
+        status.leading().await
+    };
+    let mut reason_wait = reason_rx.clone();
+    let stop_requested = async move {
+        let _ = reason_wait.wait_for(Option::is_some).await;
+    };
+    tokio::select! {
+        result = leading => result?,
+        () = stop_requested => {
+            decider.abort();
+            let reason = (*reason_rx.borrow()).unwrap_or(Stopped::Shutdown);
+            if let Some(elector) = elector {
+                elector.step_down().await;
+            }
+            return match reason {
+                Stopped::Shutdown => Ok(Stopped::Shutdown),
+                // Lost before it was ever gained: the elector itself stopped.
+                Stopped::LeadershipLost => Err(LeaderError::Stopped),
+            };
+        }
+    }
+
+    let mut stop_rx = reason_rx.clone();
+    let stop = async move {
+        let _ = stop_rx.wait_for(Option::is_some).await;
+    };
+    reconcile::run(Arc::clone(&ctx), namespace.as_deref(), stop).await;
+    decider.abort();
+    let reason = (*reason_rx.borrow_and_update()).unwrap_or(Stopped::Shutdown);
+    if let Some(elector) = elector {
+        match reason {
+            Stopped::Shutdown => elector.step_down().await,
+            Stopped::LeadershipLost => drop(elector),
+        }
+    }
+    ctx.metrics.set_leader(false);
+    Ok(reason)
+}

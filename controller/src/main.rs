@@ -1,0 +1,213 @@
+//! `benchcluster-controller`: flags in, the library's pieces wired together, exit code out.
+//! Exit 0 after SIGTERM/SIGINT (in-flight reconciles finished), 1 when the leadership
+//! was lost or start-up failed, 2 for bad flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
+use benchcluster_controller::http::{self, Readiness};
+use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
+use benchcluster_controller::leader::{self, Elector, LeaseConfig, Stopped};
+use benchcluster_controller::metrics::{Metered, Metrics};
+use benchcluster_controller::telemetry::{self, LogFormat};
+use benchcluster_controller::{Context, Settings};
+use clap::Parser;
+use tracing::{error, info, warn};
+
+/// Reconciles BenchCluster resources into libvirt VMs forming kubeadm clusters.
+#[derive(Debug, Parser)]
+#[command(name = "benchcluster-controller", version)]
+struct Args {
+    /// libvirt connection URI (`qemu:///system`, `qemu+ssh://user@host/system`, `test:///default`).
+    #[arg(
+        long,
+        env = "BENCHCLUSTER_LIBVIRT_URI",
+        default_value = "qemu:///system"
+    )]
+    libvirt_uri: String,
+    /// Storage pool holding the base images [default: benchcluster-images; default-pool for test:///default].
+    #[arg(long, env = "BENCHCLUSTER_IMAGE_POOL")]
+    image_pool: Option<String>,
+    /// Storage pool where node overlays and seeds are created [default: benchcluster-nodes; default-pool for test:///default].
+    #[arg(long, env = "BENCHCLUSTER_NODE_POOL")]
+    node_pool: Option<String>,
+    /// libvirt domain type: `qemu` (software emulation), `kvm`, `test` [default: `test` for test:// URIs, else `qemu`].
+    #[arg(long, env = "BENCHCLUSTER_DOMAIN_TYPE")]
+    domain_type: Option<String>,
+    /// Watch only this namespace [default: all namespaces].
+    #[arg(long, env = "BENCHCLUSTER_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "BENCHCLUSTER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Log line format.
+    #[arg(long, env = "BENCHCLUSTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level or RUST_LOG-style directives (`debug`, `info,benchcluster_controller=debug`) [default: RUST_LOG, else info].
+    #[arg(long, env = "BENCHCLUSTER_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Compete for a Lease and reconcile only while holding it (run two replicas).
+    #[arg(long, env = "BENCHCLUSTER_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Namespace of the leader Lease [default: the client's namespace, in a Pod its own].
+    #[arg(long, env = "BENCHCLUSTER_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(long, env = "BENCHCLUSTER_LEASE_NAME", default_value = leader::DEFAULT_LEASE_NAME)]
+    lease_name: String,
+    /// SSH jump host (`user@host`) through which guests are reached, when the controller
+    /// does not run on the hypervisor.
+    #[arg(long, env = "BENCHCLUSTER_SSH_JUMP_HOST")]
+    ssh_jump_host: Option<String>,
+    /// Directory for the controller's own state (per-VM SSH host keys, known_hosts).
+    #[arg(
+        long,
+        env = "BENCHCLUSTER_STATE_DIR",
+        default_value = "/var/lib/benchcluster"
+    )]
+    state_dir: PathBuf,
+    /// Steps of different nodes of one cluster run at once.
+    #[arg(long, env = "BENCHCLUSTER_MAX_PARALLEL_STEPS", default_value_t = Settings::default().max_parallel_steps)]
+    max_parallel_steps: usize,
+    /// Seconds a running VM may go without a DHCP lease before its status says so.
+    #[arg(long, env = "BENCHCLUSTER_LEASE_TIMEOUT_SECONDS", default_value_t = Settings::default().lease_timeout.as_secs())]
+    lease_timeout_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = telemetry::init(args.log_format, args.log_level.as_deref()) {
+        eprintln!("benchcluster-controller: {:#}", anyhow::Error::new(e));
+        return ExitCode::from(2);
+    }
+    match run(args).await {
+        Ok(Stopped::Shutdown) => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Ok(Stopped::LeadershipLost) => {
+            error!("leadership lost: exiting to restart as a follower");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            error!(error = format!("{e:#}"), "cannot run");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<Stopped> {
+    let mut libvirt_config = LibvirtConfig::for_uri(&args.libvirt_uri);
+    if let Some(pool) = args.image_pool {
+        libvirt_config.image_pool = pool;
+    }
+    if let Some(pool) = args.node_pool {
+        libvirt_config.node_pool = pool;
+    }
+    if let Some(domain_type) = args.domain_type {
+        libvirt_config.domain_type = domain_type;
+    }
+    info!(uri = %libvirt_config.uri, image_pool = %libvirt_config.image_pool,
+          node_pool = %libvirt_config.node_pool, "libvirt");
+    let libvirt = Libvirt::new(libvirt_config);
+    let guest = SshGuest::new(SshConfig {
+        state_dir: args.state_dir,
+        jump_host: args.ssh_jump_host,
+        ..SshConfig::default()
+    });
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (in-cluster or kubeconfig)")?;
+    let settings = Settings {
+        max_parallel_steps: args.max_parallel_steps.max(1),
+        lease_timeout: Duration::from_secs(args.lease_timeout_seconds),
+        ..Settings::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Metered::new(libvirt.clone(), Arc::clone(&metrics)),
+            guest,
+            settings,
+        )
+        .with_metrics(Arc::clone(&metrics)),
+    );
+
+    let elector = if args.leader_election {
+        let namespace = args
+            .lease_namespace
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let config = LeaseConfig::new(namespace, args.lease_name);
+        Some(Elector::start(client.clone(), config, Arc::clone(&metrics)).await?)
+    } else {
+        None
+    };
+    let status = elector.as_ref().map(Elector::status);
+    let synced_ctx = Arc::clone(&ctx);
+    let readiness = Readiness::new()
+        .with("crd", http::crd_check(client))
+        // A follower does not watch: it is ready without, so a rolling update can
+        // bring it up before the leader goes.
+        .with(
+            "watch",
+            http::flag_check("the BenchCluster watch has not synced", move || {
+                synced_ctx.watch_synced() || status.as_ref().is_some_and(|s| !s.is_leader())
+            }),
+        )
+        .with("libvirt", http::libvirt_check(libvirt.clone()));
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, metrics, readiness, async {
+        let _ = http_stopped.await;
+    }));
+
+    let stopped =
+        leader::run_controller(Arc::clone(&ctx), args.namespace, elector, shutdown_signal()).await;
+
+    let _ = http_stop.send(());
+    let _ = server.await;
+    if let Err(e) = libvirt.disconnect().await {
+        warn!(error = %e, "closing the libvirt connection");
+    }
+    Ok(stopped?)
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    info!("shutting down: letting in-flight reconciles finish (signal again to exit now)");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without handlers the default disposition kills the process anyway.
+            warn!("cannot install signal handlers");
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Test harness for benchcluster: brings up real components on loopback and gives
+//! tests clients for them.
+//!
+//! - [`TestApiServer`]: kube-apiserver + etcd built from the versions pinned in
+//!   `e2e/versions.env`, a cluster-admin kubeconfig, `kubectl`, the CRD installer.
+//! - [`wait::until`]: the only way to wait (poll with a deadline, never a fixed sleep).
+//! - [`create_namespace`]: a random labelled namespace per test.
+
+pub mod apiserver;
+pub mod fakes;
+pub mod namespace;
+mod pki;
+mod process;
+pub mod sandbox;
+pub mod wait;
+
+pub use apiserver::TestApiServer;
+pub use namespace::create_namespace;

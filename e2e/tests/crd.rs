@@ -1,0 +1,549 @@
+//! api tier: the CRD from `manifests/crd.yaml` on a real kube-apiserver. The schema's
+//! defaults, bounds and CEL rules are enforced by the server, not by our code, so only
+//! a real server can show they work.
+//!
+//! Objects are written as JSON, the way `kubectl apply` sends a user's YAML, so the
+//! tests exercise the schema rather than what the Rust types can express.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use benchcluster_crd::{BenchCluster, Firmware};
+use benchcluster_e2e::{TestApiServer, create_namespace, wait};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::core::Status;
+use serde_json::{Value, json};
+
+/// Everything a test gets: the shared server, a client, and a namespace of its own.
+struct Env {
+    server: &'static TestApiServer,
+    client: kube::Client,
+    ns: String,
+}
+
+impl Env {
+    fn dynamic(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.ns,
+            &ApiResource::erase::<BenchCluster>(&()),
+        )
+    }
+
+    fn typed(&self) -> Api<BenchCluster> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn create(&self, object: Value) -> kube::Result<DynamicObject> {
+        let object: DynamicObject =
+            serde_json::from_value(object).map_err(kube::Error::SerdeError)?;
+        self.dynamic().create(&PostParams::default(), &object).await
+    }
+
+    /// Runs kubectl in this test's namespace; fails with its stderr if it fails.
+    async fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["--namespace", self.ns.as_str()];
+        all.extend_from_slice(args);
+        let output = tokio::process::Command::from(self.server.kubectl(&all))
+            .output()
+            .await?;
+        ensure!(
+            output.status.success(),
+            "kubectl {} failed ({}): {}",
+            all.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    }
+}
+
+/// Gives `body` a fresh namespace on the shared server with the CRD installed, and
+/// prints the server's logs if it fails.
+async fn with_env<F, Fut>(prefix: &str, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Env) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let server = TestApiServer::shared().await?;
+    let result = async {
+        server.install_crd().await?;
+        let client = server.client().await?;
+        let ns = create_namespace(&client, prefix).await?;
+        body(Env { server, client, ns }).await
+    }
+    .await;
+    if result.is_err() {
+        server.dump_logs();
+    }
+    result
+}
+
+/// A BenchCluster with every required field and no optional one.
+fn minimal(name: &str) -> Value {
+    json!({
+        "apiVersion": "benchcluster.dev/v1alpha1",
+        "kind": "BenchCluster",
+        "metadata": {"name": name},
+        "spec": {
+            "controlPlane": {
+                "cpus": 2,
+                "memory": "4Gi",
+                "disk": "40Gi",
+                "image": {"volume": "master.qcow2"},
+            },
+            "workers": {
+                "replicas": 1,
+                "cpus": 2,
+                "memory": "2Gi",
+                "disk": "20Gi",
+                "image": {"volume": "worker.qcow2"},
+            },
+            "network": {"name": "scheduler_benchmark_net"},
+            "ssh": {"keySecret": {"name": "bench-ssh"}},
+        },
+    })
+}
+
+/// `object` with the member at `pointer` set to `value`; the member's parent must exist.
+fn with(mut object: Value, pointer: &str, value: Value) -> Value {
+    let (parent, key) = pointer
+        .rsplit_once('/')
+        .unwrap_or_else(|| panic!("{pointer} is not a JSON pointer"));
+    object
+        .pointer_mut(parent)
+        .and_then(Value::as_object_mut)
+        .unwrap_or_else(|| panic!("no object at {parent} in the test object"))
+        .insert(key.to_owned(), value);
+    object
+}
+
+/// The API server's 422 Invalid answer in `result`, or an error saying what came instead.
+fn rejection<T: std::fmt::Debug>(result: kube::Result<T>, field: &str) -> anyhow::Result<Status> {
+    let status = match result {
+        Ok(accepted) => bail!("accepted, but {field} should have been rejected: {accepted:?}"),
+        Err(kube::Error::Api(status)) => *status,
+        Err(other) => bail!("expected a rejection naming {field}, got {other:#}"),
+    };
+    ensure!(
+        status.code == 422 && status.reason == "Invalid",
+        "expected 422 Invalid, got {} {}: {}",
+        status.code,
+        status.reason,
+        status.message
+    );
+    Ok(status)
+}
+
+/// Checks that `status` has a cause for which `matches(field, message)` holds.
+fn expect_cause(
+    status: &Status,
+    wanted: &str,
+    matches: impl Fn(&str, &str) -> bool,
+) -> anyhow::Result<()> {
+    let causes = status
+        .details
+        .as_ref()
+        .map(|d| d.causes.as_slice())
+        .unwrap_or_default();
+    ensure!(
+        causes.iter().any(|c| matches(&c.field, &c.message)),
+        "no cause {wanted}; the server said: {}\ncauses: {causes:#?}",
+        status.message
+    );
+    Ok(())
+}
+
+/// Checks that `result` is the API server's 422 Invalid with a cause on `field` (as the
+/// server spells it, for example `spec.workers.replicas`) whose message contains `says`.
+fn expect_invalid<T: std::fmt::Debug>(
+    result: kube::Result<T>,
+    field: &str,
+    says: &str,
+) -> anyhow::Result<()> {
+    let status = rejection(result, field)?;
+    expect_cause(&status, &format!("on {field:?} saying {says:?}"), |f, m| {
+        f == field && m.contains(says)
+    })
+}
+
+/// metadata.name is checked by a CEL rule on the schema's root. The server puts the
+/// cause on `metadata.name` only if the schema declares that property (a rule's
+/// `fieldPath` must point into the schema); otherwise the cause is on `<nil>` and the
+/// rule's message must name the field. Either way the user learns which field is wrong.
+fn expect_name_rejected<T: std::fmt::Debug>(
+    result: kube::Result<T>,
+    says: &str,
+) -> anyhow::Result<()> {
+    let status = rejection(result, "metadata.name")?;
+    expect_cause(
+        &status,
+        &format!("naming metadata.name and saying {says:?}"),
+        |f, m| {
+            m.contains(says)
+                && (f == "metadata.name" || (f == "<nil>" && m.contains("metadata.name")))
+        },
+    )
+}
+
+async fn expect_create_rejected(
+    env: &Env,
+    object: Value,
+    field: &str,
+    says: &str,
+) -> anyhow::Result<()> {
+    let result = env.create(object).await;
+    expect_invalid(result, field, says)
+}
+
+#[tokio::test]
+async fn a_minimal_benchcluster_is_accepted_and_gets_the_schema_defaults() -> anyhow::Result<()> {
+    with_env("crd-defaults", |env| async move {
+        env.create(minimal("small")).await?;
+        let bc = env.typed().get("small").await?;
+        let spec = &bc.spec;
+        ensure!(
+            spec.kubernetes.pod_subnet == "10.244.0.0/16",
+            "podSubnet {:?}",
+            spec.kubernetes.pod_subnet
+        );
+        ensure!(
+            spec.kubernetes.service_subnet == "10.96.0.0/12",
+            "serviceSubnet {:?}",
+            spec.kubernetes.service_subnet
+        );
+        ensure!(spec.ssh.user == "bench", "ssh.user {:?}", spec.ssh.user);
+        ensure!(spec.control_plane.image.firmware == Firmware::Bios);
+        ensure!(spec.workers.template.image.firmware == Firmware::Bios);
+        ensure!(!spec.paused);
+        ensure!(spec.workers.replicas == 1);
+
+        // The defaults are in the stored object, not only in our deserialisation.
+        let raw = env.dynamic().get("small").await?;
+        let stored = &raw.data["spec"];
+        ensure!(
+            stored["kubernetes"]["podSubnet"] == "10.244.0.0/16"
+                && stored["ssh"]["user"] == "bench"
+                && stored["controlPlane"]["image"]["firmware"] == "bios"
+                && stored["paused"] == false,
+            "defaults missing from the stored spec: {stored:#}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_fully_specified_benchcluster_round_trips() -> anyhow::Result<()> {
+    with_env("crd-full", |env| async move {
+        let full = json!({
+            "apiVersion": "benchcluster.dev/v1alpha1",
+            "kind": "BenchCluster",
+            "metadata": {"name": "medium"},
+            "spec": {
+                "controlPlane": {
+                    "cpus": 8, "memory": "32Gi", "disk": "80G",
+                    "image": {"volume": "nixos-master_v2+b1.qcow2", "firmware": "uefi"},
+                },
+                "workers": {
+                    "replicas": 4, "cpus": 16, "memory": "64Gi", "disk": "200G",
+                    "image": {"volume": "nixos-worker.qcow2", "firmware": "uefi"},
+                },
+                "network": {"name": "scheduler_benchmark_net"},
+                "kubernetes": {"podSubnet": "10.32.0.0/12", "serviceSubnet": "fd00:10:96::/112"},
+                "ssh": {"user": "nixos", "keySecret": {"name": "bench.ssh-key"}},
+                "paused": true,
+            },
+        });
+        env.create(full).await?;
+        let spec = env.typed().get("medium").await?.spec;
+        ensure!(spec.workers.replicas == 4 && spec.workers.template.cpus == 16);
+        ensure!(spec.control_plane.image.firmware == Firmware::Uefi);
+        ensure!(spec.kubernetes.service_subnet == "fd00:10:96::/112");
+        ensure!(spec.ssh.user == "nixos" && spec.ssh.key_secret.name == "bench.ssh-key");
+        ensure!(spec.paused);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn negative_replicas_are_rejected() -> anyhow::Result<()> {
+    with_env("crd-neg-replicas", |env| async move {
+        let bad = with(minimal("x"), "/spec/workers/replicas", json!(-1));
+        expect_create_rejected(
+            &env,
+            bad,
+            "spec.workers.replicas",
+            "greater than or equal to 0",
+        )
+        .await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_thousand_replicas_are_rejected() -> anyhow::Result<()> {
+    with_env("crd-many-replicas", |env| async move {
+        let bad = with(minimal("x"), "/spec/workers/replicas", json!(1000));
+        expect_create_rejected(
+            &env,
+            bad,
+            "spec.workers.replicas",
+            "less than or equal to 256",
+        )
+        .await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn zero_memory_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-zero-memory", |env| async move {
+        let bad = with(minimal("x"), "/spec/controlPlane/memory", json!("0"));
+        expect_create_rejected(
+            &env,
+            bad,
+            "spec.controlPlane.memory",
+            "between 256Mi and 4Ti",
+        )
+        .await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn too_little_memory_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-small-memory", |env| async move {
+        let bad = with(minimal("x"), "/spec/workers/memory", json!("1Mi"));
+        expect_create_rejected(&env, bad, "spec.workers.memory", "between 256Mi and 4Ti").await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn memory_that_is_not_a_quantity_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-lots-memory", |env| async move {
+        let bad = with(minimal("x"), "/spec/controlPlane/memory", json!("lots"));
+        expect_create_rejected(&env, bad, "spec.controlPlane.memory", "must be a quantity").await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_disk_smaller_than_a_gibibyte_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-small-disk", |env| async move {
+        let bad = with(minimal("x"), "/spec/workers/disk", json!("512Mi"));
+        expect_create_rejected(&env, bad, "spec.workers.disk", "between 1Gi and 64Ti").await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn zero_cpus_are_rejected() -> anyhow::Result<()> {
+    with_env("crd-zero-cpus", |env| async move {
+        let bad = with(minimal("x"), "/spec/controlPlane/cpus", json!(0));
+        expect_create_rejected(
+            &env,
+            bad,
+            "spec.controlPlane.cpus",
+            "greater than or equal to 1",
+        )
+        .await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_name_that_is_not_a_dns_label_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-bad-name", |env| async move {
+        // Upper case and '_': not even a DNS subdomain.
+        expect_name_rejected(env.create(minimal("Bad_Name")).await, "")?;
+        // A DNS subdomain, which the API server itself accepts for any resource.
+        expect_name_rejected(env.create(minimal("bench.cluster")).await, "DNS label")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_name_longer_than_40_characters_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-long-name", |env| async move {
+        let long = "a".repeat(41);
+        expect_name_rejected(env.create(minimal(&long)).await, "40")?;
+        // The boundary itself is allowed.
+        env.create(minimal(&"a".repeat(40))).await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_image_volume_that_is_a_path_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-volume-path", |env| async move {
+        let dotdot = with(
+            minimal("x"),
+            "/spec/controlPlane/image/volume",
+            json!("../etc/passwd"),
+        );
+        expect_create_rejected(&env, dotdot, "spec.controlPlane.image.volume", "not a path")
+            .await?;
+        let absolute = with(
+            minimal("x"),
+            "/spec/workers/image/volume",
+            json!("/var/lib/x.qcow2"),
+        );
+        expect_create_rejected(&env, absolute, "spec.workers.image.volume", "not a path").await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_pod_subnet_that_is_not_a_cidr_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-bad-cidr", |env| async move {
+        let bad = with(
+            minimal("x"),
+            "/spec/kubernetes",
+            json!({"podSubnet": "10.244.0.0"}),
+        );
+        expect_create_rejected(&env, bad, "spec.kubernetes.podSubnet", "must be a CIDR").await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_ssh_user_with_shell_syntax_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-ssh-user", |env| async move {
+        for user in ["bench;reboot", "$(id)"] {
+            let bad = with(minimal("x"), "/spec/ssh/user", json!(user));
+            expect_create_rejected(&env, bad, "spec.ssh.user", "POSIX user name")
+                .await
+                .with_context(|| format!("ssh.user {user:?}"))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_network_name_with_a_space_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-network-name", |env| async move {
+        let bad = with(minimal("x"), "/spec/network/name", json!("my net"));
+        expect_create_rejected(&env, bad, "spec.network.name", "libvirt network name").await
+    })
+    .await
+}
+
+/// Replaces the stored object's spec at `pointer` with `value` (an update, so the
+/// transition rules run) and returns the server's answer.
+async fn update(env: &Env, name: &str, pointer: &str, value: Value) -> kube::Result<DynamicObject> {
+    let mut current = env.dynamic().get(name).await?;
+    current.data = with(current.data, pointer, value);
+    env.dynamic()
+        .replace(name, &PostParams::default(), &current)
+        .await
+}
+
+#[tokio::test]
+async fn the_control_plane_is_immutable() -> anyhow::Result<()> {
+    with_env("crd-immutable-cp", |env| async move {
+        env.create(minimal("fixed")).await?;
+        let result = update(&env, "fixed", "/spec/controlPlane/cpus", json!(4)).await;
+        expect_invalid(result, "spec.controlPlane", "controlPlane is immutable")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_network_is_immutable() -> anyhow::Result<()> {
+    with_env("crd-immutable-net", |env| async move {
+        env.create(minimal("fixed")).await?;
+        let result = update(&env, "fixed", "/spec/network/name", json!("other_net")).await;
+        expect_invalid(result, "spec.network", "network is immutable")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_worker_template_is_immutable_but_replicas_are_not() -> anyhow::Result<()> {
+    with_env("crd-immutable-workers", |env| async move {
+        env.create(minimal("fixed")).await?;
+        let result = update(&env, "fixed", "/spec/workers/cpus", json!(8)).await;
+        expect_invalid(result, "spec.workers.cpus", "workers.cpus is immutable")?;
+
+        update(&env, "fixed", "/spec/workers/replicas", json!(5))
+            .await
+            .context("changing replicas must be allowed")?;
+        let bc = env.typed().get("fixed").await?;
+        ensure!(
+            bc.spec.workers.replicas == 5,
+            "replicas {}",
+            bc.spec.workers.replicas
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn kubectl_explain_documents_the_workers() -> anyhow::Result<()> {
+    with_env("crd-explain", |env| async move {
+        // The OpenAPI document is published shortly after the CRD is Established.
+        let text = wait::until(
+            "kubectl explain to know benchcluster.spec.workers",
+            Duration::from_secs(60),
+            Duration::from_millis(250),
+            || async {
+                env.kubectl(&["explain", "benchcluster.spec.workers"])
+                    .await
+                    .map(Some)
+            },
+        )
+        .await?;
+        for expected in [
+            "replicas",
+            "Number of worker VMs",
+            "cpus",
+            "memory",
+            "disk",
+            "image",
+        ] {
+            ensure!(
+                text.contains(expected),
+                "kubectl explain does not mention {expected:?}:\n{text}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn kubectl_scale_changes_the_worker_replicas() -> anyhow::Result<()> {
+    with_env("crd-scale", |env| async move {
+        env.create(minimal("scaled")).await?;
+        let out = env.kubectl(&["scale", "bc/scaled", "--replicas=3"]).await?;
+        ensure!(out.contains("scaled"), "kubectl scale said: {out}");
+        let bc = env.typed().get("scaled").await?;
+        ensure!(
+            bc.spec.workers.replicas == 3,
+            "spec.workers.replicas is {} after kubectl scale",
+            bc.spec.workers.replicas
+        );
+        // The scale subresource applies the same bounds as the spec.
+        let too_many = env
+            .kubectl(&["scale", "bc/scaled", "--replicas=1000"])
+            .await;
+        let error = too_many
+            .err()
+            .ok_or_else(|| anyhow!("kubectl scale to 1000 replicas was accepted"))?;
+        ensure!(
+            error.to_string().contains("spec.workers.replicas"),
+            "unexpected error: {error:#}"
+        );
+        Ok(())
+    })
+    .await
+}

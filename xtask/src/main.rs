@@ -1,0 +1,435 @@
+//! Project tasks: `cargo xtask <task>` (alias in `.cargo/config.toml`).
+//!
+//! ```text
+//! cargo xtask crd [--check]          write manifests/crd.yaml from crd/src, or check it is current
+//! cargo xtask test unit              tests that need nothing outside the process
+//! cargo xtask test api [--test-threads N]
+//!                                    the api tier: a real kube-apiserver + etcd on loopback;
+//!                                    every e2e/tests/*.rs whose first line is `//! api tier: ...`
+//! cargo xtask test all               unit, then api
+//! cargo xtask test vm                the vm tier (needs root, libvirtd, qemu); not in `all`
+//! cargo xtask lint                   rustfmt and clippy, warnings denied
+//! ```
+//!
+//! Every command is printed before it runs; a failing command's exit code is ours.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context as _, anyhow, bail};
+
+/// Where `cargo xtask crd` writes the CRD, relative to the workspace root.
+const CRD_MANIFEST: &str = "manifests/crd.yaml";
+/// Builds (or finds in its cache) kube-apiserver, etcd and kubectl; prints their directory.
+const BUILD_K8S: &str = "e2e/hack/build-k8s.sh";
+/// Read by the e2e harness instead of running BUILD_K8S itself.
+const K8S_BIN_ENV: &str = "BENCHCLUSTER_K8S_BIN";
+/// Set to 1 to let the vm tier's tests run instead of skipping themselves.
+const VM_TESTS_ENV: &str = "BENCHCLUSTER_VM_TESTS";
+/// The e2e crate's integration tests, relative to the workspace root.
+const E2E_TESTS: &str = "e2e/tests";
+/// The api tier's tests wait on the server, not the CPU, and share one server per test
+/// binary: more threads than the machine's 2 cores keep the tier short.
+const DEFAULT_API_TEST_THREADS: u32 = 4;
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+  crd [--check]               write manifests/crd.yaml from crd/src (--check: fail if it differs)
+  test unit                   unit tests, doc tests (nothing outside the process)
+  test api [--test-threads N] api tier: kube-apiserver + etcd on loopback (builds them on first use)
+  test all [--test-threads N] unit, then api
+  test vm                     vm tier (root, libvirtd, qemu); not part of `test all`
+  lint                        cargo fmt --check, cargo clippy -D warnings";
+
+/// A command that ran and failed; its exit code becomes ours.
+#[derive(Debug)]
+struct Failed {
+    command: String,
+    code: Option<i32>,
+}
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "`{}` failed with exit code {code}", self.command),
+            None => write!(f, "`{}` was killed by a signal", self.command),
+        }
+    }
+}
+
+impl std::error::Error for Failed {}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            let code = error
+                .downcast_ref::<Failed>()
+                .and_then(|f| f.code)
+                .and_then(|c| u8::try_from(c).ok())
+                .filter(|c| *c != 0)
+                .unwrap_or(1);
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(args: &[&str]) -> anyhow::Result<()> {
+    let root = workspace_root()?;
+    match args {
+        ["crd"] => crd_write(&root),
+        ["crd", "--check"] => crd_check(&root),
+        ["test", "unit"] => test_unit(&root),
+        ["test", "api", rest @ ..] => test_api(&root, test_threads(rest)?),
+        ["test", "all", rest @ ..] => {
+            let threads = test_threads(rest)?;
+            test_unit(&root)?;
+            test_api(&root, threads)
+        }
+        ["test", "vm"] => test_vm(&root),
+        ["lint"] => lint(&root),
+        ["help" | "--help" | "-h"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => bail!("unknown task {:?}\n{USAGE}", args.join(" ")),
+    }
+}
+
+fn test_threads(args: &[&str]) -> anyhow::Result<u32> {
+    match args {
+        [] => Ok(DEFAULT_API_TEST_THREADS),
+        ["--test-threads", n] => n
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| anyhow!("--test-threads wants a positive number, not {n:?}")),
+        _ => bail!("unexpected arguments {args:?}\n{USAGE}"),
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .ok_or_else(|| anyhow!("xtask is not inside a workspace"))
+}
+
+/// The cargo that runs us (so `cargo +toolchain xtask` stays on that toolchain).
+fn cargo(root: &Path) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let mut command = Command::new(cargo);
+    command.current_dir(root);
+    command
+}
+
+fn describe(command: &Command) -> String {
+    let program = Path::new(command.get_program());
+    let program = match (program.file_name(), command.get_current_dir()) {
+        // $CARGO is an absolute path into the toolchain; "cargo" is what a person types.
+        (Some(name), _) if name == "cargo" => "cargo".to_owned(),
+        (_, Some(dir)) => program
+            .strip_prefix(dir)
+            .unwrap_or(program)
+            .display()
+            .to_string(),
+        _ => program.display().to_string(),
+    };
+    let args: Vec<String> = command
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let envs: Vec<String> = command
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
+        .collect();
+    [envs, vec![program], args].concat().join(" ")
+}
+
+/// Prints the command, runs it with our stdout and stderr, and fails if it fails.
+fn step(mut command: Command) -> anyhow::Result<()> {
+    let text = describe(&command);
+    println!("+ {text}");
+    let start = Instant::now();
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run `{text}`"))?;
+    println!("  ({text}: {:.1}s)", start.elapsed().as_secs_f64());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Failed {
+            command: text,
+            code: status.code(),
+        }
+        .into())
+    }
+}
+
+/// Like [`step`] but returns the command's stdout (stderr still goes to ours).
+fn step_output(mut command: Command) -> anyhow::Result<String> {
+    let text = describe(&command);
+    println!("+ {text}");
+    let output = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run `{text}`"))?;
+    if !output.status.success() {
+        return Err(Failed {
+            command: text,
+            code: output.status.code(),
+        }
+        .into());
+    }
+    String::from_utf8(output.stdout).with_context(|| format!("`{text}` printed non-UTF-8"))
+}
+
+fn generated_crd(root: &Path) -> anyhow::Result<String> {
+    let mut command = cargo(root);
+    command.args(["run", "-q", "-p", "benchcluster-crd", "--bin", "crdgen"]);
+    step_output(command)
+}
+
+fn crd_write(root: &Path) -> anyhow::Result<()> {
+    let yaml = generated_crd(root)?;
+    let path = root.join(CRD_MANIFEST);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {CRD_MANIFEST}");
+    Ok(())
+}
+
+fn crd_check(root: &Path) -> anyhow::Result<()> {
+    let generated = generated_crd(root)?;
+    let path = root.join(CRD_MANIFEST);
+    let committed = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{CRD_MANIFEST} does not exist: run `cargo xtask crd` and commit it")
+        }
+        Err(error) => return Err(error).context(format!("reading {}", path.display())),
+    };
+    if committed == generated {
+        println!("{CRD_MANIFEST} is up to date");
+        return Ok(());
+    }
+    bail!(
+        "{CRD_MANIFEST} differs from what crd/src generates ({}): \
+         run `cargo xtask crd` and commit the result",
+        first_difference(&committed, &generated)
+    )
+}
+
+/// Where two texts first differ, for the error message.
+fn first_difference(committed: &str, generated: &str) -> String {
+    let mut committed_lines = committed.lines();
+    let mut generated_lines = generated.lines();
+    let mut line = 1;
+    loop {
+        match (committed_lines.next(), generated_lines.next()) {
+            (Some(a), Some(b)) if a == b => line += 1,
+            (Some(a), Some(b)) => {
+                return format!("line {line}: committed {a:?}, generated {b:?}");
+            }
+            (Some(a), None) => return format!("line {line}: committed has extra {a:?}"),
+            (None, Some(b)) => return format!("line {line}: generated has extra {b:?}"),
+            (None, None) => return "they differ in line endings or a final newline".into(),
+        }
+    }
+}
+
+fn test_unit(root: &Path) -> anyhow::Result<()> {
+    // --lib --bins: every crate's own unit tests, including the e2e harness's (which
+    // need only bash), but none of the integration tests under e2e/tests.
+    let mut unit = cargo(root);
+    unit.args(["test", "--workspace", "--lib", "--bins"]);
+    step(unit)?;
+    let mut doc = cargo(root);
+    doc.args([
+        "test",
+        "--doc",
+        "-p",
+        "benchcluster-crd",
+        "-p",
+        "benchcluster-controller",
+    ]);
+    step(doc)
+}
+
+fn test_api(root: &Path, threads: u32) -> anyhow::Result<()> {
+    let bin_dir = match std::env::var_os(K8S_BIN_ENV) {
+        Some(dir) => {
+            println!("using {K8S_BIN_ENV}={}", dir.to_string_lossy());
+            PathBuf::from(dir)
+        }
+        None => {
+            println!(
+                "building kube-apiserver, etcd and kubectl from e2e/versions.env if not cached \
+                 (the first build takes ~6 minutes)"
+            );
+            let mut build = Command::new(root.join(BUILD_K8S));
+            build.current_dir(root);
+            let start = Instant::now();
+            let out = step_output(build)?;
+            let dir = out
+                .lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .ok_or_else(|| anyhow!("{BUILD_K8S} printed no directory"))?;
+            println!(
+                "  ({BUILD_K8S}: {:.1}s) -> {dir}",
+                start.elapsed().as_secs_f64()
+            );
+            PathBuf::from(dir)
+        }
+    };
+
+    println!("+ cargo xtask crd --check");
+    crd_check(root)?;
+
+    let tests = tier_tests(&root.join(E2E_TESTS), "api")?;
+    let mut test = cargo(root);
+    test.env(K8S_BIN_ENV, &bin_dir)
+        .args(["test", "-p", "benchcluster-e2e"]);
+    for name in &tests {
+        test.args(["--test", name]);
+    }
+    test.arg("--").arg(format!("--test-threads={threads}"));
+    step(test)
+}
+
+fn test_vm(root: &Path) -> anyhow::Result<()> {
+    let mut test = cargo(root);
+    // The vm tests skip themselves unless this is set, so a plain `cargo test` on a
+    // machine without libvirtd stays green.
+    test.env(VM_TESTS_ENV, "1")
+        .args(["test", "-p", "benchcluster-e2e"]);
+    for name in tier_tests(&root.join(E2E_TESTS), "vm")? {
+        test.args(["--test", &name]);
+    }
+    // Guests under software emulation are CPU-bound: one test at a time.
+    test.args(["--", "--test-threads=1"]);
+    step(test)
+}
+
+/// The integration tests of one tier: each file in `dir` says its tier on its first line
+/// (`//! api tier: ...`). A file that says none is an error, so no test file is
+/// silently left out of every tier.
+fn tier_tests(dir: &Path, tier: &str) -> anyhow::Result<Vec<String>> {
+    let mut tests = Vec::new();
+    let mut undeclared = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path
+            .file_stem()
+            .filter(|_| path.extension().is_some_and(|e| e == "rs"))
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        match declared_tier(&text) {
+            Some(t) if t == tier => tests.push(name),
+            Some(_) => {}
+            None => undeclared.push(path.display().to_string()),
+        }
+    }
+    if !undeclared.is_empty() {
+        bail!(
+            "these test files do not start with `//! <tier> tier...` (api, vm or e2e): {}",
+            undeclared.join(", ")
+        );
+    }
+    if tests.is_empty() {
+        bail!("no test file in {} declares the {tier} tier", dir.display());
+    }
+    tests.sort();
+    Ok(tests)
+}
+
+/// `api` from a file starting `//! api tier: ...` (or `//! api tier smoke test: ...`).
+fn declared_tier(text: &str) -> Option<&str> {
+    let (tier, rest) = text
+        .lines()
+        .next()?
+        .strip_prefix("//! ")?
+        .split_once(" tier")?;
+    let tier = tier.trim();
+    let well_formed = !tier.is_empty()
+        && !tier.contains(' ')
+        && (rest.is_empty() || rest.starts_with(':') || rest.starts_with(' '));
+    well_formed.then_some(tier)
+}
+
+fn lint(root: &Path) -> anyhow::Result<()> {
+    let mut fmt = cargo(root);
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    step(fmt)?;
+    let mut clippy = cargo(root);
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    step(clippy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_difference_names_the_line() {
+        assert_eq!(
+            first_difference("a\nb\nc\n", "a\nx\nc\n"),
+            "line 2: committed \"b\", generated \"x\""
+        );
+        assert_eq!(
+            first_difference("a\n", "a\nb\n"),
+            "line 2: generated has extra \"b\""
+        );
+        assert_eq!(
+            first_difference("a\n", "a"),
+            "they differ in line endings or a final newline"
+        );
+    }
+
+    #[test]
+    fn the_tier_is_read_from_the_first_line() {
+        assert_eq!(declared_tier("//! api tier: the CRD\n"), Some("api"));
+        assert_eq!(
+            declared_tier("//! vm tier: qemu\n//! api tier: no"),
+            Some("vm")
+        );
+        assert_eq!(
+            declared_tier("//! vm tier smoke test: the sandbox"),
+            Some("vm")
+        );
+        assert_eq!(declared_tier("//! Tests of the api tier: no\n"), None);
+        assert_eq!(declared_tier("//! api tiers: no\n"), None);
+        assert_eq!(declared_tier("use std::fs;\n"), None);
+        assert_eq!(declared_tier(""), None);
+    }
+
+    #[test]
+    fn test_threads_defaults_and_parses() {
+        assert_eq!(test_threads(&[]).ok(), Some(DEFAULT_API_TEST_THREADS));
+        assert_eq!(test_threads(&["--test-threads", "2"]).ok(), Some(2));
+        assert!(test_threads(&["--test-threads", "0"]).is_err());
+        assert!(test_threads(&["--bogus"]).is_err());
+    }
+}
