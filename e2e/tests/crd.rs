@@ -182,10 +182,7 @@ fn expect_name_rejected<T: std::fmt::Debug>(
     expect_cause(
         &status,
         &format!("naming metadata.name and saying {says:?}"),
-        |f, m| {
-            m.contains(says)
-                && (f == "metadata.name" || (f == "<nil>" && m.contains("metadata.name")))
-        },
+        |f, m| m.contains(says) && f == "metadata.name",
     )
 }
 
