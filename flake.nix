@@ -13,8 +13,8 @@
 
       # A guest image's NixOS system: the role module plus the qcow2 image module.
       guest = role: nixpkgs.lib.nixosSystem {
-        inherit system;
         modules = [
+          { nixpkgs.hostPlatform = system; }
           self.nixosModules.${role}
           ./nix/modules/disk-image.nix
         ];

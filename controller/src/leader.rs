@@ -41,6 +41,8 @@ pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const RENEW_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the leader's guard reads the Lease.
 pub const GUARD_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a follower looks for a released Lease.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a stepping-down leader waits for its release of the Lease to land.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -184,9 +186,8 @@ impl LeaderStatus {
 pub struct Elector {
     config: LeaseConfig,
     status: LeaderStatus,
-    /// kube-lease-manager's task: acquires and renews; releases when its channel closes.
-    manager: Option<JoinHandle<kube_lease_manager::Result<LeaseManager>>>,
-    /// Owns the manager's channel; runs the guard while leading.
+    step_down: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Runs the lease manager, follows, guards; aborted on drop.
     monitor: Option<JoinHandle<()>>,
 }
 
@@ -198,11 +199,6 @@ impl Elector {
         metrics: Arc<Metrics>,
     ) -> Result<Self, LeaderError> {
         let (duration, renew) = config.seconds()?;
-        let lease_error = |source| LeaderError::Lease {
-            namespace: config.namespace.clone(),
-            name: config.name.clone(),
-            source,
-        };
         // The crate renews `grace` seconds before expiry: every `renew` seconds.
         let params = LeaseParams::new(config.identity.clone(), duration, duration - renew)
             .with_field_manager(format!(
@@ -210,30 +206,28 @@ impl Elector {
                 crate::context::FIELD_MANAGER,
                 config.identity
             ));
-        let manager = LeaseManager::new(
-            client.clone(),
-            &config.name,
-            &config.namespace,
+        let competition = Competition {
+            client,
+            config: config.clone(),
             params,
-            LeaseCreateMode::AutoCreate,
-        )
-        .await
-        .map_err(lease_error)?;
-        let (manager_state, manager) = manager.watch().await;
+        };
+        // The first manager is made here, so RBAC or API trouble fails the start.
+        let manager = competition.manager().await?;
         let (leading, status) = watch::channel(false);
+        let (step_down, stepped_down) = tokio::sync::oneshot::channel();
         metrics.set_leader(false);
         info!(identity = %config.identity, lease = %format!("{}/{}", config.namespace, config.name), "competing for the leader Lease");
         let monitor = tokio::spawn(monitor(
-            manager_state,
-            Api::namespaced(client, &config.namespace),
-            config.clone(),
+            competition,
+            manager,
             leading,
+            stepped_down,
             metrics,
         ));
         Ok(Self {
             config,
             status: LeaderStatus::of(status),
-            manager: Some(manager),
+            step_down: Some(step_down),
             monitor: Some(monitor),
         })
     }
@@ -249,51 +243,131 @@ impl Elector {
     /// Leaves the election and releases the Lease if held, so a follower takes over
     /// without waiting for it to expire.
     pub async fn step_down(mut self) {
-        if let Some(monitor) = self.monitor.take() {
-            // The monitor owns the manager's channel: ending it closes the channel,
-            // which makes the manager release the Lease and return.
-            monitor.abort();
-            let _ = monitor.await;
+        if let Some(step_down) = self.step_down.take() {
+            let _ = step_down.send(());
         }
-        if let Some(manager) = self.manager.take() {
-            match tokio::time::timeout(RELEASE_TIMEOUT, manager).await {
-                Ok(Ok(Ok(_))) => info!("released the leader Lease"),
-                Ok(Ok(Err(error))) => warn!(%error, "cannot release the leader Lease"),
-                Ok(Err(error)) => warn!(%error, "the leader election task failed"),
-                Err(_) => warn!("releasing the leader Lease timed out"),
-            }
+        if let Some(monitor) = self.monitor.take()
+            && tokio::time::timeout(RELEASE_TIMEOUT, monitor)
+                .await
+                .is_err()
+        {
+            warn!("releasing the leader Lease timed out");
         }
     }
 }
 
 impl Drop for Elector {
     fn drop(&mut self) {
-        // The manager first: once its channel closes it would release the Lease, and a
-        // dropped elector must behave like a dead process.
-        if let Some(manager) = self.manager.take() {
-            manager.abort();
-        }
         if let Some(monitor) = self.monitor.take() {
+            // Drops its Manager, which aborts the crate's task before closing its
+            // channel: nothing is released, as after a crash.
             monitor.abort();
         }
     }
 }
 
-/// Publishes the manager's view as `leading`, and while leading, guards it.
-async fn monitor(
-    mut manager_state: watch::Receiver<bool>,
-    api: Api<Lease>,
+/// What is needed to (re)start a lease manager.
+struct Competition {
+    client: Client,
     config: LeaseConfig,
+    params: LeaseParams,
+}
+
+impl Competition {
+    async fn manager(&self) -> Result<Manager, LeaderError> {
+        let manager = LeaseManager::new(
+            self.client.clone(),
+            &self.config.name,
+            &self.config.namespace,
+            self.params.clone(),
+            LeaseCreateMode::AutoCreate,
+        )
+        .await
+        .map_err(|source| LeaderError::Lease {
+            namespace: self.config.namespace.clone(),
+            name: self.config.name.clone(),
+            source,
+        })?;
+        let (state, task) = manager.watch().await;
+        Ok(Manager {
+            state,
+            task: Some(task),
+        })
+    }
+
+    fn api(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+}
+
+/// A running kube-lease-manager: its task acquires and renews the Lease, and releases
+/// it when `state` (its channel) closes. Dropped, it aborts the task first: no release.
+struct Manager {
+    state: watch::Receiver<bool>,
+    task: Option<JoinHandle<kube_lease_manager::Result<LeaseManager>>>,
+}
+
+impl Manager {
+    /// Closes the channel: the task releases the Lease if it holds it, then ends.
+    fn release(mut self) -> Option<JoinHandle<kube_lease_manager::Result<LeaseManager>>> {
+        self.task.take()
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        // Runs before `state` is dropped (fields drop after this), so the task is
+        // cancelled before it could see its channel close and release.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Publishes the manager's view as `leading`. While following, restarts the manager
+/// when the Lease is released (the crate itself would only look again at the old
+/// expiry); while leading, guards the leadership.
+async fn monitor(
+    competition: Competition,
+    mut manager: Manager,
     leading: watch::Sender<bool>,
+    mut stepped_down: tokio::sync::oneshot::Receiver<()>,
     metrics: Arc<Metrics>,
 ) {
+    let config = &competition.config;
+    let api = competition.api();
+    let mut follow = tokio::time::interval(FOLLOW_INTERVAL);
+    follow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if *manager_state.borrow_and_update() {
+        if *manager.state.borrow_and_update() {
             break;
         }
-        if manager_state.changed().await.is_err() {
-            warn!("the leader election task stopped");
-            return;
+        tokio::select! {
+            changed = manager.state.changed() => {
+                if changed.is_err() {
+                    warn!("the leader election task stopped");
+                    return;
+                }
+            }
+            _ = &mut stepped_down => {
+                release(manager).await;
+                return;
+            }
+            _ = follow.tick() => {
+                let released = match api.get_opt(&config.name).await {
+                    Ok(Some(lease)) => lease.spec.is_none_or(|s| s.holder_identity.is_none()),
+                    // Deleted: a new manager creates it again.
+                    Ok(None) => true,
+                    Err(_) => false,
+                };
+                if released && !*manager.state.borrow() {
+                    debug!("the Lease was released: competing for it now");
+                    match competition.manager().await {
+                        Ok(fresh) => manager = fresh,
+                        Err(error) => debug!(error = %error_chain(&error), "cannot restart the lease manager"),
+                    }
+                }
+            }
         }
     }
     info!(identity = %config.identity, "became leader");
@@ -307,13 +381,18 @@ async fn monitor(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reason = loop {
         tokio::select! {
-            changed = manager_state.changed() => {
+            changed = manager.state.changed() => {
                 if changed.is_err() {
                     break "the leader election task stopped".to_owned();
                 }
-                if !*manager_state.borrow_and_update() {
+                if !*manager.state.borrow_and_update() {
                     break "the Lease was taken over".to_owned();
                 }
+            }
+            _ = &mut stepped_down => {
+                metrics.set_leader(false);
+                release(manager).await;
+                return;
             }
             _ = tick.tick() => {
                 match api.get_opt(&config.name).await {
@@ -342,7 +421,35 @@ async fn monitor(
     warn!(identity = %config.identity, %reason, "leadership lost");
     metrics.set_leader(false);
     let _ = leading.send(false);
-    // Returning drops the manager's channel: it releases the Lease if it still holds it.
+    // Let the manager release the Lease if it still holds it (no renewal seen, API
+    // trouble); it does nothing when another holder is named.
+    drop(manager.release());
+}
+
+/// Closes the manager's channel and waits for it to release the Lease.
+async fn release(manager: Manager) {
+    let Some(task) = manager.release() else {
+        return;
+    };
+    match tokio::time::timeout(RELEASE_TIMEOUT, task).await {
+        Ok(Ok(Ok(_))) => info!("released the leader Lease"),
+        Ok(Ok(Err(error))) => {
+            warn!(error = %error_chain(&error), "cannot release the leader Lease")
+        }
+        Ok(Err(error)) => warn!(%error, "the leader election task failed"),
+        Err(_) => warn!("releasing the leader Lease timed out"),
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Why [`run_controller`] returned.

@@ -35,7 +35,8 @@ pub async fn reconcile<H: Hypervisor, G: Guest>(
 ) -> Result<Action> {
     let started = Instant::now();
     let namespace = bc.namespace().ok_or(Error::MissingMetadata("namespace"))?;
-    let span = info_span!("reconcile", namespace = %namespace, name = %bc.name_any());
+    // `benchcluster`, not `name`: JSON logs put the span's own name under "name".
+    let span = info_span!("reconcile", namespace = %namespace, benchcluster = %bc.name_any());
     let api: Api<BenchCluster> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = bc.uid().unwrap_or_default();
     let object = Arc::clone(&bc);
@@ -93,7 +94,7 @@ pub fn error_policy<H: Hypervisor, G: Guest>(
     let delay = ctx.backoff(&bc.uid().unwrap_or_default());
     warn!(
         namespace = bc.namespace().unwrap_or_default(),
-        name = %bc.name_any(),
+        benchcluster = %bc.name_any(),
         error = %error.chain(),
         retry_in_s = delay.as_secs(),
         "reconcile failed"
@@ -296,7 +297,9 @@ pub async fn run<H: Hypervisor, G: Guest>(
         .run(reconcile, error_policy, Arc::clone(&ctx))
         .for_each(|result| async move {
             match result {
-                Ok((object, _)) => debug!(name = %object.name, "reconciled"),
+                Ok((object, _)) => {
+                    debug!(namespace = ?object.namespace, benchcluster = %object.name, "reconciled")
+                }
                 Err(error) => debug!(%error, "reconcile error"),
             }
         });

@@ -114,7 +114,7 @@ mod tests {
             buffer.clone(),
         );
         tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("reconcile", namespace = "ns", name = "small");
+            let span = tracing::info_span!("reconcile", namespace = "ns", benchcluster = "small");
             let _entered = span.enter();
             tracing::info!(domain = "ns-small-cp-0", "VM started");
             tracing::debug!("filtered out");
@@ -128,7 +128,8 @@ mod tests {
         let line = &lines[0];
         assert_eq!(line["fields"]["message"], "VM started");
         assert_eq!(line["span"]["namespace"], "ns");
-        assert_eq!(line["span"]["name"], "small");
+        assert_eq!(line["span"]["benchcluster"], "small");
+        assert_eq!(line["span"]["name"], "reconcile");
     }
 
     #[test]

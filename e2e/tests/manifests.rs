@@ -105,16 +105,29 @@ fn path_str(path: &Path) -> anyhow::Result<&str> {
 
 /// Everything every test here needs: the shared server, the CRD, and the controller's
 /// namespace created for real (a dry-run Namespace is not stored, so the namespaced
-/// objects' dry runs would otherwise fail with NotFound). Applying it is idempotent, so
-/// tests may call this concurrently.
+/// objects' dry runs would otherwise fail with NotFound). Done once per test binary, so
+/// concurrent tests do not race to create the same namespace.
 async fn server() -> anyhow::Result<&'static TestApiServer> {
+    static READY: tokio::sync::OnceCell<Result<(), String>> = tokio::sync::OnceCell::const_new();
     let server = TestApiServer::shared().await?;
-    server.install_crd().await?;
-    let namespace = manifests_dir().join("namespace.yaml");
-    kubectl(
-        server,
-        &["apply", "--server-side", "-f", path_str(&namespace)?],
-    )?;
+    let setup = READY
+        .get_or_init(|| async {
+            let result: anyhow::Result<()> = async {
+                server.install_crd().await?;
+                let namespace = manifests_dir().join("namespace.yaml");
+                kubectl(
+                    server,
+                    &["apply", "--server-side", "-f", path_str(&namespace)?],
+                )?;
+                Ok(())
+            }
+            .await;
+            result.map_err(|e| format!("{e:#}"))
+        })
+        .await;
+    setup
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("setting up the manifests' namespace failed: {e}"))?;
     Ok(server)
 }
 

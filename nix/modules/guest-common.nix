@@ -205,20 +205,34 @@ in
       path = [ pkgs.coreutils pkgs.util-linux pkgs.shadow pkgs.gawk ];
       script = ''
         set -euo pipefail
-        seed=/dev/disk/by-label/CIDATA
-        # udev may still be creating the by-label link: wait up to 30 s for it.
+        # The controller attaches the seed as a read-only virtio disk, for which udev
+        # makes the by-label link; blkid also finds it elsewhere (a cdrom, say).
+        seed=
         for _ in $(seq 60); do
-          [ -e "$seed" ] && break
+          if [ -b /dev/disk/by-label/CIDATA ]; then
+            seed=/dev/disk/by-label/CIDATA
+          else
+            seed=$(blkid -c /dev/null -o device -t LABEL=CIDATA | head -n 1 || true)
+          fi
+          [ -n "$seed" ] && break
           sleep 0.5
         done
-        if [ ! -e "$seed" ]; then
+        if [ -z "$seed" ]; then
           echo "benchcluster-identity: no CIDATA seed disk; keeping the image's defaults" >&2
           exit 0
         fi
         mnt=$(mktemp -d)
-        mount -t vfat -o ro "$seed" "$mnt"
+        # A FAT image on a cdrom's 2048-byte sectors mounts only through a loop device.
+        mount -t vfat -o ro,nosuid,nodev,noexec "$seed" "$mnt" 2> /dev/null \
+          || mount -t vfat -o ro,nosuid,nodev,noexec,loop "$seed" "$mnt"
         trap 'umount "$mnt"; rmdir "$mnt"' EXIT
         dir=$mnt/benchcluster
+        for f in hostname user authorized_keys ssh_host_ed25519_key ssh_host_ed25519_key.pub; do
+          if [ ! -s "$dir/$f" ]; then
+            echo "benchcluster-identity: the seed on $seed lacks benchcluster/$f" >&2
+            exit 1
+          fi
+        done
 
         name=$(tr -d '[:space:]' < "$dir/hostname")
         user=$(tr -d '[:space:]' < "$dir/user")
@@ -321,7 +335,8 @@ in
     # --- preloaded images ------------------------------------------------------------
     # Built from nixpkgs' packages (k8s-images.nix), imported on the first boot. sshd
     # waits for it, so by the time the controller can log in, `kubeadm init` finds
-    # every image it needs and pulls nothing.
+    # every image it needs and pulls nothing. The controller sets kubernetesVersion to
+    # what `kubeadm version -o short` says on the VM: the same version tagged here.
     systemd.services.benchcluster-preload-images = {
       description = "Import the Kubernetes images baked into this image into containerd";
       wantedBy = [ "multi-user.target" ];
@@ -368,9 +383,5 @@ in
         echo "${imageList}" > "$stamp"
       '';
     };
-
-    # For the controller and for people: what this image was built with.
-    environment.etc."benchcluster/role".text = "${cfg.role}\n";
-    environment.etc."benchcluster/kubernetes-version".text = "v${kubernetes.version}\n";
   };
 }

@@ -378,6 +378,29 @@ impl Guest for SshGuest {
 }
 
 impl SshGuest {
+    /// Runs one argv command on a node and returns its standard output. For
+    /// diagnostics and tests; the controller's own steps use the trait methods.
+    pub async fn exec(
+        &self,
+        node: &GuestNode,
+        credentials: &Credentials,
+        argv: &[&str],
+    ) -> Result<String> {
+        let session = self.connect(node, credentials).await?;
+        let result = self
+            .run(
+                &session,
+                node,
+                "exec",
+                argv,
+                None,
+                self.config.command_timeout,
+            )
+            .await;
+        close(session).await;
+        Ok(String::from_utf8_lossy(&result?.stdout).into_owned())
+    }
+
     async fn init_on(
         &self,
         session: &Session,
