@@ -225,6 +225,11 @@ pub struct Instrumented<H> {
     /// Set for libvirt's test driver, which cannot upload into volumes: seeds are then
     /// created empty through libvirt in this pool, and their content kept here.
     pub recorded_seeds: Option<RecordedSeeds>,
+    /// Added to every mutation, to model a real hypervisor's latency in benchmarks.
+    pub step_latency: Duration,
+    /// Caps overlay sizes: the test driver's pools hold 100 GiB and account overlays at
+    /// their full size, which would stop a benchmark with hundreds of nodes.
+    pub overlay_capacity_cap: Option<u64>,
 }
 
 /// Seeds of the test driver: volumes created through libvirt, content kept in memory.
@@ -282,11 +287,16 @@ impl<H> Instrumented<H> {
             define_gate: None,
             defines: AtomicU64::new(0),
             recorded_seeds: None,
+            step_latency: Duration::ZERO,
+            overlay_capacity_cap: None,
         }
     }
 
-    fn mutated(&self) {
+    async fn mutated(&self) {
         self.mutations.fetch_add(1, Ordering::Relaxed);
+        if !self.step_latency.is_zero() {
+            tokio::time::sleep(self.step_latency).await;
+        }
     }
 }
 
@@ -322,8 +332,15 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
         &self,
         spec: &OverlaySpec,
     ) -> benchcluster_controller::hypervisor::Result<()> {
-        self.mutated();
-        self.inner.create_overlay(spec).await
+        self.mutated().await;
+        match self.overlay_capacity_cap {
+            Some(cap) => {
+                let mut spec = spec.clone();
+                spec.capacity_bytes = spec.capacity_bytes.min(cap);
+                self.inner.create_overlay(&spec).await
+            }
+            None => self.inner.create_overlay(spec).await,
+        }
     }
 
     async fn define_domain(
@@ -334,17 +351,17 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
         if self.define_gate.is_some_and(|gate| n >= gate) {
             std::future::pending::<()>().await;
         }
-        self.mutated();
+        self.mutated().await;
         self.inner.define_domain(spec).await
     }
 
     async fn start_domain(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
-        self.mutated();
+        self.mutated().await;
         self.inner.start_domain(name).await
     }
 
     async fn remove_domain(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
-        self.mutated();
+        self.mutated().await;
         self.inner.remove_domain(name).await
     }
 
@@ -353,7 +370,7 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
         name: &str,
         content: &[u8],
     ) -> benchcluster_controller::hypervisor::Result<()> {
-        self.mutated();
+        self.mutated().await;
         match &self.recorded_seeds {
             None => self.inner.create_seed(name, content).await,
             Some(seeds) => {
@@ -368,7 +385,7 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
     }
 
     async fn delete_volume(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
-        self.mutated();
+        self.mutated().await;
         self.inner.delete_volume(name).await
     }
 }

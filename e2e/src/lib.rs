@@ -12,6 +12,7 @@ pub mod namespace;
 mod pki;
 mod process;
 pub mod sandbox;
+pub mod testbed;
 pub mod wait;
 
 pub use apiserver::TestApiServer;

@@ -5,129 +5,29 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
-use benchcluster_controller::reconcile;
-use benchcluster_controller::{Context, Settings};
 use benchcluster_crd::BenchCluster;
 use benchcluster_e2e::apiserver::TestApiServer;
-use benchcluster_e2e::fakes::{FakeGuest, Instrumented, RecordedSeeds, SECRET_MARKER};
+use benchcluster_e2e::fakes::SECRET_MARKER;
+use benchcluster_e2e::testbed::{self, RunningController};
 use benchcluster_e2e::{create_namespace, wait};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-const URI: &str = "test:///default";
-const POOL: &str = "default-pool";
-const BASE_IMAGE: &str = "benchcluster-api-base.qcow2";
 const CONVERGE: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(200);
 
-type TestContext = Context<Instrumented<Libvirt>, FakeGuest>;
-
-/// libvirt's test driver keeps its state only while a connection is open in this
-/// process: this one stays open for the whole test binary, so controller restarts
-/// (which drop theirs) see the domains they left.
-fn libvirt() -> &'static virt::connect::Connect {
-    static CONN: std::sync::OnceLock<virt::connect::Connect> = std::sync::OnceLock::new();
-    CONN.get_or_init(|| {
-        let conn = virt::connect::Connect::open(Some(URI)).expect("open test:///default");
-        let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
-        if pool.lookup_storage_vol_by_name(BASE_IMAGE).is_err() {
-            let xml = format!(
-                "<volume><name>{BASE_IMAGE}</name><capacity unit='bytes'>536870912</capacity>\
-                 <target><format type='qcow2'/></target></volume>"
-            );
-            virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0).expect("base image");
-        }
-        conn
-    })
-}
-
-/// Names of the domains whose names start with the cluster's prefix.
 fn domains(namespace: &str, name: &str) -> BTreeSet<String> {
-    let prefix = format!("{namespace}-{name}-");
-    libvirt()
-        .list_all_domains(0)
-        .expect("list domains")
-        .iter()
-        .filter_map(|d| d.name().ok())
-        .filter(|n| n.starts_with(&prefix))
-        .collect()
+    testbed::domains(namespace, name).expect("list domains")
 }
 
-/// Names of the pool's volumes for the cluster.
 fn volumes(namespace: &str, name: &str) -> BTreeSet<String> {
-    let prefix = format!("{namespace}-{name}-");
-    let pool = libvirt().lookup_storage_pool_by_name(POOL).expect("pool");
-    pool.refresh(0).ok();
-    pool.list_volumes()
-        .expect("list volumes")
-        .into_iter()
-        .filter(|n| n.starts_with(&prefix))
-        .collect()
-}
-
-struct RunningController {
-    ctx: Arc<TestContext>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningController {
-    fn start(client: Client, namespace: &str, hypervisor: Instrumented<Libvirt>) -> Self {
-        let _ = libvirt();
-        let settings = Settings {
-            poll_interval: Duration::from_millis(200),
-            resync_interval: Duration::from_secs(1),
-            backoff_base: Duration::from_millis(200),
-            backoff_cap: Duration::from_secs(2),
-            ..Settings::default()
-        };
-        let ctx = Arc::new(Context::new(
-            client,
-            hypervisor,
-            FakeGuest::default(),
-            settings,
-        ));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let namespace = namespace.to_owned();
-        let run_ctx = ctx.clone();
-        let task = tokio::spawn(async move {
-            reconcile::run(run_ctx, Some(&namespace), async move {
-                let _ = stopped.await;
-            })
-            .await;
-        });
-        Self {
-            ctx,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn hypervisor() -> Instrumented<Libvirt> {
-        let mut hypervisor = Instrumented::new(Libvirt::new(LibvirtConfig::for_uri(URI)));
-        hypervisor.recorded_seeds = Some(RecordedSeeds::new(URI, POOL));
-        hypervisor
-    }
-
-    /// Stops the controller as a crash would: the task is aborted wherever it is.
-    fn kill(self) {
-        self.task.abort();
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
+    testbed::volumes(namespace, name).expect("list volumes")
 }
 
 struct Fixture {
@@ -143,19 +43,7 @@ impl Fixture {
         server.install_crd().await?;
         let client = server.client().await?;
         let namespace = create_namespace(&client, prefix).await?;
-        let secret: Secret = serde_json::from_value(json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "ssh-key", "namespace": namespace},
-            "type": "kubernetes.io/ssh-auth",
-            "stringData": {
-                "ssh-privatekey": format!("-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET_MARKER}\n-----END OPENSSH PRIVATE KEY-----\n"),
-                "ssh-publickey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake bench"
-            }
-        }))?;
-        Api::<Secret>::namespaced(client.clone(), &namespace)
-            .create(&PostParams::default(), &secret)
-            .await?;
+        testbed::create_ssh_secret(&client, &namespace).await?;
         let api = Api::namespaced(client.clone(), &namespace);
         Ok(Self {
             server,
@@ -166,19 +54,7 @@ impl Fixture {
     }
 
     fn cluster(&self, name: &str, workers: i32) -> Result<BenchCluster> {
-        Ok(serde_json::from_value(json!({
-            "apiVersion": "benchcluster.dev/v1alpha1",
-            "kind": "BenchCluster",
-            "metadata": {"name": name, "namespace": self.namespace},
-            "spec": {
-                "controlPlane": {"cpus": 2, "memory": "2Gi", "disk": "1Gi",
-                                  "image": {"volume": BASE_IMAGE}},
-                "workers": {"replicas": workers, "cpus": 1, "memory": "1Gi", "disk": "1Gi",
-                            "image": {"volume": BASE_IMAGE}},
-                "network": {"name": "default"},
-                "ssh": {"keySecret": {"name": "ssh-key"}}
-            }
-        }))?)
+        testbed::benchcluster(&self.namespace, name, workers)
     }
 
     async fn create(&self, name: &str, workers: i32) -> Result<BenchCluster> {
@@ -239,11 +115,8 @@ impl Fixture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_reaches_ready_with_three_owned_domains() -> Result<()> {
     let f = Fixture::new("apply").await?;
-    let controller = RunningController::start(
-        f.client.clone(),
-        &f.namespace,
-        RunningController::hypervisor(),
-    );
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     f.create("small", 2).await?;
     let bc = f.wait_ready("small", 2).await?;
 
@@ -335,11 +208,8 @@ async fn apply_reaches_ready_with_three_owned_domains() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_by_edit_and_kubectl_scale_converge() -> Result<()> {
     let f = Fixture::new("scale").await?;
-    let controller = RunningController::start(
-        f.client.clone(),
-        &f.namespace,
-        RunningController::hypervisor(),
-    );
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     f.create("sc", 2).await?;
     f.wait_ready("sc", 2).await?;
 
@@ -393,11 +263,8 @@ async fn scale_by_edit_and_kubectl_scale_converge() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_leaves_nothing_behind() -> Result<()> {
     let f = Fixture::new("delete").await?;
-    let controller = RunningController::start(
-        f.client.clone(),
-        &f.namespace,
-        RunningController::hypervisor(),
-    );
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     f.create("gone", 2).await?;
     f.wait_ready("gone", 2).await?;
     f.api.delete("gone", &DeleteParams::default()).await?;
@@ -429,11 +296,8 @@ async fn delete_leaves_nothing_behind() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_mid_provisioning_leaves_nothing_behind() -> Result<()> {
     let f = Fixture::new("delmid").await?;
-    let controller = RunningController::start(
-        f.client.clone(),
-        &f.namespace,
-        RunningController::hypervisor(),
-    );
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     // The control plane never answers SSH, so the cluster stays mid-provisioning.
     controller.ctx.guest.set_unreachable("mid-cp-0", true);
     f.create("mid", 2).await?;
@@ -456,9 +320,9 @@ async fn delete_mid_provisioning_leaves_nothing_behind() -> Result<()> {
 async fn restarted_controller_adopts_without_duplicates() -> Result<()> {
     let f = Fixture::new("restart").await?;
     // The first controller dies after defining two domains (a crash mid-pass).
-    let mut first = RunningController::hypervisor();
+    let mut first = testbed::hypervisor();
     first.define_gate = Some(2);
-    let controller = RunningController::start(f.client.clone(), &f.namespace, first);
+    let controller = RunningController::start(f.client.clone(), Some(&f.namespace), first);
     f.create("adopt", 3).await?;
     wait::until("two domains defined", CONVERGE, POLL, || async {
         (domains(&f.namespace, "adopt").len() == 2).then_some(())
@@ -471,11 +335,8 @@ async fn restarted_controller_adopts_without_duplicates() -> Result<()> {
         "expected a partial cluster, got {before:?}"
     );
 
-    let controller = RunningController::start(
-        f.client.clone(),
-        &f.namespace,
-        RunningController::hypervisor(),
-    );
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     let bc = f.wait_ready("adopt", 3).await?;
     let after = domains(&f.namespace, "adopt");
     assert_eq!(after.len(), 4, "{after:?}");
@@ -496,15 +357,12 @@ async fn restarted_controller_adopts_without_duplicates() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domain_destroyed_behind_the_controllers_back_is_recreated() -> Result<()> {
     let f = Fixture::new("drift").await?;
-    let controller = RunningController::start(
-        f.client.clone(),
-        &f.namespace,
-        RunningController::hypervisor(),
-    );
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     f.create("drift", 2).await?;
     f.wait_ready("drift", 2).await?;
     let victim = format!("{}-drift-w-1", f.namespace);
-    let domain = libvirt().lookup_domain_by_name(&victim)?;
+    let domain = testbed::libvirt()?.lookup_domain_by_name(&victim)?;
     domain.destroy()?;
     domain.undefine()?;
     // The guest cluster loses the Node with its VM.
@@ -531,11 +389,8 @@ async fn domain_destroyed_behind_the_controllers_back_is_recreated() -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_network_and_image_are_reported_not_retried_blindly() -> Result<()> {
     let f = Fixture::new("stall").await?;
-    let controller = RunningController::start(
-        f.client.clone(),
-        &f.namespace,
-        RunningController::hypervisor(),
-    );
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     let mut bc = f.cluster("nonet", 1)?;
     bc.spec.network.name = "no-such-network".into();
     f.api.create(&PostParams::default(), &bc).await?;
@@ -572,11 +427,8 @@ async fn missing_network_and_image_are_reported_not_retried_blindly() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_cluster_gets_no_vm() -> Result<()> {
     let f = Fixture::new("paused").await?;
-    let controller = RunningController::start(
-        f.client.clone(),
-        &f.namespace,
-        RunningController::hypervisor(),
-    );
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     let mut bc = f.cluster("zz", 1)?;
     bc.spec.paused = true;
     f.api.create(&PostParams::default(), &bc).await?;
@@ -612,11 +464,8 @@ async fn paused_cluster_gets_no_vm() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_init_is_surfaced_then_retried() -> Result<()> {
     let f = Fixture::new("initfail").await?;
-    let controller = RunningController::start(
-        f.client.clone(),
-        &f.namespace,
-        RunningController::hypervisor(),
-    );
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     controller.ctx.guest.set_init_failing("bad-cp-0", true);
     f.create("bad", 1).await?;
     let condition = wait::until(
