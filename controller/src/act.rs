@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::guest::{
     AdminKubeconfig, Credentials, Guest, GuestError, GuestNode, InitConfig, Sensitive,
 };
-use crate::hypervisor::{DomainSpec, Hypervisor, OverlaySpec, Owner};
+use crate::hypervisor::{DomainOwner, DomainSpec, Hypervisor, HypervisorError, OverlaySpec, Owner};
 use crate::names::{ClusterNames, NodeId};
 use crate::observe::{KUBECONFIG_KEY, Observation};
 use crate::plan::Action;
@@ -267,6 +267,18 @@ async fn run_step<H: Hypervisor, G: Guest>(
                 field: "memory",
                 source,
             })?;
+            let domain = names.domain(id);
+            match hv.domain_owner(&domain).await? {
+                // Defined by a pass whose status write did not land, or seen late:
+                // its seed holds the host key pinned in its metadata; keep both.
+                DomainOwner::Owned(owner) if owner.uid == names.uid => {
+                    return Ok(StepResult::Done);
+                }
+                DomainOwner::Owned(_) | DomainOwner::Foreign => {
+                    return Err(HypervisorError::NameConflict { name: domain }.into());
+                }
+                DomainOwner::Absent => {}
+            }
             let credentials = credentials.ok_or(Error::NotReady {
                 action: "write a node's identity seed",
                 requirement: "the SSH key Secret is loaded",

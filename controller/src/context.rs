@@ -29,6 +29,8 @@ pub struct Settings {
     pub resync_interval: Duration,
     /// Steps of different nodes of one cluster that run at once.
     pub max_parallel_steps: usize,
+    /// BenchClusters reconciled at once; the others queue.
+    pub max_concurrent_reconciles: u16,
     /// Backoff after a failed reconcile: doubled per consecutive failure up to the cap.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
@@ -41,6 +43,7 @@ impl Default for Settings {
             poll_interval: Duration::from_secs(2),
             resync_interval: Duration::from_secs(300),
             max_parallel_steps: 64,
+            max_concurrent_reconciles: 32,
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(300),
         }

@@ -18,7 +18,8 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::error::Error;
 use crate::hypervisor::{
-    DomainInfo, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec, Result as HvResult,
+    DomainInfo, DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
+    Result as HvResult,
 };
 
 /// Prefix of every metric name.
@@ -356,8 +357,12 @@ impl<H: Hypervisor> Hypervisor for Metered<H> {
         self.inner.network(name).await
     }
 
-    async fn leases(&self, network: &str) -> HvResult<Vec<Lease>> {
-        self.inner.leases(network).await
+    async fn leases(&self, network: &str, domains: &[String]) -> HvResult<Vec<Lease>> {
+        self.inner.leases(network, domains).await
+    }
+
+    async fn domain_owner(&self, name: &str) -> HvResult<DomainOwner> {
+        self.inner.domain_owner(name).await
     }
 
     async fn create_overlay(&self, spec: &OverlaySpec) -> HvResult<()> {

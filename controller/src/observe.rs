@@ -70,9 +70,13 @@ pub async fn observe<H: Hypervisor, G: Guest>(
         }
     }
 
-    let running = nodes.values().any(|n| n.domain == Some(VmState::Running));
-    if network == NetworkState::Ready && running {
-        let leases = hv.leases(&bc.spec.network.name).await?;
+    let running: Vec<String> = nodes
+        .iter()
+        .filter(|(_, n)| n.domain == Some(VmState::Running))
+        .map(|(id, _)| names.domain(*id))
+        .collect();
+    if network == NetworkState::Ready && !running.is_empty() {
+        let leases = hv.leases(&bc.spec.network.name, &running).await?;
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

@@ -281,7 +281,10 @@ pub async fn run<H: Hypervisor, G: Guest>(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let controller = Controller::new(api, watcher::Config::default().any_semantic()).with_config(
+        kube::runtime::controller::Config::default()
+            .concurrency(ctx.settings.max_concurrent_reconciles),
+    );
     let store = controller.store();
     let sync_ctx = Arc::clone(&ctx);
     let synced = async move {

@@ -12,7 +12,7 @@ use benchcluster_controller::guest::{
     Sensitive,
 };
 use benchcluster_controller::hypervisor::{
-    DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
+    DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
 };
 
 /// Marker in every fake kubeconfig and private key, so a scrape of logs, events and
@@ -324,8 +324,16 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
     async fn leases(
         &self,
         network: &str,
+        domains: &[String],
     ) -> benchcluster_controller::hypervisor::Result<Vec<Lease>> {
-        self.inner.leases(network).await
+        self.inner.leases(network, domains).await
+    }
+
+    async fn domain_owner(
+        &self,
+        name: &str,
+    ) -> benchcluster_controller::hypervisor::Result<DomainOwner> {
+        self.inner.domain_owner(name).await
     }
 
     async fn create_overlay(

@@ -7,7 +7,7 @@
 //! `virt` 0.5's `Connect` has no `close()`: its `Drop` calls `virConnectClose`, so
 //! dropping the last clone is what closes the connection.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -19,8 +19,8 @@ use virt::storage_vol::StorageVol;
 
 use super::xml::{self, DomainHost};
 use super::{
-    DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorError, Lease, NetworkInfo,
-    OverlaySpec, Result,
+    DomainInfo, DomainOwner, DomainSpec, DomainState, Hypervisor, HypervisorError, Lease,
+    NetworkInfo, OverlaySpec, Result,
 };
 
 /// How to reach libvirt and where things live there. Comes from the controller's own
@@ -82,12 +82,18 @@ pub struct Libvirt {
     shared: Arc<Shared>,
 }
 
+/// Calls in flight at once. libvirt serialises most of them per connection anyway;
+/// the bound keeps a thousand reconciles from parking a thousand blocking threads.
+const MAX_CONCURRENT_CALLS: usize = 8;
+
 struct Shared {
     config: LibvirtConfig,
+    calls: tokio::sync::Semaphore,
     slot: Mutex<Slot>,
-    /// Network interfaces of the running domains, by domain UUID, so [`Hypervisor::leases`]
-    /// reads each domain's XML once per boot instead of once per call. Entries leave
-    /// when their domain is no longer running.
+    /// Network interfaces of domains, by domain UUID, so [`Hypervisor::leases`] reads
+    /// each domain's XML once instead of once per call. Entries leave with their domain
+    /// ([`Hypervisor::remove_domain`]); a domain removed behind our back leaves one
+    /// small entry until the process restarts.
     nics: Mutex<HashMap<String, Arc<[Nic]>>>,
 }
 
@@ -189,6 +195,7 @@ impl Libvirt {
         Self {
             shared: Arc::new(Shared {
                 config,
+                calls: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS),
                 slot: Mutex::new(Slot::default()),
                 nics: Mutex::new(HashMap::new()),
             }),
@@ -228,6 +235,8 @@ impl Libvirt {
         F: FnOnce(&Connect, &LibvirtConfig) -> Result<T> + Send + 'static,
     {
         let shared = Arc::clone(&self.shared);
+        // The semaphore is never closed, so acquiring only waits.
+        let _permit = self.shared.calls.acquire().await.ok();
         tokio::task::spawn_blocking(move || {
             let (connection, generation) = shared.connection()?;
             let result = f(&connection, &shared.config);
@@ -440,23 +449,25 @@ impl Hypervisor for Libvirt {
     /// `virDomainInterfaceAddresses(VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE)`, which
     /// libvirt answers from the same network lease database, per domain and per MAC.
     /// That API carries no expiry: `expiry_unix` is 0.
-    async fn leases(&self, network: &str) -> Result<Vec<Lease>> {
+    async fn leases(&self, network: &str, domains: &[String]) -> Result<Vec<Lease>> {
         let network = network.to_owned();
+        let names = domains.to_vec();
         let shared = Arc::clone(&self.shared);
         self.run(move |conn, _| {
             conn.lookup_network_by_name(&network)
                 .map_err(libvirt("look up network"))?;
-            let domains = conn
-                .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-                .map_err(libvirt("list domains"))?;
-            let mut running = HashSet::new();
             let mut leases = Vec::new();
-            for domain in domains {
+            for name in names {
+                let Some(domain) = lookup_domain(conn, &name)? else {
+                    continue;
+                };
+                if !domain.is_active().map_err(libvirt("get domain state"))? {
+                    continue;
+                }
                 let uuid = domain.uuid_string().map_err(libvirt("get domain UUID"))?;
                 let Some(nics) = shared.nics_of(&domain, &uuid)? else {
                     continue;
                 };
-                running.insert(uuid);
                 let macs: Vec<&str> = nics
                     .iter()
                     .filter(|nic| nic.network == network)
@@ -465,11 +476,14 @@ impl Hypervisor for Libvirt {
                 if macs.is_empty() {
                     continue;
                 }
+                // On qemu, libvirt answers this from the network's own dnsmasq leases,
+                // dropping expired ones; the MAC match below keeps another VM's stale
+                // lease on a reused address out.
                 let interfaces = match domain
                     .interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
                 {
                     Ok(interfaces) => interfaces,
-                    // Stopped or undefined since the listing.
+                    // Stopped or undefined since the lookup.
                     Err(e)
                         if is(&e, ErrorNumber::NoDomain)
                             || is(&e, ErrorNumber::OperationInvalid) =>
@@ -499,8 +513,27 @@ impl Hypervisor for Libvirt {
                     }
                 }
             }
-            shared.lock_nics().retain(|uuid, _| running.contains(uuid));
             Ok(leases)
+        })
+        .await
+    }
+
+    async fn domain_owner(&self, name: &str) -> Result<DomainOwner> {
+        let name = name.to_owned();
+        self.run(move |conn, _| {
+            let Some(domain) = lookup_domain(conn, &name)? else {
+                return Ok(DomainOwner::Absent);
+            };
+            let xml = match domain.xml_desc(0) {
+                Ok(xml) => xml,
+                Err(e) if is(&e, ErrorNumber::NoDomain) => return Ok(DomainOwner::Absent),
+                Err(e) => return Err(libvirt("read domain XML")(e)),
+            };
+            Ok(match xml::parse_owner(&xml) {
+                Ok(Some(owner)) => DomainOwner::Owned(owner),
+                // No metadata of ours, or metadata we cannot read: not ours to touch.
+                Ok(None) | Err(_) => DomainOwner::Foreign,
+            })
         })
         .await
     }
@@ -604,10 +637,14 @@ impl Hypervisor for Libvirt {
 
     async fn remove_domain(&self, name: &str) -> Result<()> {
         let name = name.to_owned();
+        let shared = Arc::clone(&self.shared);
         self.run(move |conn, _| {
             let Some(domain) = lookup_domain(conn, &name)? else {
                 return Ok(());
             };
+            if let Ok(uuid) = domain.uuid_string() {
+                shared.lock_nics().remove(&uuid);
+            }
             let active = match domain.is_active() {
                 Ok(active) => active,
                 Err(e) if is(&e, ErrorNumber::NoDomain) => return Ok(()),
@@ -1006,11 +1043,17 @@ mod tests {
         let mut spec = spec("leases", "uid-leases");
         spec.mac = "52:54:00:AB:00:02".to_owned();
         hv.define_domain(&spec).await?;
-        let before = hv.leases("default").await?;
-        assert!(!before.iter().any(|l| l.mac == "52:54:00:ab:00:02"));
+        let only = [spec.name.clone()];
+        let before = hv.leases("default", &only).await?;
+        assert!(before.is_empty(), "a defined, stopped domain has no lease");
 
         hv.start_domain(&spec.name).await?;
-        let leases = hv.leases("default").await?;
+        let leases = hv.leases("default", &only).await?;
+        assert_eq!(leases.len(), 1, "only the named domain's lease: {leases:?}");
+        let absent = hv
+            .leases("default", &["lvt-no-such-domain".to_owned()])
+            .await?;
+        assert!(absent.is_empty());
         hv.remove_domain(&spec.name).await?;
         let lease = leases
             .iter()
@@ -1019,7 +1062,7 @@ mod tests {
         assert!(!lease.ip.is_unspecified());
 
         assert!(matches!(
-            hv.leases("lvt-no-such-network").await,
+            hv.leases("lvt-no-such-network", &only).await,
             Err(HypervisorError::Libvirt { .. })
         ));
         Ok(())
@@ -1043,8 +1086,9 @@ mod tests {
         spec.network = "lvt-othernet".to_owned();
         hv.define_domain(&spec).await?;
         hv.start_domain(&spec.name).await?;
-        let on_default = hv.leases("default").await?;
-        let on_other = hv.leases("lvt-othernet").await?;
+        let only = [spec.name.clone()];
+        let on_default = hv.leases("default", &only).await?;
+        let on_other = hv.leases("lvt-othernet", &only).await?;
         hv.remove_domain(&spec.name).await?;
         assert!(!on_default.iter().any(|l| l.mac == spec.mac));
         assert!(on_other.iter().any(|l| l.mac == spec.mac));

@@ -45,6 +45,16 @@ pub struct DomainInfo {
     pub mac: Option<String>,
 }
 
+/// Who holds a domain name, read directly from the hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainOwner {
+    Absent,
+    /// A domain with our owner metadata.
+    Owned(Owner),
+    /// A domain without (readable) owner metadata.
+    Foreign,
+}
+
 /// A libvirt network as seen by the controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkInfo {
@@ -143,8 +153,15 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn list_volumes(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// The named network, or `None` when it does not exist.
     fn network(&self, name: &str) -> impl Future<Output = Result<Option<NetworkInfo>>> + Send;
-    /// Current DHCP leases of the named network.
-    fn leases(&self, network: &str) -> impl Future<Output = Result<Vec<Lease>>> + Send;
+    /// Current DHCP leases on `network` of the named domains (only those: the cost
+    /// follows the cluster's size, not the host's).
+    fn leases(
+        &self,
+        network: &str,
+        domains: &[String],
+    ) -> impl Future<Output = Result<Vec<Lease>>> + Send;
+    /// Who holds the domain name now, read from the hypervisor itself.
+    fn domain_owner(&self, name: &str) -> impl Future<Output = Result<DomainOwner>> + Send;
     /// Creates the overlay unless a volume of that name exists.
     fn create_overlay(&self, spec: &OverlaySpec) -> impl Future<Output = Result<()>> + Send;
     /// Defines the domain unless a domain of that name exists with the same owner.
