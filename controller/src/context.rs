@@ -245,3 +245,44 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
         map.remove(uid);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn phases(t: &mut Timeline) -> Vec<Phase> {
+        t.completed.drain(..).map(|(phase, _)| phase).collect()
+    }
+
+    #[test]
+    fn each_phase_completes_once_per_provisioning() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut t = Timeline::default();
+        t.create_started(at(0));
+        t.defined(at(10));
+        t.booted(at(10), at(15));
+        assert_eq!(phases(&mut t), [Phase::Define, Phase::Boot]);
+        // Observe sees the lease and the Ready Node on every pass: counted once.
+        t.leased(at(100));
+        t.leased(at(200));
+        t.reachable(at(300));
+        t.reachable(at(400));
+        t.joined(at(400), at(900));
+        t.node_ready(at(1000));
+        t.node_ready(at(2000));
+        assert_eq!(
+            phases(&mut t),
+            [Phase::Lease, Phase::Ssh, Phase::Join, Phase::NodeReady]
+        );
+        assert_eq!(t.timings.lease_ms, Some(85));
+        assert_eq!(t.timings.ready_ms, Some(100));
+        // A recreated VM starts a new provisioning; nothing pending is lost.
+        t.defined(at(2100));
+        t.create_started(at(3000));
+        assert_eq!(phases(&mut t), [Phase::Define]);
+        assert_eq!(t.timings, PhaseTimings::default());
+    }
+}

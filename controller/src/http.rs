@@ -243,3 +243,24 @@ pub async fn serve(
     }
     info!("HTTP server stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_check_fails_within_the_bound() {
+        let hung: Check = Arc::new(|| futures::future::pending().boxed());
+        let readiness = Readiness::new()
+            .with("fine", flag_check("never", || true))
+            .with("down", flag_check("it is down", || false))
+            .with("hung", hung);
+        let results = readiness.run().await;
+        assert_eq!(results[0], ("fine", Ok(())));
+        assert_eq!(results[1], ("down", Err("it is down".to_owned())));
+        assert_eq!(results[2].0, "hung");
+        assert!(results[2].1.as_ref().unwrap_err().contains("no answer"));
+    }
+}

@@ -349,8 +349,11 @@ async fn monitor(
                     return;
                 }
             }
-            _ = &mut stepped_down => {
-                release(manager).await;
+            asked = &mut stepped_down => {
+                // A dropped Elector (Err) is a crash: no release.
+                if asked.is_ok() {
+                    release(manager).await;
+                }
                 return;
             }
             _ = follow.tick() => {
@@ -389,9 +392,11 @@ async fn monitor(
                     break "the Lease was taken over".to_owned();
                 }
             }
-            _ = &mut stepped_down => {
+            asked = &mut stepped_down => {
                 metrics.set_leader(false);
-                release(manager).await;
+                if asked.is_ok() {
+                    release(manager).await;
+                }
                 return;
             }
             _ = tick.tick() => {
@@ -501,7 +506,10 @@ pub async fn run_controller<H: Hypervisor, G: Guest>(
         let _ = reason_wait.wait_for(Option::is_some).await;
     };
     tokio::select! {
-        result = leading => result?,
+        result = leading => if let Err(error) = result {
+            decider.abort();
+            return Err(error);
+        },
         () = stop_requested => {
             decider.abort();
             let reason = (*reason_rx.borrow()).unwrap_or(Stopped::Shutdown);
@@ -531,4 +539,54 @@ pub async fn run_controller<H: Hypervisor, G: Guest>(
     }
     ctx.metrics.set_leader(false);
     Ok(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn lease_timings_are_checked_before_the_crate_sees_them() {
+        let mut config = LeaseConfig::new("ns", "lease");
+        assert_eq!(config.seconds().unwrap(), (15, 5));
+        assert_eq!(config.renew_deadline(), Duration::from_secs(10));
+        config.renew_every = config.duration;
+        assert!(config.seconds().is_err(), "renewing as late as expiry");
+        config.renew_every = Duration::ZERO;
+        assert!(config.seconds().is_err());
+        config.renew_every = Duration::from_millis(1500);
+        assert!(config.seconds().is_err(), "the crate counts whole seconds");
+    }
+
+    #[test]
+    fn identities_differ_between_replicas() {
+        assert_ne!(default_identity(), default_identity());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_election_the_leadership_is_never_lost() {
+        let mut status = LeaderStatus::always();
+        status.leading().await.unwrap();
+        let lost = tokio::time::timeout(Duration::from_secs(3600), status.lost()).await;
+        assert!(lost.is_err(), "lost() resolved");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn loss_is_reported_only_after_leading() {
+        let (sender, receiver) = watch::channel(false);
+        let status = LeaderStatus::of(receiver);
+        let lost = tokio::spawn(status.lost());
+        tokio::task::yield_now().await;
+        assert!(!lost.is_finished(), "not leading yet is not a loss");
+        sender.send(true).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!lost.is_finished());
+        sender.send(false).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), lost)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }

@@ -52,7 +52,6 @@ async fn time_to_ready(client: &Client, workers: i32) -> Result<Duration> {
     testbed::create_ssh_secret(client, &namespace).await?;
     let mut hypervisor = testbed::hypervisor();
     hypervisor.step_latency = HYPERVISOR_STEP;
-    hypervisor.overlay_capacity_cap = Some(1 << 20);
     let settings = Settings {
         poll_interval: Duration::from_millis(100),
         ..testbed::fast_settings()
@@ -113,9 +112,7 @@ fn resident_kib() -> Option<u64> {
 async fn many_clusters(client: &Client, count: usize) -> Result<()> {
     let namespace = create_namespace(client, "bench-many").await?;
     testbed::create_ssh_secret(client, &namespace).await?;
-    let mut hypervisor = testbed::hypervisor();
-    // The test driver's pool holds 100 GiB and counts every overlay at full size.
-    hypervisor.overlay_capacity_cap = Some(1 << 20);
+    let hypervisor = testbed::hypervisor();
     // Production polling (2 s while provisioning): a thousand clusters polled every
     // 200 ms would measure the test driver, not the controller.
     let settings = Settings::default();

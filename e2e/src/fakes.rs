@@ -227,24 +227,34 @@ pub struct Instrumented<H> {
     pub recorded_seeds: Option<RecordedSeeds>,
     /// Added to every mutation, to model a real hypervisor's latency in benchmarks.
     pub step_latency: Duration,
-    /// Caps overlay sizes: the test driver's pools hold 100 GiB and account overlays at
-    /// their full size, which would stop a benchmark with hundreds of nodes.
-    pub overlay_capacity_cap: Option<u64>,
 }
 
 /// Seeds of the test driver: volumes created through libvirt, content kept in memory.
 pub struct RecordedSeeds {
     pub uri: String,
     pub pool: String,
+    /// Seeds are 1 MiB each: kept only when asked, so benchmarks with hundreds of nodes
+    /// measure the controller, not this record.
+    keep: bool,
     pub content: Mutex<BTreeMap<String, Vec<u8>>>,
 }
 
 impl RecordedSeeds {
+    /// Creates the seed volumes; their content is dropped.
     pub fn new(uri: &str, pool: &str) -> Self {
         Self {
             uri: uri.to_owned(),
             pool: pool.to_owned(),
+            keep: false,
             content: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Creates the seed volumes and keeps their content for [`RecordedSeeds::get`].
+    pub fn keeping(uri: &str, pool: &str) -> Self {
+        Self {
+            keep: true,
+            ..Self::new(uri, pool)
         }
     }
 
@@ -267,10 +277,13 @@ impl RecordedSeeds {
         }
         let xml = format!(
             "<volume><name>{name}</name><capacity unit='bytes'>{}</capacity>\
-             <target><format type='raw'/></target></volume>",
+             <allocation unit='bytes'>0</allocation><target><format type='raw'/></target></volume>",
             content.len()
         );
         virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0).map_err(|e| e.to_string())?;
+        if !self.keep {
+            return Ok(());
+        }
         self.content
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -288,7 +301,6 @@ impl<H> Instrumented<H> {
             defines: AtomicU64::new(0),
             recorded_seeds: None,
             step_latency: Duration::ZERO,
-            overlay_capacity_cap: None,
         }
     }
 
@@ -341,14 +353,7 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
         spec: &OverlaySpec,
     ) -> benchcluster_controller::hypervisor::Result<()> {
         self.mutated().await;
-        match self.overlay_capacity_cap {
-            Some(cap) => {
-                let mut spec = spec.clone();
-                spec.capacity_bytes = spec.capacity_bytes.min(cap);
-                self.inner.create_overlay(&spec).await
-            }
-            None => self.inner.create_overlay(spec).await,
-        }
+        self.inner.create_overlay(spec).await
     }
 
     async fn define_domain(

@@ -364,6 +364,13 @@ async fn the_controller_may_do_what_it_needs_and_nothing_more() -> anyhow::Resul
                 "-n",
                 ns,
             ],
+            // kube-lease-manager renews with PATCH.
+            &[
+                "patch",
+                &format!("{lease}/benchcluster-controller"),
+                "-n",
+                ns,
+            ],
             &["get", &format!("{crd}/benchclusters.benchcluster.dev")],
         ];
         let denied: &[&[&str]] = &[
@@ -378,6 +385,7 @@ async fn the_controller_may_do_what_it_needs_and_nothing_more() -> anyhow::Resul
             &["create", "events", "-n", "team-a"],
             &["create", lease, "-n", "team-a"],
             &["update", &format!("{lease}/someone-else"), "-n", ns],
+            &["patch", &format!("{lease}/someone-else"), "-n", ns],
             &["get", &format!("{crd}/someone-else.example.com")],
             &["list", crd],
             &["create", "clusterroles.rbac.authorization.k8s.io"],

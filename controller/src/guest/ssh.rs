@@ -17,6 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -38,6 +39,8 @@ const JOIN_CONFIG: &str = "/etc/benchcluster/kubeadm-join.yaml";
 const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 const CRI_SOCKET: &str = "unix:///run/containerd/containerd.sock";
+/// kubeadm init phases not run: the kube-proxy and CoreDNS addons.
+const SKIPPED_INIT_PHASES: [&str; 2] = ["addon/coredns", "addon/kube-proxy"];
 /// Lines of failing command output kept for conditions and events.
 const OUTPUT_TAIL_LINES: usize = 12;
 
@@ -102,24 +105,26 @@ impl SshGuest {
     fn key_file(&self, credentials: &Credentials) -> Result<PathBuf> {
         let digest = Sha256::digest(credentials.private_key.expose().as_bytes());
         let path = self.dir("keys")?.join(hex(&digest[..12]));
-        if !path.exists() {
-            let mut key = credentials.private_key.expose().to_owned();
-            if !key.ends_with('\n') {
-                key.push('\n'); // ssh refuses a key without its final newline
-            }
-            write_private(&path, key.as_bytes())?;
+        let mut key = credentials.private_key.expose().to_owned();
+        if !key.ends_with('\n') {
+            key.push('\n'); // ssh refuses a key without its final newline
         }
+        write_once(&path, key.as_bytes())?;
         Ok(path)
     }
 
     /// An ssh_config pinning exactly the node's host key.
+    ///
+    /// Both files are named by the node and a hash of their content, and never
+    /// rewritten: connections to one node run concurrently (two workers joining both
+    /// mint a token on the control plane), and one pinning another key (a recreated
+    /// VM, a stale pass) must not swap the file under another's feet.
     fn ssh_config(&self, node: &GuestNode, key: &Path) -> Result<PathBuf> {
-        let known_hosts = self.dir("known_hosts")?.join(&node.name);
-        write_private(
-            &known_hosts,
-            format!("{} {}\n", node.name, node.host_key).as_bytes(),
-        )?;
-        let config = self.dir("ssh_config")?.join(&node.name);
+        let pinned = format!("{} {}\n", node.name, node.host_key);
+        let known_hosts = self
+            .dir("known_hosts")?
+            .join(content_named(&node.name, &pinned));
+        write_once(&known_hosts, pinned.as_bytes())?;
         let text = format!(
             "Host *\n  HostKeyAlias {alias}\n  UserKnownHostsFile {kh}\n  GlobalKnownHostsFile /dev/null\n  \
              StrictHostKeyChecking yes\n  CheckHostIP no\n  UpdateHostKeys no\n  HostKeyAlgorithms ssh-ed25519\n  \
@@ -129,7 +134,10 @@ impl SshGuest {
             kh = known_hosts.display(),
             key = key.display(),
         );
-        write_private(&config, text.as_bytes())?;
+        let config = self
+            .dir("ssh_config")?
+            .join(content_named(&node.name, &text));
+        write_once(&config, text.as_bytes())?;
         Ok(config)
     }
 
@@ -709,6 +717,10 @@ fn init_configuration(
             "usages": ["signing", "authentication"],
         }],
         "localAPIEndpoint": {"advertiseAddress": ip, "bindPort": 6443},
+        // A scheduler benchmark cluster needs neither a service proxy nor cluster DNS,
+        // and images carry neither (docs/image-contract.md); Nodes turn Ready without
+        // them. kubeadm then also leaves their images out of its preflight pull check.
+        "skipPhases": SKIPPED_INIT_PHASES,
         "nodeRegistration": {
             "name": node.name,
             "criSocket": CRI_SOCKET,
@@ -722,6 +734,12 @@ fn init_configuration(
         "kubernetesVersion": version,
         "networking": {"podSubnet": config.pod_subnet, "serviceSubnet": config.service_subnet},
         "apiServer": {"certSANs": [ip]},
+        // One control-plane node, so no one to elect. With leader election on, a
+        // slow control plane (software emulation, a busy host) misses the 5 s lease
+        // renewals, and kube-controller-manager and kube-scheduler exit and restart
+        // over and over: no podCIDR gets allocated, no Node turns Ready.
+        "controllerManager": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
+        "scheduler": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
     });
     let kubelet = serde_json::json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -820,8 +838,31 @@ async fn close(session: Session) {
     }
 }
 
+/// `<name>.<16 hex digits of the content's SHA-256>`.
+fn content_named(name: &str, content: &str) -> String {
+    format!("{name}.{}", hex(&Sha256::digest(content.as_bytes())[..8]))
+}
+
+/// Writes a file whose name determines its content, unless it exists already.
+fn write_once(path: &Path, content: &[u8]) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    write_private(path, content)
+}
+
+/// Writes `content` to `path` (mode 0600) through a temporary file of this call's own,
+/// renamed into place: concurrent writers of one path never see a partial file, and
+/// never rename each other's temporary file away.
 fn write_private(path: &Path, content: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = PathBuf::from(tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -829,9 +870,13 @@ fn write_private(path: &Path, content: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| local_error("write state file", &e))?;
-    file.write_all(content)
-        .map_err(|e| local_error("write state file", &e))?;
-    std::fs::rename(&tmp, path).map_err(|e| local_error("write state file", &e))
+    let written = file
+        .write_all(content)
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(|e| local_error("write state file", &e))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -933,6 +978,57 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_pins_of_one_node_never_fail_nor_mix_keys() {
+        let dir = std::env::temp_dir().join(format!(
+            "benchcluster-ssh-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let guest = SshGuest::new(SshConfig {
+            state_dir: dir.clone(),
+            ..SshConfig::default()
+        });
+        let keys = ["ssh-ed25519 AAAAC3NzaKeyA", "ssh-ed25519 AAAAC3NzaKeyB"];
+        let configs: Vec<(usize, PathBuf)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..8)
+                .map(|t| {
+                    let guest = &guest;
+                    scope.spawn(move || {
+                        (0..25)
+                            .map(|_| {
+                                let mut pinned = node("x-cp-0");
+                                pinned.host_key = keys[t % 2].to_owned();
+                                let config =
+                                    guest.ssh_config(&pinned, Path::new("/keys/k")).unwrap();
+                                (t % 2, config)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        for (key, config) in configs {
+            let text = std::fs::read_to_string(&config).unwrap();
+            let known_hosts = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("UserKnownHostsFile "))
+                .unwrap();
+            let pinned = std::fs::read_to_string(known_hosts).unwrap();
+            assert_eq!(pinned, format!("x-cp-0 {}\n", keys[key]));
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(dir.join("known_hosts"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn parses_the_join_command() {
         let text = "kubeadm join 192.168.222.101:6443 --token abcdef.0123456789abcdef --discovery-token-ca-cert-hash sha256:1234abcd \n";
         let ticket = parse_join_command(text).unwrap();
@@ -980,11 +1076,21 @@ mod tests {
             "10.244.0.0/16\"\n---\nkind: Evil"
         );
         assert_eq!(cluster["kubernetesVersion"], "v1.35.4");
+        for component in ["controllerManager", "scheduler"] {
+            assert_eq!(
+                cluster[component]["extraArgs"],
+                serde_json::json!([{"name": "leader-elect", "value": "false"}])
+            );
+        }
         let init: serde_json::Value = serde_json::from_str(documents[0]).unwrap();
         assert_eq!(init["nodeRegistration"]["name"], "x-cp-0");
         assert_eq!(
             init["localAPIEndpoint"]["advertiseAddress"],
             "192.168.222.101"
+        );
+        assert_eq!(
+            init["skipPhases"],
+            serde_json::json!(["addon/coredns", "addon/kube-proxy"])
         );
     }
 

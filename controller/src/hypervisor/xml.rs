@@ -502,6 +502,9 @@ pub fn domain_xml(spec: &DomainSpec, host: &DomainHost<'_>) -> Result<String> {
 struct VolumeXml<'a> {
     name: &'a str,
     capacity: ScaledXml,
+    /// Nothing is preallocated: an overlay starts empty and grows as the guest writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allocation: Option<ScaledXml>,
     target: VolumeTargetXml<'a>,
     #[serde(rename = "backingStore", skip_serializing_if = "Option::is_none")]
     backing_store: Option<BackingStoreXml<'a>>,
@@ -543,6 +546,10 @@ pub fn overlay_volume_xml(
                 unit: "bytes",
                 value: capacity_bytes,
             },
+            allocation: Some(ScaledXml {
+                unit: "bytes",
+                value: 0,
+            }),
             target: VolumeTargetXml {
                 format: FormatXml { format: "qcow2" },
             },
@@ -567,6 +574,7 @@ pub fn raw_volume_xml(name: &str, capacity_bytes: u64) -> Result<String> {
                 unit: "bytes",
                 value: capacity_bytes,
             },
+            allocation: None,
             target: VolumeTargetXml {
                 format: FormatXml { format: "raw" },
             },
