@@ -11,10 +11,11 @@ use benchcluster_controller::{Context, Settings, reconcile};
 use benchcluster_crd::BenchCluster;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::fakes::{FakeGuest, Instrumented, RecordedSeeds, SECRET_MARKER};
+use crate::{TestApiServer, create_namespace, wait};
 
 pub const URI: &str = "test:///default";
 pub const POOL: &str = "default-pool";
@@ -198,4 +199,134 @@ pub fn is_ready(bc: &BenchCluster) -> bool {
             .conditions
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// How long a test waits for the controller to converge.
+pub const CONVERGE: Duration = Duration::from_secs(60);
+/// How often tests poll.
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// One test's world: the shared API server with the CRD, a client, and a namespace of
+/// its own holding the SSH key Secret.
+pub struct Fixture {
+    pub server: &'static TestApiServer,
+    pub client: Client,
+    pub namespace: String,
+    pub api: Api<BenchCluster>,
+}
+
+impl Fixture {
+    pub async fn new(prefix: &str) -> anyhow::Result<Self> {
+        let server = TestApiServer::shared().await?;
+        server.install_crd().await?;
+        libvirt()?;
+        let client = server.client().await?;
+        let namespace = create_namespace(&client, prefix).await?;
+        create_ssh_secret(&client, &namespace).await?;
+        let api = Api::namespaced(client.clone(), &namespace);
+        Ok(Self {
+            server,
+            client,
+            namespace,
+            api,
+        })
+    }
+
+    pub fn cluster(&self, name: &str, workers: i32) -> anyhow::Result<BenchCluster> {
+        benchcluster(&self.namespace, name, workers)
+    }
+
+    pub async fn create(&self, name: &str, workers: i32) -> anyhow::Result<BenchCluster> {
+        Ok(self
+            .api
+            .create(&PostParams::default(), &self.cluster(name, workers)?)
+            .await?)
+    }
+
+    pub async fn set_replicas(&self, name: &str, replicas: i32) -> anyhow::Result<()> {
+        self.api
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"workers": {"replicas": replicas}}})),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until the cluster is Ready for its current generation with exactly the
+    /// desired domains, and returns it; dumps the server's logs and the status if not.
+    pub async fn wait_ready(&self, name: &str, workers: usize) -> anyhow::Result<BenchCluster> {
+        let expected: BTreeSet<String> = std::iter::once(format!("{}-{name}-cp-0", self.namespace))
+            .chain((0..workers).map(|i| format!("{}-{name}-w-{i}", self.namespace)))
+            .collect();
+        let result = wait::until(
+            &format!("{name} Ready with {workers} worker(s)"),
+            CONVERGE,
+            POLL,
+            || async {
+                let bc = self.api.get(name).await?;
+                let ready_workers = bc.status.as_ref().map_or(0, |s| s.ready_workers);
+                let exact = domains(&self.namespace, name)? == expected;
+                anyhow::Ok(
+                    (is_ready(&bc) && exact && usize::try_from(ready_workers) == Ok(workers))
+                        .then_some(bc),
+                )
+            },
+        )
+        .await;
+        if result.is_err() {
+            self.server.dump_logs();
+            if let Ok(bc) = self.api.get(name).await {
+                eprintln!("status: {:#?}", bc.status);
+            }
+            eprintln!("domains: {:?}", domains(&self.namespace, name));
+        }
+        result
+    }
+
+    /// Deletes the BenchCluster and waits until its finalizer let it go.
+    pub async fn delete_and_wait(&self, name: &str) -> anyhow::Result<()> {
+        self.api.delete(name, &DeleteParams::default()).await?;
+        wait::until(
+            &format!("{name} gone (finalizer removed)"),
+            CONVERGE,
+            POLL,
+            || async { anyhow::Ok(self.api.get_opt(name).await?.is_none().then_some(())) },
+        )
+        .await
+    }
+
+    /// The Events of the namespace as `kubectl get events -o yaml` prints them.
+    pub fn events_yaml(&self) -> anyhow::Result<String> {
+        let out = self
+            .server
+            .kubectl(&["get", "events", "-n", &self.namespace, "-o", "yaml"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl get events: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// (type, reason, note) of every Event in the namespace.
+    pub async fn events(&self) -> anyhow::Result<Vec<(String, String, String)>> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        Ok(api
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
 }

@@ -9,18 +9,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use benchcluster_crd::BenchCluster;
-use benchcluster_e2e::apiserver::TestApiServer;
 use benchcluster_e2e::fakes::SECRET_MARKER;
-use benchcluster_e2e::testbed::{self, RunningController};
-use benchcluster_e2e::{create_namespace, wait};
+use benchcluster_e2e::testbed::{self, CONVERGE, Fixture, POLL, RunningController};
+use benchcluster_e2e::wait;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
-
-const CONVERGE: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(200);
 
 fn domains(namespace: &str, name: &str) -> BTreeSet<String> {
     testbed::domains(namespace, name).expect("list domains")
@@ -28,88 +23,6 @@ fn domains(namespace: &str, name: &str) -> BTreeSet<String> {
 
 fn volumes(namespace: &str, name: &str) -> BTreeSet<String> {
     testbed::volumes(namespace, name).expect("list volumes")
-}
-
-struct Fixture {
-    server: &'static TestApiServer,
-    client: Client,
-    namespace: String,
-    api: Api<BenchCluster>,
-}
-
-impl Fixture {
-    async fn new(prefix: &str) -> Result<Self> {
-        let server = TestApiServer::shared().await?;
-        server.install_crd().await?;
-        let client = server.client().await?;
-        let namespace = create_namespace(&client, prefix).await?;
-        testbed::create_ssh_secret(&client, &namespace).await?;
-        let api = Api::namespaced(client.clone(), &namespace);
-        Ok(Self {
-            server,
-            client,
-            namespace,
-            api,
-        })
-    }
-
-    fn cluster(&self, name: &str, workers: i32) -> Result<BenchCluster> {
-        testbed::benchcluster(&self.namespace, name, workers)
-    }
-
-    async fn create(&self, name: &str, workers: i32) -> Result<BenchCluster> {
-        Ok(self
-            .api
-            .create(&PostParams::default(), &self.cluster(name, workers)?)
-            .await?)
-    }
-
-    async fn set_replicas(&self, name: &str, replicas: i32) -> Result<()> {
-        self.api
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"workers": {"replicas": replicas}}})),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Waits until the cluster is Ready for its current generation with exactly the
-    /// desired domains, and returns it.
-    async fn wait_ready(&self, name: &str, workers: usize) -> Result<BenchCluster> {
-        let expected: BTreeSet<String> = std::iter::once(format!("{}-{name}-cp-0", self.namespace))
-            .chain((0..workers).map(|i| format!("{}-{name}-w-{i}", self.namespace)))
-            .collect();
-        let result = wait::until(
-            &format!("{name} Ready with {workers} worker(s)"),
-            CONVERGE,
-            POLL,
-            || async {
-                let bc = self.api.get(name).await?;
-                let status = bc.status.clone().unwrap_or_default();
-                let ready = status
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                let current = status.observed_generation == bc.metadata.generation;
-                let exact = domains(&self.namespace, name) == expected;
-                anyhow::Ok(
-                    (ready && current && exact && status.ready_workers == workers as i32)
-                        .then_some(bc),
-                )
-            },
-        )
-        .await;
-        if result.is_err() {
-            self.server.dump_logs();
-            if let Ok(bc) = self.api.get(name).await {
-                eprintln!("status: {:#?}", bc.status);
-            }
-            eprintln!("domains: {:?}", domains(&self.namespace, name));
-        }
-        result
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

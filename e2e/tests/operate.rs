@@ -22,22 +22,15 @@ use benchcluster_controller::leader::{self, Elector, LeaseConfig, Stopped};
 use benchcluster_controller::telemetry::{self, LogFormat};
 use benchcluster_controller::{Context, Settings};
 use benchcluster_crd::BenchCluster;
-use benchcluster_e2e::apiserver::TestApiServer;
 use benchcluster_e2e::fakes::{FakeGuest, Instrumented, SECRET_MARKER};
-use benchcluster_e2e::{create_namespace, testbed, wait};
+use benchcluster_e2e::testbed::{CONVERGE, Fixture, POLL};
+use benchcluster_e2e::{testbed, wait};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::time::Instant;
-
-const CONVERGE: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(200);
-
-fn domains(namespace: &str, name: &str) -> BTreeSet<String> {
-    testbed::domains(namespace, name).expect("list domains")
-}
 
 /// One in-memory guest shared by several controller replicas: the guest clusters are
 /// the world's, not a replica's.
@@ -138,133 +131,6 @@ impl Replica {
             let _ = stop.send(());
         }
         Ok(tokio::time::timeout(Duration::from_secs(20), self.task).await???)
-    }
-}
-
-struct Fixture {
-    server: &'static TestApiServer,
-    client: Client,
-    namespace: String,
-    api: Api<BenchCluster>,
-}
-
-impl Fixture {
-    async fn new(prefix: &str) -> Result<Self> {
-        let server = TestApiServer::shared().await?;
-        server.install_crd().await?;
-        testbed::libvirt()?;
-        let client = server.client().await?;
-        let namespace = create_namespace(&client, prefix).await?;
-        testbed::create_ssh_secret(&client, &namespace).await?;
-        let api = Api::namespaced(client.clone(), &namespace);
-        Ok(Self {
-            server,
-            client,
-            namespace,
-            api,
-        })
-    }
-
-    fn cluster(&self, name: &str, workers: i32) -> Result<BenchCluster> {
-        testbed::benchcluster(&self.namespace, name, workers)
-    }
-
-    async fn create(&self, name: &str, workers: i32) -> Result<BenchCluster> {
-        Ok(self
-            .api
-            .create(&PostParams::default(), &self.cluster(name, workers)?)
-            .await?)
-    }
-
-    async fn set_replicas(&self, name: &str, replicas: i32) -> Result<()> {
-        self.api
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"workers": {"replicas": replicas}}})),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Waits until the cluster is Ready for its current generation with exactly the
-    /// desired domains, and returns it.
-    async fn wait_ready(&self, name: &str, workers: usize) -> Result<BenchCluster> {
-        let expected: BTreeSet<String> = std::iter::once(format!("{}-{name}-cp-0", self.namespace))
-            .chain((0..workers).map(|i| format!("{}-{name}-w-{i}", self.namespace)))
-            .collect();
-        let result = wait::until(
-            &format!("{name} Ready with {workers} worker(s)"),
-            CONVERGE,
-            POLL,
-            || async {
-                let bc = self.api.get(name).await?;
-                let status = bc.status.clone().unwrap_or_default();
-                let ready = status
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                let current = status.observed_generation == bc.metadata.generation;
-                let exact = domains(&self.namespace, name) == expected;
-                anyhow::Ok(
-                    (ready && current && exact && status.ready_workers == workers as i32)
-                        .then_some(bc),
-                )
-            },
-        )
-        .await;
-        if result.is_err() {
-            self.server.dump_logs();
-            if let Ok(bc) = self.api.get(name).await {
-                eprintln!("status: {:#?}", bc.status);
-            }
-            eprintln!("domains: {:?}", domains(&self.namespace, name));
-        }
-        result
-    }
-
-    async fn delete_and_wait(&self, name: &str) -> Result<()> {
-        self.api.delete(name, &DeleteParams::default()).await?;
-        wait::until(
-            &format!("{name} gone (finalizer removed)"),
-            CONVERGE,
-            POLL,
-            || async { anyhow::Ok(self.api.get_opt(name).await?.is_none().then_some(())) },
-        )
-        .await
-    }
-
-    /// The Events of the namespace as `kubectl get events -o yaml` prints them.
-    fn events_yaml(&self) -> Result<String> {
-        let out = self
-            .server
-            .kubectl(&["get", "events", "-n", &self.namespace, "-o", "yaml"])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "kubectl get events: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?)
-    }
-
-    /// (type, reason, note) of every Event in the namespace.
-    async fn events(&self) -> Result<Vec<(String, String, String)>> {
-        let api: Api<k8s_openapi::api::events::v1::Event> =
-            Api::namespaced(self.client.clone(), &self.namespace);
-        Ok(api
-            .list(&Default::default())
-            .await?
-            .items
-            .into_iter()
-            .map(|e| {
-                (
-                    e.type_.unwrap_or_default(),
-                    e.reason.unwrap_or_default(),
-                    e.note.unwrap_or_default(),
-                )
-            })
-            .collect())
     }
 }
 
