@@ -20,9 +20,11 @@
 set -euo pipefail
 
 SUITE=bookworm
-# The generic kernel, not linux-image-cloud-amd64 (a third smaller): the cloud kernel
-# has no AHCI driver, and the controller attaches the seed as a SATA cdrom.
-KERNEL_PACKAGE=linux-image-amd64
+# The cloud kernel: virtio drivers, no drivers for hardware a VM of ours never has.
+# Against linux-image-amd64 it boots ~3 s faster under emulation and makes a smaller
+# image. It has no AHCI/SATA cdrom driver, which nothing needs: the controller attaches
+# the seed as a virtio disk (docs/image-contract.md).
+KERNEL_PACKAGE=linux-image-cloud-amd64
 PACKAGES=systemd,systemd-sysv,udev,dbus,kmod,openssh-server,sudo,iproute2,zstd,initramfs-tools,grub-pc-bin
 # Virtual size; node overlays may be larger. Unwritten space costs nothing in qcow2.
 DISK_SIZE_MIB=3072
@@ -42,9 +44,10 @@ log() { echo "build-guest-image: $*" >&2; }
 
 content_hash() {
   {
-    cat "$0"
+    cat "$here/$(basename "$0")"
+    # Names, contents and the executable bit (the one mode bit git keeps).
     (cd "$guest" && find . -type f -print | LC_ALL=C sort | while read -r f; do
-      printf '%s %s\n' "$f" "$(stat -c %a "$f")"
+      if [ -x "$f" ]; then echo "$f x"; else echo "$f"; fi
       cat "$f"
     done)
   } | sha256sum | cut -c1-16
@@ -148,6 +151,8 @@ cp /usr/lib/grub/i386-pc/boot.img /boot/grub/i386-pc/boot.img
 rm -f /etc/ssh/ssh_host_*
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id
+# debootstrap copied the build machine's name; a VM without a seed must not send it.
+echo localhost > /etc/hostname
 passwd -l root
 apt-get clean
 rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/* /usr/share/locale/* /var/log/*.log /tmp/*

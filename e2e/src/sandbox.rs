@@ -129,8 +129,9 @@ exec libvirtd --config "$dir/libvirtd.conf" --pid-file "$dir/libvirtd.pid"
 const REAPER: &str = r#"
 set -u
 trap '' INT TERM HUP
-netns=$1 dir=$2 deadline=$((SECONDS + $3))
+netns=$1 dir=$2
 read -r _ || true
+deadline=$((SECONDS + $3))
 while [ "$SECONDS" -lt "$deadline" ]; do
   pids=$(ip netns pids "$netns" 2>/dev/null) || break
   [ -n "$pids" ] || break
@@ -153,7 +154,7 @@ const POLL: Duration = Duration::from_millis(100);
 const LOG_TAIL_LINES: usize = 40;
 
 /// Tools the sandbox runs, and the Debian package of each.
-const TOOLS: [(&str, &str); 7] = [
+const TOOLS: [(&str, &str); 8] = [
     ("ip", "iproute2"),
     ("libvirtd", "libvirt-daemon libvirt-daemon-driver-qemu"),
     ("virsh", "libvirt-clients"),
@@ -162,6 +163,8 @@ const TOOLS: [(&str, &str); 7] = [
     ("dnsmasq", "dnsmasq-base"),
     // libvirt's network driver writes its rules with it, in the namespace's own tables.
     ("iptables", "iptables"),
+    // The controller's SSH guest (the openssh crate) drives the system's client.
+    ("ssh", "openssh-client"),
 ];
 
 /// `true` when the vm tier was asked for ([`VM_TESTS_ENV`]`=1`); otherwise prints why

@@ -6,8 +6,12 @@
 //! cargo xtask test api [--test-threads N]
 //!                                    the api tier: a real kube-apiserver + etcd on loopback;
 //!                                    every e2e/tests/*.rs whose first line is `//! api tier: ...`
-//! cargo xtask test all               unit, then api
-//! cargo xtask test vm                the vm tier (needs root, libvirtd, qemu); not in `all`
+//! cargo xtask test vm                the vm tier (root, libvirtd, qemu): builds the guest image
+//!                                    if not cached, then every e2e/tests/*.rs whose first line
+//!                                    is `//! vm tier...`, one test at a time
+//! cargo xtask test all               unit, then api (the vm tier runs on its own: it
+//!                                    needs root, and minutes of emulated boots)
+//! cargo xtask bench                  the benchmarks: scale (api tier) and vm (real VMs)
 //! cargo xtask lint                   rustfmt and clippy, warnings denied
 //! ```
 //!
@@ -29,6 +33,10 @@ const BUILD_K8S: &str = "e2e/hack/build-k8s.sh";
 const K8S_BIN_ENV: &str = "BENCHCLUSTER_K8S_BIN";
 /// Set to 1 to let the vm tier's tests run instead of skipping themselves.
 const VM_TESTS_ENV: &str = "BENCHCLUSTER_VM_TESTS";
+/// Builds (or finds in its cache) the vm tier's Debian guest image; prints its path.
+const BUILD_GUEST_IMAGE: &str = "e2e/hack/build-guest-image.sh";
+/// Read by the vm tier's sandbox instead of running BUILD_GUEST_IMAGE itself.
+const GUEST_IMAGE_ENV: &str = "BENCHCLUSTER_GUEST_IMAGE";
 /// The e2e crate's integration tests, relative to the workspace root.
 const E2E_TESTS: &str = "e2e/tests";
 /// The api tier's tests wait on the server, not the CPU, and share one server per test
@@ -40,8 +48,10 @@ const USAGE: &str = "usage: cargo xtask <task>
   crd [--check]               write manifests/crd.yaml from crd/src (--check: fail if it differs)
   test unit                   unit tests, doc tests (nothing outside the process)
   test api [--test-threads N] api tier: kube-apiserver + etcd on loopback (builds them on first use)
-  test all [--test-threads N] unit, then api
-  test vm                     vm tier (root, libvirtd, qemu); not part of `test all`
+  test vm                     vm tier: real VMs in a network namespace (root, libvirtd, qemu;
+                              builds the guest image on first use)
+  test all [--test-threads N] unit, then api (the vm tier runs on its own)
+  bench                       benchmarks: scale (api tier) and vm (real VMs), printed figures
   lint                        cargo fmt --check, cargo clippy -D warnings";
 
 /// A command that ran and failed; its exit code becomes ours.
@@ -93,6 +103,7 @@ fn run(args: &[&str]) -> anyhow::Result<()> {
             test_api(&root, threads)
         }
         ["test", "vm"] => test_vm(&root),
+        ["bench"] => bench(&root),
         ["lint"] => lint(&root),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
@@ -265,7 +276,9 @@ fn test_unit(root: &Path) -> anyhow::Result<()> {
     step(doc)
 }
 
-fn test_api(root: &Path, threads: u32) -> anyhow::Result<()> {
+/// kube-apiserver, etcd and kubectl: from $BENCHCLUSTER_K8S_BIN, else built (or found
+/// in the cache) by BUILD_K8S.
+fn k8s_bin_dir(root: &Path) -> anyhow::Result<PathBuf> {
     let bin_dir = match std::env::var_os(K8S_BIN_ENV) {
         Some(dir) => {
             println!("using {K8S_BIN_ENV}={}", dir.to_string_lossy());
@@ -293,6 +306,39 @@ fn test_api(root: &Path, threads: u32) -> anyhow::Result<()> {
             PathBuf::from(dir)
         }
     };
+    Ok(bin_dir)
+}
+
+/// The vm tier's guest image: from $BENCHCLUSTER_GUEST_IMAGE, else built (or found in
+/// the cache) by BUILD_GUEST_IMAGE, with the time it took.
+fn guest_image(root: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(image) = std::env::var_os(GUEST_IMAGE_ENV) {
+        println!("using {GUEST_IMAGE_ENV}={}", image.to_string_lossy());
+        return Ok(PathBuf::from(image));
+    }
+    println!(
+        "building the vm tier's guest image if not cached (debootstrap; ~2 minutes the first \
+         time, with Debian's packages still to download a few more)"
+    );
+    let mut build = Command::new(root.join(BUILD_GUEST_IMAGE));
+    build.current_dir(root);
+    let start = Instant::now();
+    let out = step_output(build)?;
+    let image = out
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .ok_or_else(|| anyhow!("{BUILD_GUEST_IMAGE} printed no path"))?;
+    println!(
+        "  ({BUILD_GUEST_IMAGE}: {:.1}s) -> {image}",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(PathBuf::from(image))
+}
+
+fn test_api(root: &Path, threads: u32) -> anyhow::Result<()> {
+    let bin_dir = k8s_bin_dir(root)?;
 
     println!("+ cargo xtask crd --check");
     crd_check(root)?;
@@ -309,17 +355,50 @@ fn test_api(root: &Path, threads: u32) -> anyhow::Result<()> {
 }
 
 fn test_vm(root: &Path) -> anyhow::Result<()> {
+    let start = Instant::now();
+    // The API server runs inside the sandbox's namespace, next to the controller.
+    let bin_dir = k8s_bin_dir(root)?;
+    let image = guest_image(root)?;
     let mut test = cargo(root);
     // The vm tests skip themselves unless this is set, so a plain `cargo test` on a
     // machine without libvirtd stays green.
     test.env(VM_TESTS_ENV, "1")
+        .env(GUEST_IMAGE_ENV, &image)
+        .env(K8S_BIN_ENV, &bin_dir)
         .args(["test", "-p", "benchcluster-e2e"]);
     for name in tier_tests(&root.join(E2E_TESTS), "vm")? {
         test.args(["--test", &name]);
     }
     // Guests under software emulation are CPU-bound: one test at a time.
     test.args(["--", "--test-threads=1"]);
-    step(test)
+    step(test)?;
+    println!(
+        "vm tier done in {:.1}s (image included)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The benchmarks, each printing its figures: `scale` on the api tier's test bed, `vm`
+/// on real VMs in the sandbox (so this needs what `test vm` needs).
+fn bench(root: &Path) -> anyhow::Result<()> {
+    let bin_dir = k8s_bin_dir(root)?;
+    let image = guest_image(root)?;
+    let mut bench = cargo(root);
+    bench
+        .env(VM_TESTS_ENV, "1")
+        .env(GUEST_IMAGE_ENV, &image)
+        .env(K8S_BIN_ENV, &bin_dir)
+        .args([
+            "bench",
+            "-p",
+            "benchcluster-e2e",
+            "--bench",
+            "scale",
+            "--bench",
+            "vm",
+        ]);
+    step(bench)
 }
 
 /// The integration tests of one tier: each file in `dir` says its tier on its first line

@@ -57,6 +57,10 @@ pub struct SshConfig {
     pub command_timeout: Duration,
     /// Bound of `kubeadm init` and `kubeadm join` (slow under software emulation).
     pub kubeadm_timeout: Duration,
+    /// Bound of one request to the guest cluster's API (its client's read timeout).
+    /// Kept short: when the control-plane VM is gone (deleted, destroyed), a pooled
+    /// connection to it gets no answer and no reset, and only this ends the request.
+    pub api_timeout: Duration,
     /// How long a drain may wait for evicted pods before the Node is deleted anyway.
     pub drain_timeout: Duration,
     /// Lifetime of a join token; minted just before each join.
@@ -71,6 +75,7 @@ impl Default for SshConfig {
             connect_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(60),
             kubeadm_timeout: Duration::from_secs(900),
+            api_timeout: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(120),
             join_token_ttl: Duration::from_secs(600),
         }
@@ -285,10 +290,21 @@ impl SshGuest {
             .await
             .map_err(|_| GuestError::Api("the stored admin kubeconfig is unusable".into()))?;
         config.connect_timeout = Some(self.config.connect_timeout);
-        config.read_timeout = Some(self.config.command_timeout);
+        config.read_timeout = Some(self.config.api_timeout);
         let client = Client::try_from(config).map_err(|e| GuestError::Api(e.to_string()))?;
         self.lock_clients().insert(digest, client.clone());
         Ok(client)
+    }
+
+    /// Maps a failed request to the guest cluster. A failure below HTTP (timeout,
+    /// refused or reset connection) also drops the cached client, so the next request
+    /// opens a fresh connection instead of waiting on a dead pooled one.
+    fn api_error(&self, kubeconfig: &AdminKubeconfig, error: kube::Error) -> GuestError {
+        if !matches!(error, kube::Error::Api(_)) {
+            let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose().as_bytes()).into();
+            self.lock_clients().remove(&digest);
+        }
+        GuestError::Api(error.to_string())
     }
 
     fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Client>> {
@@ -346,7 +362,7 @@ impl Guest for SshGuest {
         let nodes = Api::<Node>::all(client)
             .list(&ListParams::default())
             .await
-            .map_err(|e| GuestError::Api(e.to_string()))?;
+            .map_err(|e| self.api_error(kubeconfig, e))?;
         Ok(nodes
             .items
             .into_iter()
@@ -366,7 +382,7 @@ impl Guest for SshGuest {
     async fn remove_node(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
         let client = self.client(kubeconfig).await?;
         let nodes: Api<Node> = Api::all(client.clone());
-        let api_error = |e: kube::Error| GuestError::Api(e.to_string());
+        let api_error = |e: kube::Error| self.api_error(kubeconfig, e);
         let cordon = serde_json::json!({"spec": {"unschedulable": true}});
         match nodes
             .patch(node_name, &PatchParams::default(), &Patch::Merge(&cordon))
@@ -376,7 +392,9 @@ impl Guest for SshGuest {
             Err(kube::Error::Api(status)) if status.is_not_found() => return Ok(()),
             Err(e) => return Err(api_error(e)),
         }
-        drain(&client, node_name, self.config.drain_timeout).await?;
+        drain(&client, node_name, self.config.drain_timeout)
+            .await
+            .map_err(&api_error)?;
         match nodes.delete(node_name, &DeleteParams::default()).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
@@ -782,7 +800,7 @@ fn join_configuration(
 }
 
 /// Evicts every pod but DaemonSet and mirror pods, then waits (bounded) for them to go.
-async fn drain(client: &Client, node_name: &str, bound: Duration) -> Result<()> {
+async fn drain(client: &Client, node_name: &str, bound: Duration) -> Result<(), kube::Error> {
     let pods: Api<Pod> = Api::all(client.clone());
     let on_node = ListParams::default().fields(&format!("spec.nodeName={node_name}"));
     let evictable = |pod: &Pod| {
@@ -801,10 +819,7 @@ async fn drain(client: &Client, node_name: &str, bound: Duration) -> Result<()> 
     };
     let deadline = tokio::time::Instant::now() + bound;
     loop {
-        let list = pods
-            .list(&on_node)
-            .await
-            .map_err(|e| GuestError::Api(e.to_string()))?;
+        let list = pods.list(&on_node).await?;
         let remaining: Vec<&Pod> = list.items.iter().filter(|p| evictable(p)).collect();
         if remaining.is_empty() {
             return Ok(());

@@ -1,0 +1,632 @@
+//! e2e tier: nothing is a test double. libvirtd, qemu (software emulation) and dnsmasq
+//! run in a network namespace the test creates ([`Sandbox`]); the API server and the
+//! controller run inside it, with the real [`SshGuest`]: `kubeadm init` on the control
+//! plane and `kubeadm join` on the workers, over SSH with pinned host keys, in VMs booted
+//! from the e2e image (`e2e/hack/build-kube-image.sh`: containerd, kubelet, kubeadm and
+//! the control-plane images preloaded, so nothing is pulled).
+//!
+//! One test walks one BenchCluster through its life, because every step costs minutes
+//! of emulated CPU on two shared cores:
+//!
+//! 1. 1 + 1 becomes Ready; `kubectl --kubeconfig <the Secret's kubeconfig>` (run inside
+//!    the namespace) says both Nodes are Ready.
+//! 2. `spec.workers.replicas` edited to 2: the new worker joins, three Nodes Ready.
+//! 3. edited back to 1: the removed worker's Node and domain (and its disks) are gone.
+//! 4. the BenchCluster is deleted: no domain, overlay, seed or kubeconfig Secret remains.
+//!
+//! Each step prints its wall time and the per-node phase timings from status.
+//!
+//! Runs only with BENCHCLUSTER_E2E_TESTS=1 (root, libvirtd, qemu: `cargo xtask test e2e`).
+//! The image is BENCHCLUSTER_KUBE_IMAGE if set, else what build-kube-image.sh prints
+//! (built on first use, about 5 minutes, then cached).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod vm_support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use benchcluster_controller::act::{SSH_PRIVATE_KEY, SSH_PUBLIC_KEY};
+use benchcluster_controller::guest::Credentials;
+use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
+use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
+use benchcluster_controller::{Context, reconcile};
+use benchcluster_crd::{BenchCluster, PhaseTimings};
+use benchcluster_e2e::sandbox::{
+    GuestImage, IMAGE_POOL, NETWORK, NODE_POOL, Sandbox, SandboxOptions,
+};
+use benchcluster_e2e::{TestApiServer, create_namespace, wait};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use vm_support::{POLL, USER, is_ready, names, summary, virsh, volumes};
+
+/// Set to `1` to run this tier.
+const E2E_TESTS_ENV: &str = "BENCHCLUSTER_E2E_TESTS";
+/// A prebuilt e2e image (qcow2) instead of running [`BUILD_KUBE_IMAGE`].
+const KUBE_IMAGE_ENV: &str = "BENCHCLUSTER_KUBE_IMAGE";
+/// Relative to the e2e crate.
+const BUILD_KUBE_IMAGE: &str = "hack/build-kube-image.sh";
+const IMAGE_BUILD_DEADLINE: Duration = Duration::from_secs(40 * 60);
+
+/// Name of the BenchCluster.
+const NAME: &str = "e2e";
+const SSH_SECRET: &str = "e2e-ssh-key";
+/// kubeadm's preflight wants 2 CPUs and 1700 MB on a control plane; the API server,
+/// etcd and the controllers under emulation want room besides.
+const CONTROL_PLANE_CPUS: u32 = 2;
+const CONTROL_PLANE_MEMORY: &str = "3Gi";
+const WORKER_CPUS: u32 = 1;
+const WORKER_MEMORY: &str = "1536Mi";
+/// The image's own size (node overlays are never smaller than their base).
+const DISK: &str = "8Gi";
+
+/// Boot, `kubeadm init` (minutes under emulation, more on a busy host), join, Ready.
+const FORM_DEADLINE: Duration = Duration::from_secs(60 * 60);
+const SCALE_UP_DEADLINE: Duration = Duration::from_secs(30 * 60);
+const SCALE_DOWN_DEADLINE: Duration = Duration::from_secs(15 * 60);
+const DELETE_DEADLINE: Duration = Duration::from_secs(10 * 60);
+/// Bounds of the SSH guest's steps under emulation.
+const KUBEADM_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+const KUBECTL_DEADLINE: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn benchcluster_forms_scales_by_edit_and_is_deleted_with_nothing_left() {
+    let test = "benchcluster_forms_scales_by_edit_and_is_deleted_with_nothing_left";
+    if std::env::var(E2E_TESTS_ENV).as_deref() != Ok("1") {
+        eprintln!(
+            "skipping {test}: the e2e tier runs only with {E2E_TESTS_ENV}=1 \
+             (as root, with libvirtd and qemu installed; `cargo xtask test e2e`)"
+        );
+        return;
+    }
+    vm_support::init_tracing();
+    let started = Instant::now();
+    let image = kube_image()
+        .await
+        .unwrap_or_else(|error| panic!("{error:#}"));
+    let sandbox = Sandbox::start(SandboxOptions {
+        image: GuestImage::Path(image),
+    })
+    .await
+    .unwrap_or_else(|error| panic!("{error:#}"));
+    eprintln!(
+        "sandbox {} up in {:.1?} ({})",
+        sandbox.netns(),
+        started.elapsed(),
+        sandbox.uri()
+    );
+    let uri = sandbox.uri();
+    let volume = sandbox.image_volume().to_owned();
+    let dir = sandbox.dir().to_owned();
+    let result = sandbox.run_inside(move || scenario(uri, volume, dir)).await;
+    if let Err(error) = result {
+        eprintln!("{}", sandbox.diagnostics());
+        drop(sandbox);
+        panic!("{error:#}");
+    }
+    let teardown = Instant::now();
+    drop(sandbox);
+    eprintln!(
+        "sandbox torn down in {:.1?}; whole test {:.1?}",
+        teardown.elapsed(),
+        started.elapsed()
+    );
+}
+
+/// [`KUBE_IMAGE_ENV`], else the path [`BUILD_KUBE_IMAGE`] prints (building if needed).
+async fn kube_image() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(KUBE_IMAGE_ENV) {
+        let path = PathBuf::from(path);
+        ensure!(
+            path.is_file(),
+            "{KUBE_IMAGE_ENV}={} is not a file",
+            path.display()
+        );
+        return Ok(path);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(BUILD_KUBE_IMAGE);
+    eprintln!(
+        "building the e2e image with {} if not cached (a first build takes minutes)",
+        script.display()
+    );
+    let started = Instant::now();
+    let output = tokio::time::timeout(
+        IMAGE_BUILD_DEADLINE,
+        tokio::process::Command::new(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow!("{} took over {IMAGE_BUILD_DEADLINE:?}", script.display()))?
+    .with_context(|| format!("running {}", script.display()))?;
+    ensure!(
+        output.status.success(),
+        "{} failed ({})",
+        script.display(),
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let path = stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("{} printed no path", script.display()))?;
+    ensure!(path.is_file(), "{} is not a file", path.display());
+    eprintln!("e2e image {} ({:.1?})", path.display(), started.elapsed());
+    Ok(path)
+}
+
+/// The API server, the controller with the real guest, and what the steps share. Lives
+/// on the thread inside the sandbox's namespace.
+struct Bed {
+    server: TestApiServer,
+    client: Client,
+    namespace: String,
+    api: Api<BenchCluster>,
+    uri: String,
+    image_volume: String,
+    dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Bed {
+    async fn start(uri: String, image_volume: String, dir: PathBuf) -> anyhow::Result<Bed> {
+        let server = TestApiServer::start().await?;
+        server.install_crd().await?;
+        let client = server.client().await?;
+        let namespace = create_namespace(&client, "e2e").await?;
+        let credentials = vm_support::client_credentials()?;
+        create_ssh_secret(&client, &namespace, &credentials).await?;
+
+        let hypervisor = Libvirt::new(LibvirtConfig {
+            image_pool: IMAGE_POOL.to_owned(),
+            node_pool: NODE_POOL.to_owned(),
+            domain_type: "qemu".to_owned(),
+            ..LibvirtConfig::for_uri(uri.clone())
+        });
+        hypervisor
+            .check_connection()
+            .await
+            .context("the controller's libvirt connection to the sandbox")?;
+        let guest = SshGuest::new(SshConfig {
+            // In the sandbox's temporary directory, removed with it.
+            state_dir: dir.join("controller-ssh"),
+            kubeadm_timeout: KUBEADM_TIMEOUT,
+            command_timeout: COMMAND_TIMEOUT,
+            ..SshConfig::default()
+        });
+        let ctx: Arc<Context<Libvirt, SshGuest>> = Arc::new(Context::new(
+            client.clone(),
+            hypervisor,
+            guest,
+            vm_support::settings(),
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run_ctx = Arc::clone(&ctx);
+        let watched = namespace.clone();
+        let task = tokio::spawn(async move {
+            reconcile::run(run_ctx, Some(&watched), async move {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Ok(Bed {
+            api: Api::namespaced(client.clone(), &namespace),
+            server,
+            client,
+            namespace,
+            uri,
+            image_volume,
+            dir,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    async fn stop_controller(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+        self.task.abort();
+    }
+
+    fn benchcluster(&self, workers: i32) -> anyhow::Result<BenchCluster> {
+        let image = json!({"volume": self.image_volume, "firmware": "bios"});
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "benchcluster.dev/v1alpha1",
+            "kind": "BenchCluster",
+            "metadata": {"name": NAME, "namespace": self.namespace},
+            "spec": {
+                "controlPlane": {"cpus": CONTROL_PLANE_CPUS, "memory": CONTROL_PLANE_MEMORY,
+                                  "disk": DISK, "image": image},
+                "workers": {"replicas": workers, "cpus": WORKER_CPUS, "memory": WORKER_MEMORY,
+                            "disk": DISK, "image": image},
+                "network": {"name": NETWORK},
+                "ssh": {"user": USER, "keySecret": {"name": SSH_SECRET}}
+            }
+        }))?)
+    }
+
+    /// Edits `spec.workers.replicas`, as `kubectl edit` or `kubectl scale` would.
+    async fn scale(&self, workers: i32) -> anyhow::Result<()> {
+        let patch = json!({"spec": {"workers": {"replicas": workers}}});
+        self.api
+            .patch(NAME, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("setting replicas to {workers}"))?;
+        Ok(())
+    }
+
+    /// Waits for Ready at the current generation with `workers` workers in status.
+    async fn wait_ready(
+        &self,
+        what: &str,
+        workers: usize,
+        deadline: Duration,
+    ) -> anyhow::Result<BenchCluster> {
+        let last: Mutex<Option<String>> = Mutex::new(None);
+        let last_ref = &last;
+        let result = wait::until(what, deadline, POLL, move || {
+            let api = self.api.clone();
+            async move {
+                let bc = api.get(NAME).await?;
+                let line = summary(&bc);
+                let mut seen = last_ref.lock().unwrap_or_else(PoisonError::into_inner);
+                if seen.as_deref() != Some(line.as_str()) {
+                    eprintln!("  [{}] {line}", clock());
+                    *seen = Some(line);
+                }
+                let status = bc.status_or_default();
+                let done = is_ready(&bc)
+                    && status.nodes.len() == 1 + workers
+                    && status.ready_workers == i32::try_from(workers)?;
+                Ok::<_, anyhow::Error>(done.then_some(bc))
+            }
+        })
+        .await;
+        let last = last.into_inner().unwrap_or_else(PoisonError::into_inner);
+        result.map_err(|error| match last {
+            Some(last) => error.context(format!("last seen: {last}")),
+            None => error,
+        })
+    }
+
+    /// The guest cluster's admin kubeconfig, from the Secret the status names, written
+    /// to a 0600 file in the sandbox's directory.
+    async fn guest_kubeconfig(&self, bc: &BenchCluster) -> anyhow::Result<PathBuf> {
+        let status = bc.status_or_default();
+        let name = status
+            .kubeconfig_secret
+            .context("status names no kubeconfig Secret")?;
+        ensure!(
+            name == format!("{NAME}-kubeconfig"),
+            "the kubeconfig Secret is {name}"
+        );
+        let secret = Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
+            .get(&name)
+            .await?;
+        let data = secret
+            .data
+            .unwrap_or_default()
+            .into_values()
+            .next()
+            .context("the kubeconfig Secret is empty")?;
+        let text = String::from_utf8(data.0)?;
+        let endpoint = status
+            .control_plane_endpoint
+            .context("no control-plane endpoint in status")?;
+        ensure!(
+            text.contains(&format!("server: {endpoint}")),
+            "the kubeconfig's server is not {endpoint}"
+        );
+        let path = self.dir.join("guest-admin.kubeconfig");
+        std::fs::write(&path, text)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(path)
+    }
+
+    /// `kubectl --kubeconfig <guest> args...` from inside the namespace; stdout.
+    async fn guest_kubectl(&self, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let output = tokio::time::timeout(
+            KUBECTL_DEADLINE,
+            tokio::process::Command::new(self.server.bin_dir().join("kubectl"))
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .arg("--cache-dir")
+                .arg(self.dir.join("kubectl-cache"))
+                .args(args)
+                .env_remove("KUBECONFIG")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| anyhow!("kubectl {} took over {KUBECTL_DEADLINE:?}", args.join(" ")))?
+        .context("running kubectl")?;
+        if !output.status.success() {
+            bail!(
+                "kubectl {} failed ({}): {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Node name -> Ready, as `kubectl get nodes -o json` reports them.
+    async fn guest_nodes(&self, kubeconfig: &Path) -> anyhow::Result<BTreeMap<String, bool>> {
+        let text = self
+            .guest_kubectl(kubeconfig, &["get", "nodes", "-o", "json"])
+            .await?;
+        let list: serde_json::Value = serde_json::from_str(&text)?;
+        let items = list["items"].as_array().context("no items")?;
+        Ok(items
+            .iter()
+            .filter_map(|node| {
+                let name = node["metadata"]["name"].as_str()?.to_owned();
+                let ready = node["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                Some((name, ready))
+            })
+            .collect())
+    }
+
+    /// Checks with kubectl that exactly `expected` Nodes exist, all Ready, and prints
+    /// `kubectl get nodes -o wide`.
+    async fn check_guest_nodes(
+        &self,
+        bc: &BenchCluster,
+        expected: &[String],
+    ) -> anyhow::Result<()> {
+        let kubeconfig = self.guest_kubeconfig(bc).await?;
+        let nodes = self.guest_nodes(&kubeconfig).await?;
+        let want: BTreeMap<String, bool> = expected.iter().map(|n| (n.clone(), true)).collect();
+        ensure!(
+            nodes == want,
+            "kubectl get nodes: {nodes:?}, want {want:?} (name -> Ready)"
+        );
+        let wide = self
+            .guest_kubectl(&kubeconfig, &["get", "nodes", "-o", "wide"])
+            .await?;
+        eprintln!("{}", indent(&wide));
+        Ok(())
+    }
+
+    /// Names of this BenchCluster's domains (defined or running), by libvirt.
+    async fn domains(&self) -> anyhow::Result<Vec<String>> {
+        let prefix = format!("{}-{NAME}-", self.namespace);
+        Ok(
+            names(&virsh(&self.uri, &["list", "--all", "--name"]).await?)
+                .into_iter()
+                .filter(|n| n.starts_with(&prefix))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs inside the sandbox's namespace.
+async fn scenario(uri: String, image_volume: String, dir: PathBuf) -> anyhow::Result<()> {
+    let mut bed = Bed::start(uri, image_volume, dir).await?;
+    let result = steps(&bed).await;
+    if let Err(error) = &result {
+        eprintln!("failed: {error:#}");
+        if let Ok(bc) = bed.api.get(NAME).await {
+            eprintln!(
+                "last status:\n{}",
+                serde_yaml::to_string(&bc.status).unwrap_or_default()
+            );
+        }
+    }
+    bed.stop_controller().await;
+    if result.is_err() {
+        bed.server.dump_logs();
+    }
+    result
+}
+
+async fn steps(bed: &Bed) -> anyhow::Result<()> {
+    let cp = format!("{NAME}-cp-0");
+    let w = |i: u32| format!("{NAME}-w-{i}");
+    let mut report = Vec::new();
+
+    // 1. 1 + 1 forms: the control plane is initialised, the worker joins, both Ready.
+    let step = Instant::now();
+    bed.api
+        .create(&PostParams::default(), &bed.benchcluster(1)?)
+        .await
+        .context("creating the BenchCluster")?;
+    let bc = bed.wait_ready("1+1 to be Ready", 1, FORM_DEADLINE).await?;
+    let formed = step.elapsed();
+    eprintln!("step 1: 1+1 Ready in {formed:.1?}");
+    print_timings(&bc);
+    bed.check_guest_nodes(&bc, &[cp.clone(), w(0)]).await?;
+    report.push(("time to Ready, 1+1", formed));
+
+    // 2. replicas 1 -> 2: one more VM, joined, Ready.
+    let step = Instant::now();
+    bed.scale(2).await?;
+    let bc = bed
+        .wait_ready("1+2 to be Ready", 2, SCALE_UP_DEADLINE)
+        .await?;
+    let grown = step.elapsed();
+    eprintln!("step 2: 1+2 Ready in {grown:.1?}");
+    print_timings(&bc);
+    bed.check_guest_nodes(&bc, &[cp.clone(), w(0), w(1)])
+        .await?;
+    ensure!(
+        bed.domains().await?.len() == 3,
+        "domains: {:?}",
+        bed.domains().await?
+    );
+    report.push(("+1 worker", grown));
+
+    // 3. replicas 2 -> 1: the highest index is drained, its Node deleted, its VM gone.
+    let step = Instant::now();
+    bed.scale(1).await?;
+    let bc = bed
+        .wait_ready("1+1 after scaling down", 1, SCALE_DOWN_DEADLINE)
+        .await?;
+    let shrunk = step.elapsed();
+    eprintln!("step 3: back to 1+1 in {shrunk:.1?}");
+    ensure!(
+        bc.status_or_default().nodes.iter().all(|n| n.name != w(1)),
+        "{} still in status",
+        w(1)
+    );
+    bed.check_guest_nodes(&bc, &[cp.clone(), w(0)]).await?;
+    let removed = format!("{}-{}", bed.namespace, w(1));
+    let domains = bed.domains().await?;
+    ensure!(
+        !domains.contains(&removed) && domains.len() == 2,
+        "{removed} still defined: {domains:?}"
+    );
+    let left = volumes(&bed.uri, NODE_POOL).await?;
+    ensure!(
+        !left.iter().any(|v| v.starts_with(&removed)) && left.len() == 4,
+        "{removed}'s disks left, or others gone: {left:?}"
+    );
+    report.push(("-1 worker", shrunk));
+
+    // 4. Deleted: nothing of it remains.
+    let step = Instant::now();
+    bed.api.delete(NAME, &DeleteParams::default()).await?;
+    wait::until(
+        "the BenchCluster to be gone",
+        DELETE_DEADLINE,
+        POLL,
+        || async { Ok::<_, anyhow::Error>(bed.api.get_opt(NAME).await?.is_none().then_some(())) },
+    )
+    .await?;
+    let deleted = step.elapsed();
+    eprintln!("step 4: deleted in {deleted:.1?}");
+    let domains = bed.domains().await?;
+    ensure!(domains.is_empty(), "domains left: {domains:?}");
+    let left = volumes(&bed.uri, NODE_POOL).await?;
+    ensure!(left.is_empty(), "volumes left in {NODE_POOL}: {left:?}");
+    let images = volumes(&bed.uri, IMAGE_POOL).await?;
+    ensure!(images.len() == 1, "the image pool changed: {images:?}");
+    let kubeconfig = format!("{NAME}-kubeconfig");
+    ensure!(
+        Api::<Secret>::namespaced(bed.client.clone(), &bed.namespace)
+            .get_opt(&kubeconfig)
+            .await?
+            .is_none(),
+        "{kubeconfig} left behind"
+    );
+    report.push(("delete", deleted));
+
+    eprintln!("e2e summary (Kubernetes {}):", kubernetes_version());
+    for (what, took) in report {
+        eprintln!("  {what:<20} {took:>10.1?}");
+    }
+    Ok(())
+}
+
+/// Per-node phase timings from status, and the last provisioning's.
+fn print_timings(bc: &BenchCluster) {
+    let status = bc.status_or_default();
+    eprintln!(
+        "  {:<12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        "node", "define", "boot", "lease", "ssh", "init", "join", "ready"
+    );
+    for node in &status.nodes {
+        eprintln!("  {:<12} {}", node.name, timing_row(&node.timings));
+    }
+    if let Some(last) = &status.last_provisioning {
+        eprintln!("  {:<12} {}", "(slowest)", timing_row(last));
+    }
+}
+
+fn timing_row(t: &PhaseTimings) -> String {
+    let s = |ms: Option<u64>| {
+        ms.map_or_else(
+            || "-".to_owned(),
+            |ms| format!("{:.1}s", ms as f64 / 1000.0),
+        )
+    };
+    format!(
+        "{:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        s(t.define_ms),
+        s(t.boot_ms),
+        s(t.lease_ms),
+        s(t.ssh_ms),
+        s(t.init_ms),
+        s(t.join_ms),
+        s(t.ready_ms)
+    )
+}
+
+async fn create_ssh_secret(
+    client: &Client,
+    namespace: &str,
+    credentials: &Credentials,
+) -> anyhow::Result<()> {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": SSH_SECRET, "namespace": namespace},
+        "type": "kubernetes.io/ssh-auth",
+        "stringData": {
+            SSH_PRIVATE_KEY: credentials.private_key.expose(),
+            SSH_PUBLIC_KEY: credentials.public_key,
+        }
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &secret)
+        .await
+        .context("creating the SSH key Secret")?;
+    Ok(())
+}
+
+/// KUBERNETES_VERSION from e2e/versions.env.
+fn kubernetes_version() -> String {
+    let text = include_str!("../versions.env");
+    text.lines()
+        .find_map(|l| l.strip_prefix("KUBERNETES_VERSION="))
+        .unwrap_or("?")
+        .trim()
+        .to_owned()
+}
+
+fn clock() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

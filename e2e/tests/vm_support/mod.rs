@@ -1,0 +1,437 @@
+//! The vm tier's test bed, shared by its tests (`e2e/tests/vm.rs`) and its benchmark
+//! (`e2e/benches/vm.rs`, which includes this file by path).
+//!
+//! Everything here runs inside a [`Sandbox`](benchcluster_e2e::sandbox::Sandbox)'s
+//! network namespace (call it from `Sandbox::run_inside`): a [`TestApiServer`] on the
+//! namespace's own loopback, the controller in-process with the real [`Libvirt`]
+//! hypervisor on the sandbox's libvirtd, and [`ProbeOnlyGuest`], which is real over SSH
+//! (strict, pinned host keys) but runs no kubeadm.
+
+#![allow(dead_code)] // each of the two including crates uses a part
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use benchcluster_controller::act::{SSH_PRIVATE_KEY, SSH_PUBLIC_KEY};
+use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
+use benchcluster_controller::guest::{
+    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, Result as GuestResult,
+    Sensitive,
+};
+use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
+use benchcluster_controller::{Context, Settings, reconcile};
+use benchcluster_crd::BenchCluster;
+use benchcluster_e2e::sandbox::{IMAGE_POOL, NETWORK, NODE_POOL};
+use benchcluster_e2e::{TestApiServer, create_namespace, wait};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+/// The login user of every VM (the CRD's default).
+pub const USER: &str = "bench";
+/// Name of the SSH key Secret.
+pub const SSH_SECRET: &str = "vm-ssh-key";
+/// Enough for the minimal Debian guest (it idles at about 100 MiB).
+pub const MEMORY: &str = "512Mi";
+pub const DISK: &str = "4Gi";
+pub const POLL: Duration = Duration::from_millis(500);
+
+pub type VmContext = Context<Libvirt, ProbeOnlyGuest>;
+
+/// What a VM said about itself over SSH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Output of `hostname`.
+    pub hostname: String,
+    /// Content of `/etc/machine-id`.
+    pub machine_id: String,
+    /// Where it answered.
+    pub ip: Ipv4Addr,
+    /// The host key it was pinned to.
+    pub host_key: String,
+    pub at: Instant,
+}
+
+/// A guest that is real over SSH and fake above it. `probe` is [`SshGuest::probe`];
+/// `init_control_plane` and `join_worker` run `hostname` and `cat /etc/machine-id` on
+/// the node over SSH and record the answers (instead of kubeadm); the "guest cluster"
+/// is the recorded nodes, all Ready.
+pub struct ProbeOnlyGuest {
+    ssh: SshGuest,
+    answers: Mutex<BTreeMap<String, Answer>>,
+}
+
+impl ProbeOnlyGuest {
+    pub fn new(config: SshConfig) -> Self {
+        Self {
+            ssh: SshGuest::new(config),
+            answers: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The answers recorded so far, by node name.
+    pub fn answers(&self) -> BTreeMap<String, Answer> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Answer>> {
+        self.answers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn identify(&self, node: &GuestNode, credentials: &Credentials) -> GuestResult<()> {
+        let hostname = self.ssh.exec(node, credentials, &["hostname"]).await?;
+        let machine_id = self
+            .ssh
+            .exec(node, credentials, &["cat", "/etc/machine-id"])
+            .await?;
+        self.lock().insert(
+            node.name.clone(),
+            Answer {
+                hostname: hostname.trim().to_owned(),
+                machine_id: machine_id.trim().to_owned(),
+                ip: node.ip,
+                host_key: node.host_key.clone(),
+                at: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+}
+
+impl Guest for ProbeOnlyGuest {
+    async fn probe(&self, node: &GuestNode, credentials: &Credentials) -> GuestResult<()> {
+        self.ssh.probe(node, credentials).await
+    }
+
+    async fn init_control_plane(
+        &self,
+        node: &GuestNode,
+        credentials: &Credentials,
+        _config: &InitConfig,
+    ) -> GuestResult<AdminKubeconfig> {
+        self.identify(node, credentials).await?;
+        Ok(AdminKubeconfig(Sensitive::new(format!(
+            "# not a kubeconfig: the vm tier runs no kubeadm ({})\n",
+            node.name
+        ))))
+    }
+
+    async fn join_worker(
+        &self,
+        _control_plane: &GuestNode,
+        worker: &GuestNode,
+        credentials: &Credentials,
+    ) -> GuestResult<()> {
+        self.identify(worker, credentials).await
+    }
+
+    async fn cluster_nodes(&self, _kubeconfig: &AdminKubeconfig) -> GuestResult<Vec<ClusterNode>> {
+        Ok(self
+            .lock()
+            .keys()
+            .map(|name| ClusterNode {
+                name: name.clone(),
+                ready: true,
+            })
+            .collect())
+    }
+
+    async fn remove_node(&self, _kubeconfig: &AdminKubeconfig, node_name: &str) -> GuestResult<()> {
+        self.lock().remove(node_name);
+        Ok(())
+    }
+}
+
+/// SSH settings for guests under emulation: a state directory of the test's own.
+pub fn ssh_config(state_dir: PathBuf) -> SshConfig {
+    SshConfig {
+        state_dir,
+        connect_timeout: Duration::from_secs(10),
+        command_timeout: Duration::from_secs(60),
+        ..SshConfig::default()
+    }
+}
+
+/// Controller settings for the vm tier: polls short enough to time phases to about a
+/// second, and a resync short enough to notice a domain destroyed behind its back.
+pub fn settings() -> Settings {
+    Settings {
+        poll_interval: Duration::from_millis(500),
+        resync_interval: Duration::from_secs(2),
+        backoff_base: Duration::from_millis(500),
+        backoff_cap: Duration::from_secs(10),
+        ..Settings::default()
+    }
+}
+
+/// A fresh ed25519 client key pair, as the Secret's owner would make with ssh-keygen.
+pub fn client_credentials() -> anyhow::Result<Credentials> {
+    use ssh_key::rand_core::OsRng;
+    let key = ssh_key::PrivateKey::random(&mut OsRng, ssh_key::Algorithm::Ed25519)?;
+    let private = key.to_openssh(ssh_key::LineEnding::LF)?;
+    let mut public = key.public_key().clone();
+    public.set_comment("benchcluster-vm-tier");
+    Ok(Credentials {
+        user: USER.to_owned(),
+        private_key: Sensitive::new(private.as_str()),
+        public_key: public.to_openssh()?,
+    })
+}
+
+/// A 1 + `workers` BenchCluster of the sandbox's guest image on its network.
+pub fn benchcluster(
+    namespace: &str,
+    name: &str,
+    workers: i32,
+    image_volume: &str,
+) -> anyhow::Result<BenchCluster> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "benchcluster.dev/v1alpha1",
+        "kind": "BenchCluster",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "controlPlane": {"cpus": 1, "memory": MEMORY, "disk": DISK,
+                              "image": {"volume": image_volume, "firmware": "bios"}},
+            "workers": {"replicas": workers, "cpus": 1, "memory": MEMORY, "disk": DISK,
+                        "image": {"volume": image_volume, "firmware": "bios"}},
+            "network": {"name": NETWORK},
+            "ssh": {"user": USER, "keySecret": {"name": SSH_SECRET}}
+        }
+    }))?)
+}
+
+/// An API server, a namespace with the SSH key Secret, and the controller watching
+/// that namespace. Start and stop it inside the sandbox's namespace.
+pub struct Bed {
+    pub server: TestApiServer,
+    pub client: Client,
+    pub namespace: String,
+    pub api: Api<BenchCluster>,
+    pub ctx: Arc<VmContext>,
+    pub credentials: Credentials,
+    pub uri: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Bed {
+    /// `uri`: the sandbox's libvirt URI; `state_dir`: where the SSH guest keeps its
+    /// key, known_hosts and control sockets.
+    pub async fn start(uri: String, state_dir: PathBuf) -> anyhow::Result<Bed> {
+        let server = TestApiServer::start().await?;
+        server.install_crd().await?;
+        let client = server.client().await?;
+        let namespace = create_namespace(&client, "vm").await?;
+        let credentials = client_credentials()?;
+        create_ssh_secret(&client, &namespace, &credentials).await?;
+
+        let hypervisor = Libvirt::new(LibvirtConfig {
+            image_pool: IMAGE_POOL.to_owned(),
+            node_pool: NODE_POOL.to_owned(),
+            domain_type: "qemu".to_owned(),
+            ..LibvirtConfig::for_uri(uri.clone())
+        });
+        hypervisor
+            .check_connection()
+            .await
+            .context("the controller's libvirt connection to the sandbox")?;
+        let guest = ProbeOnlyGuest::new(ssh_config(state_dir));
+        let ctx = Arc::new(Context::new(client.clone(), hypervisor, guest, settings()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run_ctx = Arc::clone(&ctx);
+        let watched = namespace.clone();
+        let task = tokio::spawn(async move {
+            reconcile::run(run_ctx, Some(&watched), async move {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Ok(Bed {
+            api: Api::namespaced(client.clone(), &namespace),
+            server,
+            client,
+            namespace,
+            ctx,
+            credentials,
+            uri,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stops the controller gracefully (in-flight reconciles finish, bounded).
+    pub async fn stop_controller(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+        self.task.abort();
+    }
+
+    pub async fn create(&self, name: &str, workers: i32, image: &str) -> anyhow::Result<()> {
+        self.api
+            .create(
+                &PostParams::default(),
+                &benchcluster(&self.namespace, name, workers, image)?,
+            )
+            .await
+            .with_context(|| format!("creating BenchCluster {name}"))?;
+        Ok(())
+    }
+
+    /// Waits for `ready(&bc)` on the current object, polling the API server.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        name: &str,
+        deadline: Duration,
+        ready: impl Fn(&BenchCluster) -> bool,
+    ) -> anyhow::Result<BenchCluster> {
+        let last: Mutex<Option<String>> = Mutex::new(None);
+        let (last_ref, ready) = (&last, &ready);
+        let result = wait::until(what, deadline, POLL, move || {
+            let api = self.api.clone();
+            async move {
+                let bc = api.get(name).await?;
+                *last_ref.lock().unwrap_or_else(PoisonError::into_inner) = Some(summary(&bc));
+                Ok::<_, anyhow::Error>(ready(&bc).then_some(bc))
+            }
+        })
+        .await;
+        let last = last.into_inner().unwrap_or_else(PoisonError::into_inner);
+        result.map_err(|error| match last {
+            Some(last) => error.context(format!("last seen: {last}")),
+            None => error,
+        })
+    }
+
+    /// Domain name prefix of a BenchCluster of this namespace.
+    pub fn domain_prefix(&self, name: &str) -> String {
+        format!("{}-{name}-", self.namespace)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn create_ssh_secret(
+    client: &Client,
+    namespace: &str,
+    credentials: &Credentials,
+) -> anyhow::Result<()> {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": SSH_SECRET, "namespace": namespace},
+        "type": "kubernetes.io/ssh-auth",
+        "stringData": {
+            SSH_PRIVATE_KEY: credentials.private_key.expose(),
+            SSH_PUBLIC_KEY: credentials.public_key,
+        }
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &secret)
+        .await
+        .context("creating the SSH key Secret")?;
+    Ok(())
+}
+
+/// Whether the status says Ready for the object's current generation.
+pub fn is_ready(bc: &BenchCluster) -> bool {
+    let status = bc.status_or_default();
+    status.observed_generation == bc.metadata.generation
+        && status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// One line about the object's status, for timeout messages.
+pub fn summary(bc: &BenchCluster) -> String {
+    let status = bc.status_or_default();
+    let nodes: Vec<String> = status
+        .nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "{}={:?}@{}",
+                n.name,
+                n.state,
+                n.ip.as_deref().unwrap_or("-")
+            )
+        })
+        .collect();
+    let conditions: Vec<String> = status
+        .conditions
+        .iter()
+        .filter(|c| c.status == "True" || c.type_ == "Ready")
+        .map(|c| format!("{}={} ({}: {})", c.type_, c.status, c.reason, c.message))
+        .collect();
+    format!("nodes [{}], {}", nodes.join(", "), conditions.join("; "))
+}
+
+/// `virsh -c <uri> args...`: the sandbox's libvirtd, reached the way an operator
+/// would, behind the controller's back. Returns stdout.
+pub async fn virsh(uri: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("virsh")
+            .args(["-c", uri])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow!("virsh {} took over a minute", args.join(" ")))?
+    .context("running virsh")?;
+    if !output.status.success() {
+        bail!(
+            "virsh {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Volume names of a pool (`virsh vol-list` has no `--name` before libvirt 9).
+pub async fn volumes(uri: &str, pool: &str) -> anyhow::Result<Vec<String>> {
+    virsh(uri, &["pool-refresh", pool]).await?;
+    let table = virsh(uri, &["vol-list", pool]).await?;
+    Ok(table
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("---"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Names printed one per line by `virsh list --name` and the like.
+pub fn names(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Routes the controller's logs to the test's output (`RUST_LOG` overrides).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("benchcluster_controller=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
+}
