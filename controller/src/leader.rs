@@ -367,7 +367,7 @@ async fn monitor(
                     debug!("the Lease was released: competing for it now");
                     match competition.manager().await {
                         Ok(fresh) => manager = fresh,
-                        Err(error) => debug!(error = %error_chain(&error), "cannot restart the lease manager"),
+                        Err(error) => debug!(error = %crate::error::chain(&error), "cannot restart the lease manager"),
                     }
                 }
             }
@@ -439,22 +439,11 @@ async fn release(manager: Manager) {
     match tokio::time::timeout(RELEASE_TIMEOUT, task).await {
         Ok(Ok(Ok(_))) => info!("released the leader Lease"),
         Ok(Ok(Err(error))) => {
-            warn!(error = %error_chain(&error), "cannot release the leader Lease")
+            warn!(error = %crate::error::chain(&error), "cannot release the leader Lease")
         }
         Ok(Err(error)) => warn!(%error, "the leader election task failed"),
         Err(_) => warn!("releasing the leader Lease timed out"),
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Why [`run_controller`] returned.

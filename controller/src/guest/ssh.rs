@@ -905,25 +905,14 @@ fn local_error(what: &str, error: &std::io::Error) -> GuestError {
 fn remote_error(node: &GuestNode, error: &openssh::Error) -> GuestError {
     GuestError::Unreachable {
         node: node.name.clone(),
-        reason: error_chain(error),
+        reason: crate::error::chain(error),
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A refused host key is a different failure from "not up yet": it must stop the
 /// controller from running anything and say so. ssh reports it only as text.
 fn classify_connect_error(node: &str, error: &openssh::Error) -> GuestError {
-    let text = error_chain(error);
+    let text = crate::error::chain(error);
     if text.contains("Host key verification failed")
         || text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
         || text.contains("No ED25519 host key is known")
