@@ -276,8 +276,10 @@ async fn domain_destroyed_behind_the_controllers_back_is_recreated() -> Result<(
     f.wait_ready("drift", 2).await?;
     let victim = format!("{}-drift-w-1", f.namespace);
     let domain = testbed::libvirt()?.lookup_domain_by_name(&victim)?;
-    domain.destroy()?;
+    // Undefine first: the running domain turns transient and dies with destroy, so the
+    // controller never sees a stopped domain it could restart in between.
     domain.undefine()?;
+    domain.destroy()?;
     // The guest cluster loses the Node with its VM.
     controller.ctx.guest.delete_node("drift-cp-0", "drift-w-1");
     wait::until("the destroyed worker recreated", CONVERGE, POLL, || async {
@@ -286,15 +288,17 @@ async fn domain_destroyed_behind_the_controllers_back_is_recreated() -> Result<(
             .then_some(())
     })
     .await?;
-    f.wait_ready("drift", 2).await?;
-    assert!(
+    // The status said Ready before the drift: wait for the rejoin itself, not for it.
+    wait::until("the recreated worker rejoined", CONVERGE, POLL, || async {
         controller
             .ctx
             .guest
             .nodes("drift-cp-0")
-            .contains(&"drift-w-1".to_owned()),
-        "rejoined"
-    );
+            .contains(&"drift-w-1".to_owned())
+            .then_some(())
+    })
+    .await?;
+    f.wait_ready("drift", 2).await?;
     controller.stop().await;
     Ok(())
 }
