@@ -15,7 +15,8 @@
 # - kubeadm, kubelet and kubectl at KUBERNETES_VERSION (e2e/versions.env), built from
 #   their Go modules with the version stamped in (kubeadm and kubelet check each
 #   other's version, so the unstamped v0.0.0-master of a plain `go build` will not do);
-#   kubelet as its own unit in kubeadm's layout (kube-guest/).
+#   kubelet as its own unit in kubeadm's layout (kube-guest/), enabled, but not started
+#   before kubeadm has configured it (an idle VM under emulation does not crash-loop it).
 # - The images kubeadm deploys, preloaded into containerd's k8s.io namespace under the
 #   names `kubeadm config images list` prints: kube-apiserver, kube-controller-manager,
 #   kube-scheduler and etcd (etcd at the version kubeadm names, built from its Go
@@ -94,8 +95,10 @@ done
 vm_var() { sed -n "s/^$1=\([A-Za-z0-9,.+-]*\)\$/\1/p" "$vm_script" | head -n 1; }
 BASE_PACKAGES=$(vm_var PACKAGES)
 KERNEL_PACKAGE=$(vm_var KERNEL_PACKAGE)
-[ -n "$BASE_PACKAGES" ] && [ -n "$KERNEL_PACKAGE" ] \
-  || { log "cannot read PACKAGES and KERNEL_PACKAGE from $vm_script"; exit 1; }
+if [ -z "$BASE_PACKAGES" ] || [ -z "$KERNEL_PACKAGE" ]; then
+  log "cannot read PACKAGES and KERNEL_PACKAGE from $vm_script"
+  exit 1
+fi
 
 mkdir -p "$images"
 # One image build at a time per cache (the vm tier's script takes the same lock); a
