@@ -374,32 +374,31 @@ async fn check_recreation(bed: &Bed, state_dir: &std::path::Path) -> anyhow::Res
         .remove(&worker)
         .context("no pinned key")?;
 
-    virsh(&bed.uri, &["destroy", &domain]).await?;
+    // Undefined first (a running domain then lives on as a transient one), destroyed
+    // second: destroying first would leave a stopped domain for a moment, which the
+    // controller would simply start again.
     virsh(&bed.uri, &["undefine", &domain]).await?;
+    virsh(&bed.uri, &["destroy", &domain]).await?;
     let gone = Instant::now();
-    eprintln!("  {domain} destroyed and undefined by hand");
+    eprintln!("  {domain} undefined and destroyed by hand");
 
     // The controller notices at its next resync, defines the domain anew (a fresh seed
     // and host key, the same overlay) and starts it.
     let new_key = wait::until(
-        "the controller to redefine and start w-1",
+        "the controller to redefine and start w-1 with a new host key",
         RECREATE_DEADLINE,
         POLL,
         || async {
             let domains = bed.ctx.hypervisor.list_domains(&domain).await?;
             Ok::<_, anyhow::Error>(domains.into_iter().find_map(|d| {
-                (d.name == domain && d.state == DomainState::Running)
-                    .then_some(d.owner.host_key)
-                    .flatten()
+                let key = d.owner.host_key?;
+                (d.name == domain && d.state == DomainState::Running && key != old_key)
+                    .then_some(key)
             }))
         },
     )
     .await?;
     eprintln!("  {domain} running again after {:.1?}", gone.elapsed());
-    ensure!(
-        new_key != old_key,
-        "the recreated domain kept the old host key"
-    );
 
     let recovered = bed
         .wait_for(
