@@ -279,6 +279,7 @@ async fn run_step<H: Hypervisor, G: Guest>(
                 }
                 DomainOwner::Absent => {}
             }
+            ctx.timeline(uid, id, |t| t.define_started(started));
             let credentials = credentials.ok_or(Error::NotReady {
                 action: "write a node's identity seed",
                 requirement: "the SSH key Secret is loaded",

@@ -85,6 +85,23 @@ impl Timeline {
         };
     }
 
+    /// The domain is about to be (re)defined: a new incarnation of the node begins and
+    /// its timings start over. An overlay created for it counts towards the definition;
+    /// a disk kept from an earlier incarnation (whose domain was destroyed behind the
+    /// controller's back) does not.
+    pub fn define_started(&mut self, now: Instant) {
+        let disk_just_created = self.create_started.is_some() && self.timings.define_ms.is_none();
+        if !disk_just_created {
+            self.create_started(now);
+        }
+    }
+
+    /// Whether this process saw the node's current incarnation being created, so the
+    /// timeline holds all of its timings (not only those since an adoption).
+    pub fn saw_creation(&self) -> bool {
+        self.create_started.is_some()
+    }
+
     pub fn defined(&mut self, now: Instant) {
         if let Some(t) = self.create_started {
             self.timings.define_ms = self.complete(Phase::Define, t, now);
@@ -284,5 +301,55 @@ mod tests {
         t.create_started(at(3000));
         assert_eq!(phases(&mut t), [Phase::Define]);
         assert_eq!(t.timings, PhaseTimings::default());
+    }
+
+    #[test]
+    fn a_domain_redefined_on_its_kept_disk_starts_a_new_timeline() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut t = Timeline::default();
+        t.create_started(at(0));
+        t.define_started(at(40));
+        t.defined(at(50));
+        t.booted(at(50), at(60));
+        t.leased(at(100));
+        t.reachable(at(200));
+        t.joined(at(200), at(300));
+        t.node_ready(at(400));
+        // The overlay's creation is part of the first definition.
+        assert_eq!(t.timings.define_ms, Some(50));
+        phases(&mut t);
+
+        // The domain vanished; the controller defines it again on the same disk.
+        t.define_started(at(10_000));
+        t.defined(at(10_010));
+        t.booted(at(10_010), at(10_020));
+        t.leased(at(10_100));
+        t.reachable(at(10_200));
+        t.joined(at(10_200), at(10_300));
+        t.node_ready(at(10_400));
+        assert_eq!(
+            phases(&mut t),
+            [
+                Phase::Define,
+                Phase::Boot,
+                Phase::Lease,
+                Phase::Ssh,
+                Phase::Join,
+                Phase::NodeReady
+            ]
+        );
+        assert_eq!(
+            t.timings,
+            PhaseTimings {
+                define_ms: Some(10),
+                boot_ms: Some(10),
+                lease_ms: Some(80),
+                ssh_ms: Some(100),
+                init_ms: None,
+                join_ms: Some(100),
+                ready_ms: Some(100),
+            }
+        );
     }
 }

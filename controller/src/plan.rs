@@ -173,7 +173,7 @@ fn remove(nodes: &[NodeId], world: &World, drain: bool, out: &mut Vec<Action>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use benchcluster_crd::{
         Firmware, ImageSpec, KubernetesSpec, NetworkSpec, NodeTemplate, SecretReference, SshSpec,
@@ -183,7 +183,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
 
-    fn spec(replicas: i32) -> BenchClusterSpec {
+    pub(crate) fn spec(replicas: i32) -> BenchClusterSpec {
         let image = ImageSpec {
             volume: "base.qcow2".into(),
             firmware: Firmware::Bios,
@@ -233,7 +233,7 @@ mod tests {
         }
     }
 
-    fn ready_world(workers: u32) -> World {
+    pub(crate) fn ready_world(workers: u32) -> World {
         let mut world = empty_world();
         world.cluster = GuestCluster::Reachable;
         world.nodes.insert(NodeId::CONTROL_PLANE, ready_node());

@@ -79,9 +79,14 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
             ip: observed.ip.map(|ip| ip.to_string()),
             state,
             ready: observed.registered == Some(true),
-            timings: timeline
-                .map(|t| merge_timings(&previous_timings, &t.timings))
-                .unwrap_or(previous_timings),
+            timings: match timeline {
+                // Phases this incarnation has not reached yet stay empty rather than
+                // showing those of a VM that no longer exists.
+                Some(t) if t.saw_creation() => t.timings.clone(),
+                // Adopted after a restart: what was seen since adds to the status.
+                Some(t) => merge_timings(&previous_timings, &t.timings),
+                None => previous_timings,
+            },
         });
     }
 
@@ -380,4 +385,95 @@ fn node_message(nodes: &[NodeStatus], id: NodeId) -> String {
         .find(|n| n.role == id.role && n.index == id.index)
         .map(|n| format!("{} is {:?}", n.name, n.state))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::plan::tests::{ready_world, spec};
+    use crate::world::ObservedNode;
+
+    fn status(
+        world: &World,
+        previous: &BenchClusterStatus,
+        timeline: Timeline,
+    ) -> BenchClusterStatus {
+        let names = ClusterNames {
+            namespace: "ns".into(),
+            name: "c".into(),
+            uid: "uid".into(),
+        };
+        compute(&Inputs {
+            spec: &spec(1),
+            generation: Some(1),
+            names: &names,
+            world,
+            outcome: &Outcome::default(),
+            previous,
+            timelines: &[(NodeId::worker(0), timeline)].into(),
+            settings: &Settings::default(),
+            now: Time(Timestamp::now()),
+        })
+    }
+
+    fn worker_timings(status: &BenchClusterStatus) -> PhaseTimings {
+        status
+            .nodes
+            .iter()
+            .find(|n| n.role == Role::Worker && n.index == 0)
+            .map(|n| n.timings.clone())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_recreated_node_shows_its_own_timings_only() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut first = Timeline::default();
+        first.create_started(at(0));
+        first.defined(at(10));
+        first.booted(at(10), at(20));
+        first.leased(at(100));
+        first.reachable(at(200));
+        first.joined(at(200), at(300));
+        first.node_ready(at(400));
+        let world = ready_world(1);
+        let previous = status(&world, &BenchClusterStatus::default(), first.clone());
+        assert_eq!(worker_timings(&previous).ready_ms, Some(100));
+
+        // The worker's domain was defined again on its kept disk and is not started yet.
+        let mut world = ready_world(1);
+        world.nodes.insert(
+            NodeId::worker(0),
+            ObservedNode {
+                domain: Some(VmState::Stopped),
+                disk: true,
+                seed: true,
+                ..ObservedNode::default()
+            },
+        );
+        let mut second = first.clone();
+        second.define_started(at(10_000));
+        second.defined(at(10_005));
+        assert_eq!(
+            worker_timings(&status(&world, &previous, second)),
+            PhaseTimings {
+                define_ms: Some(5),
+                ..PhaseTimings::default()
+            }
+        );
+
+        // After a restart the timeline starts empty: what it sees adds to the status.
+        let mut adopted = Timeline::default();
+        adopted.booted(at(10_000), at(10_030));
+        let merged = worker_timings(&status(&world, &previous, adopted));
+        assert_eq!(merged.boot_ms, Some(30));
+        assert_eq!(merged.ready_ms, Some(100));
+    }
 }

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -274,8 +274,10 @@ async fn domain_destroyed_behind_the_controllers_back_is_recreated() -> Result<(
         RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     f.create("drift", 2).await?;
     f.wait_ready("drift", 2).await?;
+    let phases_before = phase_counts(&controller.ctx.metrics.encode()?);
     let victim = format!("{}-drift-w-1", f.namespace);
     let domain = testbed::libvirt()?.lookup_domain_by_name(&victim)?;
+    let destroyed = std::time::Instant::now();
     // Undefine first: the running domain turns transient and dies with destroy, so the
     // controller never sees a stopped domain it could restart in between.
     domain.undefine()?;
@@ -298,9 +300,57 @@ async fn domain_destroyed_behind_the_controllers_back_is_recreated() -> Result<(
             .then_some(())
     })
     .await?;
-    f.wait_ready("drift", 2).await?;
+    let bc = f.wait_ready("drift", 2).await?;
+    let recreation_ms = u64::try_from(destroyed.elapsed().as_millis())?;
+
+    // The recreated worker went through every phase again, its own timeline restarted
+    // at the new definition: once more each, except init, which only the control plane has.
+    let phases_after = phase_counts(&controller.ctx.metrics.encode()?);
+    for (phase, count) in &phases_after {
+        let again = u64::from(phase.as_str() != "init");
+        assert_eq!(
+            *count,
+            phases_before.get(phase).copied().unwrap_or(0) + again,
+            "phase {phase}: before {phases_before:?}, after {phases_after:?}"
+        );
+    }
+    // Its status timings describe this incarnation only: together they fit in the time
+    // since its first one was destroyed.
+    let status = bc.status.unwrap_or_default();
+    let worker = status
+        .nodes
+        .iter()
+        .find(|n| n.name == "drift-w-1")
+        .expect("the worker's status");
+    let t = &worker.timings;
+    let phases = [
+        t.define_ms,
+        t.boot_ms,
+        t.lease_ms,
+        t.ssh_ms,
+        t.join_ms,
+        t.ready_ms,
+    ];
+    assert!(phases.iter().all(Option::is_some), "{t:?}");
+    assert!(
+        phases.iter().flatten().sum::<u64>() <= recreation_ms,
+        "{t:?} spans more than the {recreation_ms} ms since the first VM was destroyed"
+    );
+    assert_eq!(t.init_ms, None, "a worker is never initialised: {t:?}");
     controller.stop().await;
     Ok(())
+}
+
+/// Phase label -> number of completions in the provisioning phase histogram.
+fn phase_counts(metrics: &str) -> BTreeMap<String, u64> {
+    let prefix = "benchcluster_provisioning_phase_duration_seconds_count{phase=\"";
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let (phase, count) = line.strip_prefix(prefix)?.split_once("\"} ")?;
+            Some((phase.to_owned(), count.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
