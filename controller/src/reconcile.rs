@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::finalizer::{Error as FinalizerError, Event as Finalizer, finalizer};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -48,7 +48,15 @@ pub async fn reconcile<H: Hypervisor, G: Guest>(
     })
     .instrument(span.clone())
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .or_else(|error| match error {
+        // A pass queued before the watch saw the deletion cleaned up again, then found
+        // the object gone with its finalizer: nothing is left to do.
+        FinalizerError::RemoveFinalizer(kube::Error::Api(status)) if status.is_not_found() => {
+            debug!(parent: &span, "already deleted");
+            Ok(Action::await_change())
+        }
+        error => Err(Error::Finalizer(Box::new(error))),
+    });
     ctx.metrics
         .reconciled(started.elapsed(), result.as_ref().err());
     match &result {

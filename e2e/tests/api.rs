@@ -5,11 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use benchcluster_e2e::fakes::SECRET_MARKER;
+use benchcluster_controller::Context;
+use benchcluster_controller::reconcile::reconcile;
+use benchcluster_e2e::fakes::{FakeGuest, SECRET_MARKER};
 use benchcluster_e2e::testbed::{self, CONVERGE, Fixture, POLL, RunningController};
 use benchcluster_e2e::wait;
 use k8s_openapi::api::core::v1::Secret;
@@ -226,6 +229,49 @@ async fn delete_mid_provisioning_leaves_nothing_behind() -> Result<()> {
     assert!(domains(&f.namespace, "mid").is_empty());
     assert!(volumes(&f.namespace, "mid").is_empty());
     controller.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_queued_before_the_deletion_finished_is_not_an_error() -> Result<()> {
+    let f = Fixture::new("latepass").await?;
+    // Passes are run by hand here, to replay the one the controller had queued.
+    let ctx = Arc::new(Context::new(
+        f.client.clone(),
+        testbed::hypervisor(),
+        FakeGuest::default(),
+        testbed::fast_settings(),
+    ));
+    f.create("late", 0).await?;
+    reconcile(Arc::new(f.api.get("late").await?), Arc::clone(&ctx)).await?;
+    f.api.delete("late", &DeleteParams::default()).await?;
+    let deleting = Arc::new(f.api.get("late").await?);
+    ensure!(
+        deleting.metadata.deletion_timestamp.is_some() && !deleting.finalizers().is_empty(),
+        "the finalizer holds the object: {:?}",
+        deleting.metadata
+    );
+    reconcile(Arc::clone(&deleting), Arc::clone(&ctx)).await?;
+    ensure!(
+        f.api.get_opt("late").await?.is_none(),
+        "the finalizer let go"
+    );
+
+    // The same snapshot again, as the watch still had it: the object is gone already.
+    let late = reconcile(deleting, Arc::clone(&ctx)).await;
+    assert!(late.is_ok(), "{late:?}");
+    let metrics = ctx.metrics.encode()?;
+    assert!(
+        !metrics.contains("benchcluster_reconcile_failures_total{"),
+        "{metrics}"
+    );
+    let warnings: Vec<_> = f
+        .events()
+        .await?
+        .into_iter()
+        .filter(|(type_, _, _)| type_ == "Warning")
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:?}");
     Ok(())
 }
 
