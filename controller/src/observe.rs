@@ -26,10 +26,20 @@ pub struct Observation {
     pub host_keys: BTreeMap<NodeId, String>,
 }
 
+/// Whether a pass reads the guest cluster through its API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestApi {
+    /// When its control-plane VM can answer: its Nodes decide init, join and drain.
+    Ask,
+    /// Never: the whole cluster is being deleted and goes away with its VMs.
+    Skip,
+}
+
 pub async fn observe<H: Hypervisor, G: Guest>(
     bc: &BenchCluster,
     names: &ClusterNames,
     ctx: &Context<H, G>,
+    guest_api: GuestApi,
 ) -> Result<Observation> {
     let hv = &ctx.hypervisor;
     let network = match hv.network(&bc.spec.network.name).await? {
@@ -91,7 +101,13 @@ pub async fn observe<H: Hypervisor, G: Guest>(
         }
     }
 
-    let (cluster, kubeconfig) = observe_guest_cluster(names, ctx, &mut nodes).await?;
+    let (cluster, kubeconfig) = match guest_api {
+        GuestApi::Ask => observe_guest_cluster(names, ctx, &mut nodes).await?,
+        GuestApi::Skip => (
+            GuestCluster::Unreachable("not asked: the BenchCluster is being deleted".into()),
+            None,
+        ),
+    };
 
     let now = Instant::now();
     for (id, node) in nodes.iter_mut() {
@@ -153,6 +169,9 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
     else {
         return Ok((GuestCluster::Uninitialised, None));
     };
+    if let Some(reason) = control_plane_unavailable(nodes) {
+        return Ok((GuestCluster::Unreachable(reason.into()), Some(kubeconfig)));
+    }
     match ctx.guest.cluster_nodes(&kubeconfig).await {
         Ok(cluster_nodes) => {
             for cluster_node in cluster_nodes {
@@ -169,6 +188,22 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
     }
 }
 
+/// Why the guest cluster's API cannot answer, when its control-plane VM says so
+/// already: asking it anyway costs a client timeout on every pass.
+fn control_plane_unavailable(nodes: &BTreeMap<NodeId, ObservedNode>) -> Option<&'static str> {
+    match nodes.get(&NodeId::CONTROL_PLANE) {
+        None | Some(ObservedNode { domain: None, .. }) => {
+            Some("the control-plane VM does not exist")
+        }
+        Some(ObservedNode {
+            domain: Some(VmState::Stopped),
+            ..
+        }) => Some("the control-plane VM is not running"),
+        Some(ObservedNode { ip: None, .. }) => Some("the control-plane VM has no address yet"),
+        Some(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +215,36 @@ mod tests {
             ip: Ipv4Addr::new(192, 168, 222, ip),
             expiry_unix: expiry,
         }
+    }
+
+    #[test]
+    fn the_guest_api_is_asked_only_while_its_control_plane_vm_can_answer() {
+        let node = |domain, ip: Option<Ipv4Addr>| ObservedNode {
+            domain,
+            disk: true,
+            seed: true,
+            ip,
+            ..ObservedNode::default()
+        };
+        let ip = Some(Ipv4Addr::new(192, 168, 222, 10));
+        let worker = (NodeId::worker(0), node(Some(VmState::Running), ip));
+        let with_control_plane =
+            |cp: ObservedNode| BTreeMap::from([(NodeId::CONTROL_PLANE, cp), worker.clone()]);
+        assert!(control_plane_unavailable(&BTreeMap::from([worker.clone()])).is_some());
+        for cp in [
+            node(None, None),
+            node(Some(VmState::Stopped), None),
+            node(Some(VmState::Running), None),
+        ] {
+            assert!(
+                control_plane_unavailable(&with_control_plane(cp.clone())).is_some(),
+                "{cp:?}"
+            );
+        }
+        assert_eq!(
+            control_plane_unavailable(&with_control_plane(node(Some(VmState::Running), ip))),
+            None
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::guest::Guest;
 use crate::hypervisor::Hypervisor;
 use crate::names::{ClusterNames, NodeId};
-use crate::observe::observe;
+use crate::observe::{GuestApi, observe};
 use crate::plan::{plan, plan_teardown};
 use crate::status;
 
@@ -124,7 +124,7 @@ async fn apply<H: Hypervisor, G: Guest>(
     ctx: &Context<H, G>,
 ) -> Result<Action> {
     let names = cluster_names(bc)?;
-    let observation = observe(bc, &names, ctx).await?;
+    let observation = observe(bc, &names, ctx, GuestApi::Ask).await?;
     let actions = plan(&bc.spec, &observation.world);
     debug!(?actions, "planned");
     let outcome = act(bc, &names, &observation, actions.clone(), ctx).await;
@@ -231,7 +231,7 @@ async fn cleanup<H: Hypervisor, G: Guest>(
     // Workers go in the first pass, the control plane in the second; a third finds
     // nothing unless something failed or appeared meanwhile.
     for _ in 0..3 {
-        let observation = observe(bc, &names, ctx).await?;
+        let observation = observe(bc, &names, ctx, GuestApi::Skip).await?;
         ctx.metrics.set_cluster_vms(
             &names.uid,
             observation
@@ -270,7 +270,11 @@ async fn cleanup<H: Hypervisor, G: Guest>(
             return Err(error);
         }
     }
-    let remaining = observe(bc, &names, ctx).await?.world.nodes.len();
+    let remaining = observe(bc, &names, ctx, GuestApi::Skip)
+        .await?
+        .world
+        .nodes
+        .len();
     Err(Error::CleanupIncomplete { remaining })
 }
 

@@ -46,7 +46,9 @@ pub struct ObservedNode {
 pub enum GuestCluster {
     /// No admin kubeconfig stored yet: the control plane was never initialised.
     Uninitialised,
-    /// A kubeconfig exists but the API did not answer; the reason is for the status.
+    /// A kubeconfig exists but the API did not answer, or was not asked because it
+    /// could not (its control-plane VM is down) or need not (the cluster is being
+    /// deleted); the reason is for the status.
     Unreachable(String),
     /// The API answered; each node's `registered` says what it reported.
     Reachable,

@@ -47,6 +47,9 @@ pub struct FakeGuest {
     pub init_attempts: AtomicU64,
     pub joins: AtomicU64,
     pub removals: AtomicU64,
+    /// Calls to a guest cluster's API (list its Nodes, remove a Node), failed ones
+    /// included.
+    pub api_calls: AtomicU64,
 }
 
 impl FakeGuest {
@@ -183,6 +186,7 @@ impl Guest for FakeGuest {
     }
 
     async fn cluster_nodes(&self, kubeconfig: &AdminKubeconfig) -> Result<Vec<ClusterNode>> {
+        self.api_calls.fetch_add(1, Ordering::Relaxed);
         let cp = control_plane_of(kubeconfig)
             .ok_or_else(|| GuestError::Api("unparsable fake kubeconfig".into()))?;
         let state = self.state();
@@ -201,6 +205,7 @@ impl Guest for FakeGuest {
     }
 
     async fn remove_node(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
+        self.api_calls.fetch_add(1, Ordering::Relaxed);
         self.latency().await;
         let cp = control_plane_of(kubeconfig)
             .ok_or_else(|| GuestError::Api("unparsable fake kubeconfig".into()))?;

@@ -210,6 +210,76 @@ async fn delete_leaves_nothing_behind() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_cluster_never_asks_its_guest_api() -> Result<()> {
+    let f = Fixture::new("noguest").await?;
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
+    f.create("ng", 2).await?;
+    f.wait_ready("ng", 2).await?;
+    // A graceful stop lets the passes in flight finish: every call the next
+    // controller's guest records comes from the deletion.
+    controller.stop().await;
+    f.api.delete("ng", &DeleteParams::default()).await?;
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
+    wait::until("BenchCluster gone", CONVERGE, POLL, || async {
+        anyhow::Ok(f.api.get_opt("ng").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert!(domains(&f.namespace, "ng").is_empty());
+    assert!(volumes(&f.namespace, "ng").is_empty());
+    // The guest cluster goes away with its VMs: neither listed nor drained.
+    assert_eq!(controller.ctx.guest.api_calls.load(Ordering::Relaxed), 0);
+    controller.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_down_without_a_control_plane_skips_the_drain() -> Result<()> {
+    let f = Fixture::new("nocp").await?;
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
+    f.create("nocp", 2).await?;
+    f.wait_ready("nocp", 2).await?;
+    // Paused, so the controller cannot recreate the control plane before it sees the
+    // scale-down.
+    f.api
+        .patch(
+            "nocp",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await?;
+    wait::until("Paused reported", CONVERGE, POLL, || async {
+        let status = f.api.get("nocp").await?.status.unwrap_or_default();
+        anyhow::Ok(
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Reconciling" && c.reason == "Paused")
+                .then_some(()),
+        )
+    })
+    .await?;
+    let cp = testbed::libvirt()?.lookup_domain_by_name(&format!("{}-nocp-cp-0", f.namespace))?;
+    cp.undefine()?;
+    cp.destroy()?;
+    // The fake guest still answers for the vanished control plane, as a real one would
+    // not: a drain now would show the controller asked it.
+    f.api
+        .patch(
+            "nocp",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": false, "workers": {"replicas": 0}}})),
+        )
+        .await?;
+    f.wait_ready("nocp", 0).await?;
+    assert_eq!(controller.ctx.guest.removals.load(Ordering::Relaxed), 0);
+    controller.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_mid_provisioning_leaves_nothing_behind() -> Result<()> {
     let f = Fixture::new("delmid").await?;
     let controller =
