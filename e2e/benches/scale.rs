@@ -23,15 +23,8 @@ use kube::{Client, ResourceExt};
 const HYPERVISOR_STEP: Duration = Duration::from_millis(50);
 const GUEST_STEP: Duration = Duration::from_millis(500);
 
-fn main() -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(run())
-}
-
-async fn run() -> Result<()> {
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
     let server = TestApiServer::start().await?;
     server.install_crd().await?;
     let client = server.client().await?;

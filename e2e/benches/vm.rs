@@ -40,19 +40,12 @@ const DELETE_DEADLINE: Duration = Duration::from_secs(180);
 const OVERLAYS: usize = 9;
 const COPIES: usize = 3;
 
-fn main() -> Result<()> {
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
     if !vm_tests_enabled("the vm benchmark") {
         return Ok(());
     }
     vm_support::init_tracing();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(run())
-}
-
-async fn run() -> Result<()> {
     let started = Instant::now();
     let sandbox = Sandbox::start(SandboxOptions::default()).await?;
     eprintln!(

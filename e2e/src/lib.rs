@@ -5,9 +5,12 @@
 //!   `e2e/versions.env`, a cluster-admin kubeconfig, `kubectl`, the CRD installer.
 //! - [`wait::until`]: the only way to wait (poll with a deadline, never a fixed sleep).
 //! - [`create_namespace`]: a random labelled namespace per test.
+//! - [`sandbox::Sandbox`]: libvirtd, its network and pools in a network namespace of
+//!   its own, for the vm and e2e tiers and `cargo xtask up`.
 
 pub mod apiserver;
 pub mod fakes;
+pub mod keys;
 pub mod namespace;
 mod pki;
 mod process;

@@ -53,6 +53,11 @@ pub const GUEST_IMAGE_ENV: &str = "BENCHCLUSTER_GUEST_IMAGE";
 /// Builds the Debian guest image or finds it in its cache; prints its path. Relative
 /// to the e2e crate.
 pub const BUILD_GUEST_IMAGE: &str = "hack/build-guest-image.sh";
+/// The e2e tier's image (qcow2) to use instead of running [`BUILD_KUBE_IMAGE`].
+pub const KUBE_IMAGE_ENV: &str = "BENCHCLUSTER_KUBE_IMAGE";
+/// Builds the e2e tier's image or finds it in its cache; prints its path. Relative to
+/// the e2e crate.
+pub const BUILD_KUBE_IMAGE: &str = "hack/build-kube-image.sh";
 
 /// The seed's network: isolated (no forward), DHCP from .100 to .254.
 pub const NETWORK: &str = "scheduler_benchmark_net";
@@ -145,8 +150,9 @@ rm -rf -- "$dir"
 const LIBVIRTD_READY_DEADLINE: Duration = Duration::from_secs(60);
 const VIRSH_DEADLINE: Duration = Duration::from_secs(60);
 const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
-/// A first build of the guest image takes a few minutes; a cached one is instant.
-const IMAGE_BUILD_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// A first build of an image takes minutes (the e2e image about 5, more on a busy
+/// machine); a cached one is instant.
+const IMAGE_BUILD_DEADLINE: Duration = Duration::from_secs(40 * 60);
 const LIBVIRTD_STOP_DEADLINE: Duration = Duration::from_secs(10);
 const REAPER_KILL_SECONDS: u64 = 20;
 const REAPER_DEADLINE: Duration = Duration::from_secs(40);
@@ -195,6 +201,12 @@ pub enum GuestImage {
 #[derive(Debug, Clone, Default)]
 pub struct SandboxOptions {
     pub image: GuestImage,
+    /// The names the image gets in [`IMAGE_POOL`] (links to one file, so a BenchCluster
+    /// can name one volume per role); empty: [`IMAGE_VOLUME`] alone.
+    pub image_volumes: Vec<String>,
+    /// The network namespace's name; `None`: `bc-<random>`. A fixed name must not exist
+    /// yet (a sandbox never takes over a namespace it did not create).
+    pub netns: Option<String>,
 }
 
 /// One DHCP lease of [`NETWORK`], as libvirt reports it.
@@ -212,7 +224,7 @@ pub struct Sandbox {
     netns: String,
     dir: PathBuf,
     socket: PathBuf,
-    image_volume: Option<String>,
+    image_volumes: Vec<String>,
     libvirtd: Option<Supervised>,
     reaper: Reaper,
 }
@@ -224,7 +236,7 @@ impl Sandbox {
         preflight()?;
         // Resolved first: a first image build takes minutes, and nothing runs meanwhile.
         let image = match &options.image {
-            GuestImage::Default => Some(default_image().await?),
+            GuestImage::Default => Some(vm_image().await?),
             GuestImage::Path(path) => Some(path.clone()),
             GuestImage::None => None,
         };
@@ -235,7 +247,19 @@ impl Sandbox {
             .context("creating the sandbox directory")?
             // The reaper removes it, also when this process dies.
             .keep();
-        let netns = format!("bc-{}", random_suffix());
+        let netns = options
+            .netns
+            .clone()
+            .unwrap_or_else(|| format!("bc-{}", random_suffix()));
+        if Path::new("/run/netns").join(&netns).exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("the network namespace {netns} exists already (a sandbox left running?)");
+        }
+        let volumes = if options.image_volumes.is_empty() {
+            vec![IMAGE_VOLUME.to_owned()]
+        } else {
+            options.image_volumes.clone()
+        };
         let created = std::process::Command::new("ip")
             .args(["netns", "add", &netns])
             .status();
@@ -257,19 +281,22 @@ impl Sandbox {
             socket: dir.join("sock").join("libvirt-sock"),
             netns,
             dir,
-            image_volume: None,
+            image_volumes: Vec::new(),
             libvirtd: None,
             reaper,
         };
         // From here on, dropping `sandbox` on an error cleans up.
-        sandbox.set_up(image.as_deref()).await.map_err(|error| {
-            let diagnostics = sandbox.diagnostics();
-            error.context(format!("starting the sandbox\n{diagnostics}"))
-        })?;
+        sandbox
+            .set_up(image.as_deref(), &volumes)
+            .await
+            .map_err(|error| {
+                let diagnostics = sandbox.diagnostics();
+                error.context(format!("starting the sandbox\n{diagnostics}"))
+            })?;
         Ok(sandbox)
     }
 
-    async fn set_up(&mut self, image: Option<&Path>) -> anyhow::Result<()> {
+    async fn set_up(&mut self, image: Option<&Path>, volumes: &[String]) -> anyhow::Result<()> {
         let mut lo_up = self.command("ip");
         lo_up.args(["link", "set", "lo", "up"]);
         run(lo_up.into()).await?;
@@ -325,15 +352,21 @@ impl Sandbox {
         }
 
         if let Some(image) = image {
-            let volume = self.dir.join("pools/images").join(IMAGE_VOLUME);
-            // A hard link when the cache is on the same file system: instant, and safe
-            // since nothing writes to a base image (guests write to their overlays).
-            if std::fs::hard_link(image, &volume).is_err() {
-                std::fs::copy(image, &volume)
-                    .with_context(|| format!("copying {} into the image pool", image.display()))?;
+            for name in volumes {
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    bail!("{name:?} is not a volume name");
+                }
+                let volume = self.dir.join("pools/images").join(name);
+                // A hard link when the cache is on the same file system: instant, and
+                // safe since nothing writes to a base image (guests write to overlays).
+                if std::fs::hard_link(image, &volume).is_err() {
+                    std::fs::copy(image, &volume).with_context(|| {
+                        format!("copying {} into the image pool", image.display())
+                    })?;
+                }
             }
             self.virsh(&["pool-refresh", IMAGE_POOL]).await?;
-            self.image_volume = Some(IMAGE_VOLUME.to_owned());
+            self.image_volumes = volumes.to_vec();
         }
         Ok(())
     }
@@ -381,10 +414,10 @@ impl Sandbox {
         &self.netns
     }
 
-    /// The guest image's volume in [`IMAGE_POOL`]; `""` when the sandbox was started
-    /// with [`GuestImage::None`].
+    /// The guest image's (first) volume in [`IMAGE_POOL`]; `""` when the sandbox was
+    /// started with [`GuestImage::None`].
     pub fn image_volume(&self) -> &str {
-        self.image_volume.as_deref().unwrap_or_default()
+        self.image_volumes.first().map_or("", String::as_str)
     }
 
     /// The sandbox's scratch directory (removed with the sandbox): a place for keys,
@@ -582,21 +615,37 @@ fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn default_image() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(GUEST_IMAGE_ENV) {
+/// The vm tier's guest image: [`GUEST_IMAGE_ENV`] if set, else what
+/// [`BUILD_GUEST_IMAGE`] prints (building it on first use).
+pub async fn vm_image() -> anyhow::Result<PathBuf> {
+    cached_image(GUEST_IMAGE_ENV, BUILD_GUEST_IMAGE).await
+}
+
+/// The e2e tier's image (containerd, kubeadm, kubelet, the control-plane images):
+/// [`KUBE_IMAGE_ENV`] if set, else what [`BUILD_KUBE_IMAGE`] prints (building it on
+/// first use, about 5 minutes).
+pub async fn kube_image() -> anyhow::Result<PathBuf> {
+    cached_image(KUBE_IMAGE_ENV, BUILD_KUBE_IMAGE).await
+}
+
+/// The image file `env` names, else the last line `script` (relative to the e2e crate)
+/// prints, which builds the image or finds it in its cache.
+async fn cached_image(env: &str, script: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
         if !path.is_file() {
-            bail!("{GUEST_IMAGE_ENV}={} is not a file", path.display());
+            bail!("{env}={} is not a file", path.display());
         }
         return Ok(path);
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(BUILD_GUEST_IMAGE);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
     eprintln!(
-        "building the guest image with {} if not cached (a first build takes a few minutes)",
+        "building the image with {} if not cached (a first build takes minutes)",
         script.display()
     );
+    let started = Instant::now();
     let mut build = tokio::process::Command::new(&script);
-    build.stderr(Stdio::inherit());
+    build.stdin(Stdio::null()).stderr(Stdio::inherit());
     let out = tokio::time::timeout(IMAGE_BUILD_DEADLINE, run(build))
         .await
         .map_err(|_| anyhow!("{} took over {IMAGE_BUILD_DEADLINE:?}", script.display()))??;
@@ -613,6 +662,7 @@ async fn default_image() -> anyhow::Result<PathBuf> {
             path.display()
         );
     }
+    eprintln!("image {} ({:.1?})", path.display(), started.elapsed());
     Ok(path)
 }
 

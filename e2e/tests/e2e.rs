@@ -31,16 +31,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
-use benchcluster_controller::act::{SSH_PRIVATE_KEY, SSH_PUBLIC_KEY};
-use benchcluster_controller::guest::Credentials;
 use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
 use benchcluster_controller::{Context, reconcile};
 use benchcluster_crd::{BenchCluster, PhaseTimings};
 use benchcluster_e2e::sandbox::{
-    GuestImage, IMAGE_POOL, NETWORK, NODE_POOL, Sandbox, SandboxOptions,
+    self, GuestImage, IMAGE_POOL, NETWORK, NODE_POOL, Sandbox, SandboxOptions,
 };
-use benchcluster_e2e::{TestApiServer, create_namespace, wait};
+use benchcluster_e2e::{TestApiServer, create_namespace, keys, wait};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -49,11 +47,6 @@ use vm_support::{POLL, USER, is_ready, names, summary, virsh, volumes};
 
 /// Set to `1` to run this tier.
 const E2E_TESTS_ENV: &str = "BENCHCLUSTER_E2E_TESTS";
-/// A prebuilt e2e image (qcow2) instead of running [`BUILD_KUBE_IMAGE`].
-const KUBE_IMAGE_ENV: &str = "BENCHCLUSTER_KUBE_IMAGE";
-/// Relative to the e2e crate.
-const BUILD_KUBE_IMAGE: &str = "hack/build-kube-image.sh";
-const IMAGE_BUILD_DEADLINE: Duration = Duration::from_secs(40 * 60);
 
 /// Name of the BenchCluster.
 const NAME: &str = "e2e";
@@ -89,11 +82,12 @@ async fn benchcluster_forms_scales_by_edit_and_is_deleted_with_nothing_left() {
     }
     vm_support::init_tracing();
     let started = Instant::now();
-    let image = kube_image()
+    let image = sandbox::kube_image()
         .await
         .unwrap_or_else(|error| panic!("{error:#}"));
     let sandbox = Sandbox::start(SandboxOptions {
         image: GuestImage::Path(image),
+        ..SandboxOptions::default()
     })
     .await
     .unwrap_or_else(|error| panic!("{error:#}"));
@@ -121,52 +115,6 @@ async fn benchcluster_forms_scales_by_edit_and_is_deleted_with_nothing_left() {
     );
 }
 
-/// [`KUBE_IMAGE_ENV`], else the path [`BUILD_KUBE_IMAGE`] prints (building if needed).
-async fn kube_image() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(KUBE_IMAGE_ENV) {
-        let path = PathBuf::from(path);
-        ensure!(
-            path.is_file(),
-            "{KUBE_IMAGE_ENV}={} is not a file",
-            path.display()
-        );
-        return Ok(path);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(BUILD_KUBE_IMAGE);
-    eprintln!(
-        "building the e2e image with {} if not cached (a first build takes minutes)",
-        script.display()
-    );
-    let started = Instant::now();
-    let output = tokio::time::timeout(
-        IMAGE_BUILD_DEADLINE,
-        tokio::process::Command::new(&script)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| anyhow!("{} took over {IMAGE_BUILD_DEADLINE:?}", script.display()))?
-    .with_context(|| format!("running {}", script.display()))?;
-    ensure!(
-        output.status.success(),
-        "{} failed ({})",
-        script.display(),
-        output.status
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let path = stdout
-        .lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("{} printed no path", script.display()))?;
-    ensure!(path.is_file(), "{} is not a file", path.display());
-    eprintln!("e2e image {} ({:.1?})", path.display(), started.elapsed());
-    Ok(path)
-}
-
 /// The API server, the controller with the real guest, and what the steps share. Lives
 /// on the thread inside the sandbox's namespace.
 struct Bed {
@@ -188,7 +136,7 @@ impl Bed {
         let client = server.client().await?;
         let namespace = create_namespace(&client, "e2e").await?;
         let credentials = vm_support::client_credentials()?;
-        create_ssh_secret(&client, &namespace, &credentials).await?;
+        keys::create_ssh_secret(&client, &namespace, SSH_SECRET, &credentials).await?;
 
         let hypervisor = Libvirt::new(LibvirtConfig {
             image_pool: IMAGE_POOL.to_owned(),
@@ -286,7 +234,7 @@ impl Bed {
                 let line = summary(&bc);
                 let mut seen = last_ref.lock().unwrap_or_else(PoisonError::into_inner);
                 if seen.as_deref() != Some(line.as_str()) {
-                    eprintln!("  [{}] {line}", clock());
+                    eprintln!("  [{}] {line}", wait::clock());
                     *seen = Some(line);
                 }
                 let status = bc.status_or_default();
@@ -579,28 +527,6 @@ fn timing_row(t: &PhaseTimings) -> String {
     )
 }
 
-async fn create_ssh_secret(
-    client: &Client,
-    namespace: &str,
-    credentials: &Credentials,
-) -> anyhow::Result<()> {
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": SSH_SECRET, "namespace": namespace},
-        "type": "kubernetes.io/ssh-auth",
-        "stringData": {
-            SSH_PRIVATE_KEY: credentials.private_key.expose(),
-            SSH_PUBLIC_KEY: credentials.public_key,
-        }
-    }))?;
-    Api::<Secret>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &secret)
-        .await
-        .context("creating the SSH key Secret")?;
-    Ok(())
-}
-
 /// KUBERNETES_VERSION from e2e/versions.env.
 fn kubernetes_version() -> String {
     let text = include_str!("../versions.env");
@@ -609,19 +535,6 @@ fn kubernetes_version() -> String {
         .unwrap_or("?")
         .trim()
         .to_owned()
-}
-
-fn clock() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    format!(
-        "{:02}:{:02}:{:02}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
 }
 
 fn indent(text: &str) -> String {

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use benchcluster_controller::act::{SSH_PRIVATE_KEY, SSH_PUBLIC_KEY};
 use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
 use benchcluster_controller::guest::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, Result as GuestResult,
@@ -26,8 +25,7 @@ use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
 use benchcluster_controller::{Context, Settings, reconcile};
 use benchcluster_crd::BenchCluster;
 use benchcluster_e2e::sandbox::{IMAGE_POOL, NETWORK, NODE_POOL};
-use benchcluster_e2e::{TestApiServer, create_namespace, wait};
-use k8s_openapi::api::core::v1::Secret;
+use benchcluster_e2e::{TestApiServer, create_namespace, keys, wait};
 use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
@@ -171,16 +169,7 @@ pub fn settings() -> Settings {
 
 /// A fresh ed25519 client key pair, as the Secret's owner would make with ssh-keygen.
 pub fn client_credentials() -> anyhow::Result<Credentials> {
-    use ssh_key::rand_core::OsRng;
-    let key = ssh_key::PrivateKey::random(&mut OsRng, ssh_key::Algorithm::Ed25519)?;
-    let private = key.to_openssh(ssh_key::LineEnding::LF)?;
-    let mut public = key.public_key().clone();
-    public.set_comment("benchcluster-vm-tier");
-    Ok(Credentials {
-        user: USER.to_owned(),
-        private_key: Sensitive::new(private.as_str()),
-        public_key: public.to_openssh()?,
-    })
+    keys::client_credentials(USER, "benchcluster-vm-tier")
 }
 
 /// A 1 + `workers` BenchCluster of the sandbox's guest image on its network.
@@ -228,7 +217,7 @@ impl Bed {
         let client = server.client().await?;
         let namespace = create_namespace(&client, "vm").await?;
         let credentials = client_credentials()?;
-        create_ssh_secret(&client, &namespace, &credentials).await?;
+        keys::create_ssh_secret(&client, &namespace, SSH_SECRET, &credentials).await?;
 
         let hypervisor = Libvirt::new(LibvirtConfig {
             image_pool: IMAGE_POOL.to_owned(),
@@ -320,28 +309,6 @@ impl Drop for Bed {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-async fn create_ssh_secret(
-    client: &Client,
-    namespace: &str,
-    credentials: &Credentials,
-) -> anyhow::Result<()> {
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": SSH_SECRET, "namespace": namespace},
-        "type": "kubernetes.io/ssh-auth",
-        "stringData": {
-            SSH_PRIVATE_KEY: credentials.private_key.expose(),
-            SSH_PUBLIC_KEY: credentials.public_key,
-        }
-    }))?;
-    Api::<Secret>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &secret)
-        .await
-        .context("creating the SSH key Secret")?;
-    Ok(())
 }
 
 /// Whether the status says Ready for the object's current generation.
