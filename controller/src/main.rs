@@ -77,6 +77,13 @@ struct Args {
     /// Seconds a running VM may go without a DHCP lease before its status says so.
     #[arg(long, env = "BENCHCLUSTER_LEASE_TIMEOUT_SECONDS", default_value_t = Settings::default().lease_timeout.as_secs())]
     lease_timeout_seconds: u64,
+    /// Seconds `kubeadm init` or `kubeadm join` may take (raise it for software-emulated
+    /// guests, where `kubeadm init` alone takes minutes).
+    #[arg(long, env = "BENCHCLUSTER_KUBEADM_TIMEOUT_SECONDS", default_value_t = SshConfig::default().kubeadm_timeout.as_secs())]
+    kubeadm_timeout_seconds: u64,
+    /// Seconds any other command over SSH may take (probes, token minting, resets).
+    #[arg(long, env = "BENCHCLUSTER_SSH_COMMAND_TIMEOUT_SECONDS", default_value_t = SshConfig::default().command_timeout.as_secs())]
+    ssh_command_timeout_seconds: u64,
 }
 
 #[tokio::main]
@@ -119,6 +126,8 @@ async fn run(args: Args) -> anyhow::Result<Stopped> {
     let guest = SshGuest::new(SshConfig {
         state_dir: args.state_dir,
         jump_host: args.ssh_jump_host,
+        kubeadm_timeout: Duration::from_secs(args.kubeadm_timeout_seconds),
+        command_timeout: Duration::from_secs(args.ssh_command_timeout_seconds),
         ..SshConfig::default()
     });
     let client = kube::Client::try_default()

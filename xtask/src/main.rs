@@ -9,10 +9,16 @@
 //! cargo xtask test vm                the vm tier (root, libvirtd, qemu): builds the guest image
 //!                                    if not cached, then every e2e/tests/*.rs whose first line
 //!                                    is `//! vm tier...`, one test at a time
-//! cargo xtask test all               unit, then api (the vm tier runs on its own: it
-//!                                    needs root, and minutes of emulated boots)
+//! cargo xtask test e2e               the e2e tier (root): kubeadm for real in VMs; builds the
+//!                                    e2e image if not cached, then every `//! e2e tier` file
+//! cargo xtask test all               every tier: unit, api, vm, e2e (root for the last two)
 //! cargo xtask bench                  the benchmarks: scale (api tier) and vm (real VMs)
 //! cargo xtask lint                   rustfmt and clippy, warnings denied
+//! cargo xtask up                     the local sandbox (root): installs the Debian packages,
+//!                                    builds what is missing, starts libvirtd, an API server and
+//!                                    the controller, applies manifests/examples/benchcluster.yaml
+//!                                    and waits for it to be Ready; leaves it all running
+//! cargo xtask down                   stops what `up` started and removes it
 //! ```
 //!
 //! Every command is printed before it runs; a failing command's exit code is ours.
@@ -24,6 +30,8 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context as _, anyhow, bail};
+
+mod up;
 
 /// Where `cargo xtask crd` writes the CRD, relative to the workspace root.
 const CRD_MANIFEST: &str = "manifests/crd.yaml";
@@ -37,6 +45,15 @@ const VM_TESTS_ENV: &str = "BENCHCLUSTER_VM_TESTS";
 const BUILD_GUEST_IMAGE: &str = "e2e/hack/build-guest-image.sh";
 /// Read by the vm tier's sandbox instead of running BUILD_GUEST_IMAGE itself.
 const GUEST_IMAGE_ENV: &str = "BENCHCLUSTER_GUEST_IMAGE";
+/// Set to 1 to let the e2e tier's test run instead of skipping itself.
+const E2E_TESTS_ENV: &str = "BENCHCLUSTER_E2E_TESTS";
+/// Builds (or finds in its cache) the e2e image: containerd, kubeadm, kubelet and the
+/// control-plane images preloaded; prints its path.
+const BUILD_KUBE_IMAGE: &str = "e2e/hack/build-kube-image.sh";
+/// Read by the e2e tier and by `benchcluster-sandbox` instead of running BUILD_KUBE_IMAGE.
+const KUBE_IMAGE_ENV: &str = "BENCHCLUSTER_KUBE_IMAGE";
+/// Installs the Debian packages (one list, shared with .ci/run).
+const INSTALL_DEPS: &str = "e2e/hack/install-deps.sh";
 /// The e2e crate's integration tests, relative to the workspace root.
 const E2E_TESTS: &str = "e2e/tests";
 /// The api tier's tests wait on the server, not the CPU, and share one server per test
@@ -50,9 +67,13 @@ const USAGE: &str = "usage: cargo xtask <task>
   test api [--test-threads N] api tier: kube-apiserver + etcd on loopback (builds them on first use)
   test vm                     vm tier: real VMs in a network namespace (root, libvirtd, qemu;
                               builds the guest image on first use)
-  test all [--test-threads N] unit, then api (the vm tier runs on its own)
+  test e2e                    e2e tier: kubeadm, kubelet and containerd in the VMs (root;
+                              builds the e2e image on first use)
+  test all [--test-threads N] every tier: unit, api, vm, e2e (the last two need root)
   bench                       benchmarks: scale (api tier) and vm (real VMs), printed figures
-  lint                        cargo fmt --check, cargo clippy -D warnings";
+  lint                        cargo fmt --check, cargo clippy -D warnings
+  up                          the local sandbox with the example BenchCluster, left running
+  down                        stop and remove what `up` started";
 
 /// A command that ran and failed; its exit code becomes ours.
 #[derive(Debug)]
@@ -100,10 +121,15 @@ fn run(args: &[&str]) -> anyhow::Result<()> {
         ["test", "all", rest @ ..] => {
             let threads = test_threads(rest)?;
             test_unit(&root)?;
-            test_api(&root, threads)
+            test_api(&root, threads)?;
+            test_vm(&root)?;
+            test_e2e(&root)
         }
         ["test", "vm"] => test_vm(&root),
+        ["test", "e2e"] => test_e2e(&root),
         ["bench"] => bench(&root),
+        ["up"] => up::up(&root),
+        ["down"] => up::down(&root),
         ["lint"] => lint(&root),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
@@ -310,17 +336,38 @@ fn k8s_bin_dir(root: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// The vm tier's guest image: from $BENCHCLUSTER_GUEST_IMAGE, else built (or found in
-/// the cache) by BUILD_GUEST_IMAGE, with the time it took.
+/// the cache) by BUILD_GUEST_IMAGE.
 fn guest_image(root: &Path) -> anyhow::Result<PathBuf> {
-    if let Some(image) = std::env::var_os(GUEST_IMAGE_ENV) {
-        println!("using {GUEST_IMAGE_ENV}={}", image.to_string_lossy());
+    image(
+        root,
+        GUEST_IMAGE_ENV,
+        BUILD_GUEST_IMAGE,
+        "the vm tier's guest image (debootstrap; ~2 minutes the first time, with Debian's \
+         packages still to download a few more)",
+    )
+}
+
+/// The e2e image: from $BENCHCLUSTER_KUBE_IMAGE, else built (or found in the cache) by
+/// BUILD_KUBE_IMAGE.
+fn kube_image(root: &Path) -> anyhow::Result<PathBuf> {
+    image(
+        root,
+        KUBE_IMAGE_ENV,
+        BUILD_KUBE_IMAGE,
+        "the e2e image (the guest image plus containerd, kubeadm, kubelet and the \
+         control-plane images, built from the pinned Go modules; ~5 minutes the first time)",
+    )
+}
+
+/// The image file `env` names, else the path `script` prints last (building the image
+/// if its cache has none), with the time it took.
+fn image(root: &Path, env: &str, script: &str, what: &str) -> anyhow::Result<PathBuf> {
+    if let Some(image) = std::env::var_os(env) {
+        println!("using {env}={}", image.to_string_lossy());
         return Ok(PathBuf::from(image));
     }
-    println!(
-        "building the vm tier's guest image if not cached (debootstrap; ~2 minutes the first \
-         time, with Debian's packages still to download a few more)"
-    );
-    let mut build = Command::new(root.join(BUILD_GUEST_IMAGE));
+    println!("building {what} if not cached");
+    let mut build = Command::new(root.join(script));
     build.current_dir(root);
     let start = Instant::now();
     let out = step_output(build)?;
@@ -329,9 +376,9 @@ fn guest_image(root: &Path) -> anyhow::Result<PathBuf> {
         .rev()
         .map(str::trim)
         .find(|l| !l.is_empty())
-        .ok_or_else(|| anyhow!("{BUILD_GUEST_IMAGE} printed no path"))?;
+        .ok_or_else(|| anyhow!("{script} printed no path"))?;
     println!(
-        "  ({BUILD_GUEST_IMAGE}: {:.1}s) -> {image}",
+        "  ({script}: {:.1}s) -> {image}",
         start.elapsed().as_secs_f64()
     );
     Ok(PathBuf::from(image))
@@ -374,6 +421,29 @@ fn test_vm(root: &Path) -> anyhow::Result<()> {
     step(test)?;
     println!(
         "vm tier done in {:.1}s (image included)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn test_e2e(root: &Path) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let bin_dir = k8s_bin_dir(root)?;
+    let image = kube_image(root)?;
+    let mut test = cargo(root);
+    test.env(E2E_TESTS_ENV, "1")
+        .env(KUBE_IMAGE_ENV, &image)
+        .env(K8S_BIN_ENV, &bin_dir)
+        .args(["test", "-p", "benchcluster-e2e"]);
+    for name in tier_tests(&root.join(E2E_TESTS), "e2e")? {
+        test.args(["--test", &name]);
+    }
+    // One test at a time (emulated guests are CPU-bound), its output shown as it goes:
+    // the phase timings it prints are part of what this tier reports.
+    test.args(["--", "--test-threads=1", "--nocapture"]);
+    step(test)?;
+    println!(
+        "e2e tier done in {:.1}s (image included)",
         start.elapsed().as_secs_f64()
     );
     Ok(())
