@@ -6,16 +6,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
+use benchcluster_controller::guest::{Credentials, Sensitive};
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
 use benchcluster_controller::{Context, Settings, reconcile};
 use benchcluster_crd::BenchCluster;
-use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::fakes::{FakeGuest, Instrumented, RecordedSeeds, SECRET_MARKER};
-use crate::{TestApiServer, create_namespace, wait};
+use crate::{TestApiServer, create_namespace, keys, wait};
 
 pub const URI: &str = "test:///default";
 pub const POOL: &str = "default-pool";
@@ -158,20 +158,16 @@ impl RunningController {
 /// Creates the `kubernetes.io/ssh-auth` Secret every test BenchCluster names. Its private
 /// key carries [`SECRET_MARKER`], so leak checks can find it.
 pub async fn create_ssh_secret(client: &Client, namespace: &str) -> anyhow::Result<()> {
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": SSH_SECRET, "namespace": namespace},
-        "type": "kubernetes.io/ssh-auth",
-        "stringData": {
-            "ssh-privatekey": format!("-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET_MARKER}\n-----END OPENSSH PRIVATE KEY-----\n"),
-            "ssh-publickey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake bench"
-        }
-    }))?;
-    Api::<Secret>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &secret)
-        .await?;
-    Ok(())
+    let credentials = Credentials {
+        user: "bench".into(),
+        private_key: Sensitive::new(format!(
+            "-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET_MARKER}\n-----END OPENSSH PRIVATE KEY-----\n"
+        )),
+        public_key:
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake bench"
+                .into(),
+    };
+    keys::create_ssh_secret(client, namespace, SSH_SECRET, &credentials).await
 }
 
 /// A BenchCluster of one control plane and `workers` workers on the test driver.
