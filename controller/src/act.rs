@@ -3,8 +3,13 @@
 //! Steps of one node run in order; nodes run concurrently up to
 //! `Settings::max_parallel_steps`. Each step is idempotent on its own, so a pass that
 //! dies half-way is resumed by the next one.
+//!
+//! kubeadm init and join and drains only start here, as background operations (see
+//! [`crate::operations`]); [`collect`] picks up their results at the start of a later
+//! pass and does what follows them (the kubeconfig Secret, timings, events, failures).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use benchcluster_crd::quantity::parse_bytes;
@@ -14,6 +19,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -25,6 +31,7 @@ use crate::guest::{
 use crate::hypervisor::{DomainOwner, DomainSpec, Hypervisor, HypervisorError, OverlaySpec, Owner};
 use crate::names::{ClusterNames, NodeId};
 use crate::observe::{KUBECONFIG_KEY, Observation};
+use crate::operations::{Ending, Finished, Output};
 use crate::plan::Action;
 use crate::seed::{self, HostKey, Identity};
 
@@ -39,9 +46,21 @@ pub struct Outcome {
     pub failures: Vec<(Action, Error)>,
     /// Nodes whose SSH did not answer yet: not a failure, a reason to poll again.
     pub waiting_for_ssh: Vec<NodeId>,
+    /// Operations in flight again after an earlier attempt failed, with that failure:
+    /// the status keeps showing it until an attempt succeeds.
+    pub retrying: Vec<(Action, String)>,
 }
 
 impl Outcome {
+    /// Adds what another part of the pass achieved; its failures come first.
+    pub fn absorb(&mut self, earlier: Outcome) {
+        let later = std::mem::replace(&mut self.failures, earlier.failures);
+        self.failures.extend(later);
+        self.waiting_for_ssh.extend(earlier.waiting_for_ssh);
+        self.waiting_for_ssh.sort();
+        self.retrying.extend(earlier.retrying);
+    }
+
     /// The first failure as the pass's error, for the backoff policy.
     pub fn into_error(mut self) -> Option<Error> {
         if self.failures.is_empty() {
@@ -60,6 +79,9 @@ impl Outcome {
 enum StepResult {
     Done,
     WaitingForSsh,
+    /// A background operation started (or runs already): the node's further steps
+    /// wait for its result.
+    Started,
 }
 
 /// How a node's steps of this pass ended.
@@ -112,6 +134,7 @@ pub async fn act<H: Hypervisor, G: Guest>(
                     match run_step(bc, names, observation, step, credentials, ctx).await {
                         Ok(StepResult::Done) => {}
                         Ok(StepResult::WaitingForSsh) => return NodeResult::WaitingForSsh(id),
+                        Ok(StepResult::Started) => return NodeResult::Done,
                         Err(e) => return NodeResult::Failed(step, e),
                     }
                 }
@@ -127,17 +150,7 @@ pub async fn act<H: Hypervisor, G: Guest>(
             NodeResult::Done => {}
             NodeResult::WaitingForSsh(id) => outcome.waiting_for_ssh.push(id),
             NodeResult::Failed(action, error) => {
-                warn!(?action, error = %error.chain(), "step failed");
-                publish(
-                    bc,
-                    ctx,
-                    EventType::Warning,
-                    "StepFailed",
-                    "Reconcile",
-                    format!("{action:?}: {}", error.chain()),
-                )
-                .await;
-                outcome.failures.push((action, error));
+                report_failure(bc, ctx, &mut outcome, action, error).await;
             }
         }
     }
@@ -145,12 +158,148 @@ pub async fn act<H: Hypervisor, G: Guest>(
     outcome
 }
 
+/// Logs a failed step, publishes its Warning event and adds it to the outcome.
+async fn report_failure<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    ctx: &Context<H, G>,
+    outcome: &mut Outcome,
+    action: Action,
+    error: Error,
+) {
+    warn!(?action, error = %error.chain(), "step failed");
+    publish(
+        bc,
+        ctx,
+        EventType::Warning,
+        "StepFailed",
+        "Reconcile",
+        failure_message(action, &error),
+    )
+    .await;
+    outcome.failures.push((action, error));
+}
+
+/// How a failed step reads in conditions and events.
+pub fn failure_message(action: Action, error: &Error) -> String {
+    format!("{action:?}: {}", error.chain())
+}
+
+/// Collects the background operations of this BenchCluster that ended, and does what
+/// follows each: on success what the step did once kubeadm returned (store the
+/// kubeconfig, record the timing, publish the event), on failure what a failed step
+/// does (Warning event, a failure in the outcome, so the pass backs off).
+pub async fn collect<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    names: &ClusterNames,
+    ctx: &Context<H, G>,
+) -> Outcome {
+    let uid = names.uid.as_str();
+    let mut outcome = Outcome::default();
+    for Finished {
+        node: id,
+        operation,
+        began,
+        ended,
+        ending,
+    } in ctx.operations.collect(uid)
+    {
+        let action = Action::starting(operation, id);
+        let result = match ending {
+            Ending::Finished(Ok(output)) => finish(bc, names, ctx, id, output, began, ended).await,
+            Ending::Finished(Err(error)) => Err(error.into()),
+            Ending::Lost => Err(Error::OperationLost {
+                operation: operation.as_str(),
+            }),
+        };
+        match result {
+            Ok(()) => ctx.operations.clear_failure(uid, id),
+            Err(error) => {
+                ctx.operations
+                    .remember_failure(uid, id, failure_message(action, &error));
+                report_failure(bc, ctx, &mut outcome, action, error).await;
+            }
+        }
+    }
+    outcome
+}
+
+/// What follows a successful operation.
+async fn finish<H: Hypervisor, G: Guest>(
+    bc: &BenchCluster,
+    names: &ClusterNames,
+    ctx: &Context<H, G>,
+    id: NodeId,
+    output: Output,
+    began: Instant,
+    ended: Instant,
+) -> Result<()> {
+    let uid = names.uid.as_str();
+    let node = names.node(id);
+    match output {
+        Output::Initialised(kubeconfig) => {
+            store_kubeconfig(bc, names, &kubeconfig, ctx).await?;
+            ctx.timeline(uid, id, |t| t.initialised(began, ended));
+            info!(%node, "control plane initialised");
+            publish(
+                bc,
+                ctx,
+                EventType::Normal,
+                "ControlPlaneInitialized",
+                "KubeadmInit",
+                node,
+            )
+            .await;
+        }
+        Output::Joined => {
+            ctx.timeline(uid, id, |t| t.joined(began, ended));
+            info!(%node, "worker joined");
+            publish(
+                bc,
+                ctx,
+                EventType::Normal,
+                "WorkerJoined",
+                "KubeadmJoin",
+                node,
+            )
+            .await;
+        }
+        Output::Drained => {
+            publish(bc, ctx, EventType::Normal, "NodeDrained", "Drain", node).await;
+        }
+    }
+    Ok(())
+}
+
+/// Starts a background operation of the node; one already in flight is left alone.
+fn start_operation<H: Hypervisor, G: Guest, F>(
+    bc: &BenchCluster,
+    names: &ClusterNames,
+    ctx: &Context<H, G>,
+    id: NodeId,
+    operation: crate::world::Operation,
+    work: F,
+) -> StepResult
+where
+    F: std::future::Future<Output = crate::guest::Result<Output>> + Send + 'static,
+{
+    if ctx
+        .operations
+        .start(&names.uid, id, operation, ObjectRef::from_obj(bc), work)
+    {
+        info!(node = %names.node(id), operation = operation.as_str(), "started");
+    }
+    StepResult::Started
+}
+
 /// Steps that need the SSH key pair: guest steps log in with the private half, and a
 /// new domain's seed authorizes the public half.
 fn needs_credentials(action: Action) -> bool {
     matches!(
         action,
-        Action::InitControlPlane | Action::JoinWorker(_) | Action::DefineDomain(_)
+        Action::ProbeSsh(_)
+            | Action::InitControlPlane
+            | Action::JoinWorker(_)
+            | Action::DefineDomain(_)
     )
 }
 
@@ -332,82 +481,96 @@ async fn run_step<H: Hypervisor, G: Guest>(
             )
             .await;
         }
-        Action::InitControlPlane => {
-            let node = guest_node(names, observation, NodeId::CONTROL_PLANE)?;
+        Action::ProbeSsh(id) => {
+            let node = guest_node(names, observation, id)?;
             let credentials = credentials.ok_or(Error::NotReady {
-                action: "initialise the control plane",
+                action: "probe a node over SSH",
                 requirement: "SSH credentials are loaded",
             })?;
-            if !probe(ctx, uid, NodeId::CONTROL_PLANE, &node, credentials).await? {
+            if !probe(ctx, uid, id, &node, credentials).await? {
                 return Ok(StepResult::WaitingForSsh);
             }
-            let began = Instant::now();
+        }
+        Action::InitControlPlane => {
+            let node = guest_node(names, observation, NodeId::CONTROL_PLANE)?;
+            let credentials = credentials
+                .ok_or(Error::NotReady {
+                    action: "initialise the control plane",
+                    requirement: "SSH credentials are loaded",
+                })?
+                .clone();
             let config = InitConfig {
                 pod_subnet: bc.spec.kubernetes.pod_subnet.clone(),
                 service_subnet: bc.spec.kubernetes.service_subnet.clone(),
             };
-            let kubeconfig = ctx
-                .guest
-                .init_control_plane(&node, credentials, &config)
-                .await?;
-            store_kubeconfig(bc, names, &kubeconfig, ctx).await?;
-            ctx.timeline(uid, NodeId::CONTROL_PLANE, |t| {
-                t.initialised(began, Instant::now())
-            });
-            info!(node = %node.name, "control plane initialised");
-            publish(
+            let guest = Arc::clone(&ctx.guest);
+            return Ok(start_operation(
                 bc,
+                names,
                 ctx,
-                EventType::Normal,
-                "ControlPlaneInitialized",
-                "KubeadmInit",
-                node.name,
-            )
-            .await;
+                NodeId::CONTROL_PLANE,
+                crate::world::Operation::Init,
+                async move {
+                    guest
+                        .init_control_plane(&node, &credentials, &config)
+                        .await
+                        .map(Output::Initialised)
+                },
+            ));
         }
         Action::JoinWorker(id) => {
             let control_plane = guest_node(names, observation, NodeId::CONTROL_PLANE)?;
             let worker = guest_node(names, observation, id)?;
-            let credentials = credentials.ok_or(Error::NotReady {
-                action: "join a worker",
-                requirement: "SSH credentials are loaded",
-            })?;
-            if !probe(ctx, uid, id, &worker, credentials).await? {
-                return Ok(StepResult::WaitingForSsh);
-            }
-            let began = Instant::now();
-            ctx.guest
-                .join_worker(&control_plane, &worker, credentials)
-                .await?;
-            ctx.timeline(uid, id, |t| t.joined(began, Instant::now()));
-            info!(node = %worker.name, "worker joined");
-            publish(
+            let credentials = credentials
+                .ok_or(Error::NotReady {
+                    action: "join a worker",
+                    requirement: "SSH credentials are loaded",
+                })?
+                .clone();
+            let guest = Arc::clone(&ctx.guest);
+            return Ok(start_operation(
                 bc,
+                names,
                 ctx,
-                EventType::Normal,
-                "WorkerJoined",
-                "KubeadmJoin",
-                worker.name,
-            )
-            .await;
+                id,
+                crate::world::Operation::Join,
+                async move {
+                    guest
+                        .join_worker(&control_plane, &worker, &credentials)
+                        .await
+                        .map(|()| Output::Joined)
+                },
+            ));
         }
         Action::DrainNode(id) => {
-            let kubeconfig = observation.kubeconfig.as_ref().ok_or(Error::NotReady {
+            let kubeconfig = observation.kubeconfig.clone().ok_or(Error::NotReady {
                 action: "drain a Node",
                 requirement: "the admin kubeconfig is stored",
             })?;
-            ctx.guest.remove_node(kubeconfig, &names.node(id)).await?;
-            publish(
+            let node = names.node(id);
+            let guest = Arc::clone(&ctx.guest);
+            return Ok(start_operation(
                 bc,
+                names,
                 ctx,
-                EventType::Normal,
-                "NodeDrained",
-                "Drain",
-                names.node(id),
-            )
-            .await;
+                id,
+                crate::world::Operation::Drain,
+                async move {
+                    guest
+                        .remove_node(&kubeconfig, &node)
+                        .await
+                        .map(|()| Output::Drained)
+                },
+            ));
+        }
+        Action::Abandon(id) => {
+            if let Some(operation) = ctx.operations.abort(uid, id) {
+                info!(node = %names.node(id), operation = operation.as_str(), "abandoned");
+            }
         }
         Action::RemoveDomain(id) => {
+            // Nothing may run on a VM that is going away.
+            ctx.operations.abort(uid, id);
             hv.remove_domain(&names.domain(id)).await?;
             ctx.forget(uid, |node| node != id);
             info!(domain = %names.domain(id), "VM removed");

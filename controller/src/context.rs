@@ -14,6 +14,7 @@ use crate::guest::Guest;
 use crate::hypervisor::Hypervisor;
 use crate::metrics::{Metrics, Phase};
 use crate::names::NodeId;
+use crate::operations::Operations;
 
 /// Field manager of every server-side apply this controller makes.
 pub const FIELD_MANAGER: &str = "benchcluster-controller";
@@ -111,6 +112,9 @@ impl Timeline {
     pub fn booted(&mut self, boot_started: Instant, now: Instant) {
         self.timings.boot_ms = self.complete(Phase::Boot, boot_started, now);
         self.started = Some(now);
+        // A new boot: its lease and SSH are awaited (and probed) again.
+        self.leased = None;
+        self.reachable = None;
     }
 
     pub fn leased(&mut self, now: Instant) {
@@ -161,11 +165,14 @@ impl Timeline {
 pub struct Context<H, G> {
     pub client: Client,
     pub hypervisor: H,
-    pub guest: G,
+    /// Shared with the background operations that run guest steps.
+    pub guest: Arc<G>,
     pub recorder: Recorder,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     timelines: Mutex<HashMap<(String, NodeId), Timeline>>,
+    /// Long guest operations in flight (kubeadm init and join, drains).
+    pub operations: Operations,
     failures: Mutex<HashMap<String, u32>>,
     /// Whether the controller's watch has listed every BenchCluster once.
     synced: AtomicBool,
@@ -181,10 +188,11 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             hypervisor,
-            guest,
+            guest: Arc::new(guest),
             settings,
             metrics: Arc::new(Metrics::new()),
             timelines: Mutex::new(HashMap::new()),
+            operations: Operations::default(),
             failures: Mutex::new(HashMap::new()),
             synced: AtomicBool::new(false),
         }

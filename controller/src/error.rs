@@ -34,6 +34,9 @@ pub enum Error {
         action: &'static str,
         requirement: &'static str,
     },
+    /// A background guest operation ended without a result (its task panicked).
+    #[error("{operation} ended without a result")]
+    OperationLost { operation: &'static str },
     #[error("{failed} step(s) failed, first {step}")]
     Steps {
         failed: usize,
@@ -65,6 +68,7 @@ impl Error {
             Error::Quantity { .. } => "spec",
             Error::SshKeySecret { .. } => "ssh_key_secret",
             Error::NotReady { .. } => "not_ready",
+            Error::OperationLost { .. } => "operation_lost",
             Error::Steps { first, .. } => first.metric_label(),
             Error::CleanupIncomplete { .. } => "cleanup",
             Error::Finalizer(inner) => match inner.as_ref() {

@@ -16,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod observe;
+pub mod operations;
 pub mod plan;
 pub mod reconcile;
 pub mod seed;

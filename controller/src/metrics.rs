@@ -99,6 +99,8 @@ pub fn state_label(state: NodeState) -> &'static str {
         NodeState::Booting => "Booting",
         NodeState::AwaitingSsh => "AwaitingSsh",
         NodeState::Reachable => "Reachable",
+        NodeState::Initializing => "Initializing",
+        NodeState::Joining => "Joining",
         NodeState::Joined => "Joined",
         NodeState::Ready => "Ready",
         NodeState::Deleting => "Deleting",

@@ -120,6 +120,7 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             if node.registered == Some(true) {
                 t.node_ready(now);
             }
+            node.reachable = t.reachable.is_some();
         });
     }
 
@@ -128,6 +129,7 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             network,
             nodes,
             cluster,
+            operations: ctx.operations.in_flight(&names.uid),
         },
         kubeconfig,
         host_keys,

@@ -4,11 +4,15 @@
 //! drain and removal, and their order: the control plane is initialised before any
 //! worker joins, workers proceed in parallel, surplus workers go highest index first,
 //! and the control plane is never removed while a worker exists.
+//!
+//! Init, join and drain run in the background: the planner starts nothing more for a
+//! node whose operation is in flight, and abandons an operation whose node is no longer
+//! wanted or no longer running.
 
 use benchcluster_crd::{BenchClusterSpec, Role};
 
 use crate::names::NodeId;
-use crate::world::{GuestCluster, NetworkState, ObservedNode, VmState, World};
+use crate::world::{GuestCluster, NetworkState, ObservedNode, Operation, VmState, World};
 
 /// One step the act stage can take. Steps of one node run in the order planned; steps
 /// of different nodes are independent and may run concurrently.
@@ -21,12 +25,18 @@ pub enum Action {
     DefineDomain(NodeId),
     /// Start the node's domain.
     StartDomain(NodeId),
-    /// `kubeadm init` on the control plane and store its admin kubeconfig.
+    /// Prove the node answers over SSH with its pinned host key; the node's later steps
+    /// of the pass wait until it does.
+    ProbeSsh(NodeId),
+    /// Start `kubeadm init` on the control plane in the background; the pass that
+    /// collects its success stores the admin kubeconfig.
     InitControlPlane,
-    /// Mint a join command and `kubeadm join` the worker.
+    /// Start minting a join command and `kubeadm join` of the worker in the background.
     JoinWorker(NodeId),
-    /// Cordon, drain and delete the node's Node in the guest cluster.
+    /// Start cordoning, draining and deleting the node's Node in the background.
     DrainNode(NodeId),
+    /// Abort the node's operation in flight: its node is no longer wanted or running.
+    Abandon(NodeId),
     /// Destroy and undefine the node's domain.
     RemoveDomain(NodeId),
     /// Delete the node's disk overlay and identity seed.
@@ -41,14 +51,25 @@ impl Action {
             Action::CreateDisk(id)
             | Action::DefineDomain(id)
             | Action::StartDomain(id)
+            | Action::ProbeSsh(id)
             | Action::JoinWorker(id)
             | Action::DrainNode(id)
+            | Action::Abandon(id)
             | Action::RemoveDomain(id)
             | Action::DeleteVolumes(id) => id,
         }
     }
 
-    /// Whether the step mutates the hypervisor or a guest.
+    /// The step that starts `operation` on `node`.
+    pub fn starting(operation: Operation, node: NodeId) -> Action {
+        match operation {
+            Operation::Init => Action::InitControlPlane,
+            Operation::Join => Action::JoinWorker(node),
+            Operation::Drain => Action::DrainNode(node),
+        }
+    }
+
+    /// Whether the step removes something of the node.
     pub fn is_removal(self) -> bool {
         matches!(
             self,
@@ -76,6 +97,12 @@ pub fn plan(spec: &BenchClusterSpec, world: &World) -> Vec<Action> {
     if spec.paused {
         return actions;
     }
+    // Abandoned first: the node's other steps of this pass replace its operation.
+    for (&id, &operation) in &world.operations {
+        if !operation_still_useful(spec, world, id, operation) {
+            actions.push(Action::Abandon(id));
+        }
+    }
     let empty = ObservedNode::default();
     if world.network == NetworkState::Ready {
         for id in desired_nodes(spec) {
@@ -90,6 +117,44 @@ pub fn plan(spec: &BenchClusterSpec, world: &World) -> Vec<Action> {
         .collect();
     remove(&surplus, world, true, &mut actions);
     actions
+}
+
+/// `actions` without the operations that would start again on `failed` nodes, whose
+/// operation failed in this very pass: they start again after the backoff, not at once
+/// (a failure wakes its BenchCluster, so an immediate restart would be a hot loop).
+pub fn defer_retries(actions: Vec<Action>, failed: &[NodeId]) -> Vec<Action> {
+    actions
+        .into_iter()
+        .filter(|a| {
+            let starts = matches!(
+                a,
+                Action::InitControlPlane | Action::JoinWorker(_) | Action::DrainNode(_)
+            );
+            !(starts && failed.contains(&a.node()))
+        })
+        .collect()
+}
+
+/// Whether the operation in flight can still achieve something: kubeadm on a desired
+/// node that runs with its address, a drain of a surplus node whose domain exists.
+fn operation_still_useful(
+    spec: &BenchClusterSpec,
+    world: &World,
+    id: NodeId,
+    operation: Operation,
+) -> bool {
+    let Some(node) = world.node(id) else {
+        return false;
+    };
+    match operation {
+        Operation::Init | Operation::Join => {
+            is_desired(spec, id)
+                && node.domain == Some(VmState::Running)
+                && node.disk
+                && node.ip.is_some()
+        }
+        Operation::Drain => !is_desired(spec, id) && node.domain.is_some(),
+    }
 }
 
 /// Actions that remove everything the cluster owns: workers (highest index first),
@@ -125,11 +190,18 @@ fn create_or_progress(id: NodeId, node: &ObservedNode, world: &World, out: &mut 
             if node.ip.is_none() {
                 return; // booting: wait for the lease
             }
+            if matches!(world.operation(id), Some(Operation::Init | Operation::Join)) {
+                return; // kubeadm runs: wait for its result
+            }
+            // Probed as soon as it has an address, so its SSH timing is its own, not
+            // the time it waited for the control plane.
+            let probe = (!node.reachable).then_some(Action::ProbeSsh(id));
             match id.role {
                 Role::ControlPlane => {
                     let initialised = matches!(world.cluster, GuestCluster::Reachable)
                         && node.registered.is_some();
                     if !initialised {
+                        out.extend(probe);
                         out.push(Action::InitControlPlane);
                     }
                 }
@@ -138,8 +210,11 @@ fn create_or_progress(id: NodeId, node: &ObservedNode, world: &World, out: &mut 
                         && world
                             .node(NodeId::CONTROL_PLANE)
                             .is_some_and(|cp| cp.registered.is_some());
-                    if control_plane_up && node.registered.is_none() {
-                        out.push(Action::JoinWorker(id));
+                    if node.registered.is_none() {
+                        out.extend(probe);
+                        if control_plane_up {
+                            out.push(Action::JoinWorker(id));
+                        }
                     }
                 }
             }
@@ -160,6 +235,9 @@ fn remove(nodes: &[NodeId], world: &World, drain: bool, out: &mut Vec<Action>) {
             continue;
         }
         let Some(node) = world.node(id) else { continue };
+        if drain && world.operation(id) == Some(Operation::Drain) && node.domain.is_some() {
+            continue; // draining: removed once the drain ended
+        }
         if drain && node.registered.is_some() && world.cluster == GuestCluster::Reachable {
             out.push(Action::DrainNode(id));
         }
@@ -174,6 +252,8 @@ fn remove(nodes: &[NodeId], world: &World, drain: bool, out: &mut Vec<Action>) {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
     use benchcluster_crd::{
         Firmware, ImageSpec, KubernetesSpec, NetworkSpec, NodeTemplate, SecretReference, SshSpec,
@@ -219,6 +299,7 @@ pub(crate) mod tests {
             network: NetworkState::Ready,
             nodes: BTreeMap::new(),
             cluster: GuestCluster::Uninitialised,
+            operations: BTreeMap::new(),
         }
     }
 
@@ -230,6 +311,7 @@ pub(crate) mod tests {
             ip: Some(Ipv4Addr::new(192, 168, 222, 10)),
             waiting_for_lease: None,
             registered: Some(true),
+            reachable: true,
         }
     }
 
@@ -243,27 +325,39 @@ pub(crate) mod tests {
         world
     }
 
-    /// Applies actions the way a well-behaved hypervisor and guest would.
+    /// Applies actions the way a well-behaved hypervisor and guest would: steps at
+    /// once, background operations between passes.
     fn simulate(world: &mut World, actions: &[Action]) {
         for action in actions {
             let id = action.node();
+            if let Action::Abandon(_) = action {
+                world.operations.remove(&id);
+                continue;
+            }
             let node = world.nodes.entry(id).or_default();
             match action {
                 Action::CreateDisk(_) => node.disk = true,
                 Action::DefineDomain(_) => {
                     node.seed = true;
                     node.domain = Some(VmState::Stopped);
+                    node.reachable = false;
                 }
                 Action::StartDomain(_) => node.domain = Some(VmState::Running),
+                Action::ProbeSsh(_) => node.reachable = true,
                 Action::InitControlPlane => {
-                    node.registered = Some(true);
-                    world.cluster = GuestCluster::Reachable;
+                    assert!(world.operations.insert(id, Operation::Init).is_none());
                 }
-                Action::JoinWorker(_) => node.registered = Some(true),
-                Action::DrainNode(_) => node.registered = None,
+                Action::JoinWorker(_) => {
+                    assert!(world.operations.insert(id, Operation::Join).is_none());
+                }
+                Action::DrainNode(_) => {
+                    assert!(world.operations.insert(id, Operation::Drain).is_none());
+                }
+                Action::Abandon(_) => {}
                 Action::RemoveDomain(_) => {
                     node.domain = None;
                     node.ip = None;
+                    node.reachable = false;
                 }
                 Action::DeleteVolumes(_) => {
                     node.disk = false;
@@ -273,6 +367,22 @@ pub(crate) mod tests {
             let node = world.nodes.entry(id).or_default();
             if node.domain.is_none() && !node.disk && !node.seed {
                 world.nodes.remove(&id);
+            }
+        }
+        // Operations in flight end between passes; kubeadm succeeds only on a running VM.
+        for (id, operation) in std::mem::take(&mut world.operations) {
+            let Some(node) = world.nodes.get_mut(&id) else {
+                continue;
+            };
+            match operation {
+                Operation::Init | Operation::Join if node.ip.is_some() => {
+                    node.registered = Some(true);
+                    if operation == Operation::Init {
+                        world.cluster = GuestCluster::Reachable;
+                    }
+                }
+                Operation::Init | Operation::Join => {}
+                Operation::Drain => node.registered = None,
             }
         }
         // DHCP answers between passes.
@@ -325,6 +435,132 @@ pub(crate) mod tests {
     #[test]
     fn steady_state_plans_nothing() {
         assert!(plan(&spec(3), &ready_world(3)).is_empty());
+    }
+
+    /// A fresh 1+`workers` cluster whose VMs all run with an address; nothing is
+    /// registered in the guest cluster yet and nothing was probed.
+    fn booted_world(workers: u32) -> World {
+        let mut world = ready_world(workers);
+        world.cluster = GuestCluster::Uninitialised;
+        for node in world.nodes.values_mut() {
+            node.registered = None;
+            node.reachable = false;
+        }
+        world
+    }
+
+    #[test]
+    fn every_node_is_probed_as_soon_as_it_has_an_address() {
+        assert_eq!(
+            plan(&spec(2), &booted_world(2)),
+            vec![
+                Action::ProbeSsh(NodeId::CONTROL_PLANE),
+                Action::InitControlPlane,
+                Action::ProbeSsh(NodeId::worker(0)),
+                Action::ProbeSsh(NodeId::worker(1)),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_operation_in_flight_is_never_started_again() {
+        let mut world = booted_world(2);
+        world
+            .operations
+            .insert(NodeId::CONTROL_PLANE, Operation::Init);
+        // Workers are still probed while the control plane initialises.
+        assert_eq!(
+            plan(&spec(2), &world),
+            vec![
+                Action::ProbeSsh(NodeId::worker(0)),
+                Action::ProbeSsh(NodeId::worker(1)),
+            ]
+        );
+        for node in world.nodes.values_mut() {
+            node.reachable = true;
+        }
+        assert!(plan(&spec(2), &world).is_empty());
+
+        // Init done; one join in flight, one to start.
+        world.operations.clear();
+        world.cluster = GuestCluster::Reachable;
+        world.nodes.insert(NodeId::CONTROL_PLANE, ready_node());
+        world.operations.insert(NodeId::worker(0), Operation::Join);
+        assert_eq!(
+            plan(&spec(2), &world),
+            vec![Action::JoinWorker(NodeId::worker(1))]
+        );
+        // A Node registered while its join still runs is left to the join.
+        world.nodes.get_mut(&NodeId::worker(0)).unwrap().registered = Some(false);
+        assert_eq!(
+            plan(&spec(2), &world),
+            vec![Action::JoinWorker(NodeId::worker(1))]
+        );
+    }
+
+    #[test]
+    fn operations_of_nodes_no_longer_wanted_or_running_are_abandoned() {
+        let mut world = booted_world(2);
+        for node in world.nodes.values_mut() {
+            node.reachable = true;
+        }
+        world.cluster = GuestCluster::Reachable;
+        world.nodes.insert(NodeId::CONTROL_PLANE, ready_node());
+        world.operations.insert(NodeId::worker(0), Operation::Join);
+        world.operations.insert(NodeId::worker(1), Operation::Join);
+        // Scaled down to one worker: worker 1's join is abandoned and the VM removed.
+        assert_eq!(
+            plan(&spec(1), &world),
+            vec![
+                Action::Abandon(NodeId::worker(1)),
+                Action::RemoveDomain(NodeId::worker(1)),
+                Action::DeleteVolumes(NodeId::worker(1)),
+            ]
+        );
+        // Worker 0's domain vanished: its join is abandoned and the VM rebuilt.
+        let w0 = world.nodes.get_mut(&NodeId::worker(0)).unwrap();
+        w0.domain = None;
+        w0.ip = None;
+        let actions = plan(&spec(2), &world);
+        assert_eq!(actions.first(), Some(&Action::Abandon(NodeId::worker(0))));
+        assert!(actions.contains(&Action::DefineDomain(NodeId::worker(0))));
+        // An operation whose node is gone altogether is abandoned too.
+        world.nodes.remove(&NodeId::worker(0));
+        assert!(plan(&spec(2), &world).contains(&Action::Abandon(NodeId::worker(0))));
+    }
+
+    #[test]
+    fn an_operation_that_just_failed_waits_for_the_backoff() {
+        let actions = plan(&spec(2), &booted_world(2));
+        assert_eq!(
+            defer_retries(actions, &[NodeId::CONTROL_PLANE]),
+            vec![
+                Action::ProbeSsh(NodeId::CONTROL_PLANE),
+                Action::ProbeSsh(NodeId::worker(0)),
+                Action::ProbeSsh(NodeId::worker(1)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_draining_node_is_removed_only_after_its_drain() {
+        let mut world = ready_world(2);
+        world.operations.insert(NodeId::worker(1), Operation::Drain);
+        assert!(plan(&spec(1), &world).is_empty());
+        // Scaled up again meanwhile: the drain is abandoned, the worker kept.
+        assert_eq!(
+            plan(&spec(2), &world),
+            vec![Action::Abandon(NodeId::worker(1))]
+        );
+        world.operations.clear();
+        world.nodes.get_mut(&NodeId::worker(1)).unwrap().registered = None;
+        assert_eq!(
+            plan(&spec(1), &world),
+            vec![
+                Action::RemoveDomain(NodeId::worker(1)),
+                Action::DeleteVolumes(NodeId::worker(1)),
+            ]
+        );
     }
 
     #[test]
@@ -396,15 +632,20 @@ pub(crate) mod tests {
             any::<bool>(),
             any::<bool>(),
             prop::option::of(any::<bool>()),
+            any::<bool>(),
         )
-            .prop_map(|(domain, disk, seed, ip, registered)| ObservedNode {
-                domain,
-                disk,
-                seed,
-                ip: (ip && domain == Some(VmState::Running)).then_some(Ipv4Addr::new(10, 0, 0, 1)),
-                waiting_for_lease: None,
-                registered,
-            })
+            .prop_map(
+                |(domain, disk, seed, ip, registered, reachable)| ObservedNode {
+                    domain,
+                    disk,
+                    seed,
+                    ip: (ip && domain == Some(VmState::Running))
+                        .then_some(Ipv4Addr::new(10, 0, 0, 1)),
+                    waiting_for_lease: None,
+                    registered,
+                    reachable,
+                },
+            )
             .prop_filter("a node is observed through its domain or volumes", |n| {
                 n.domain.is_some() || n.disk || n.seed
             })
@@ -419,8 +660,19 @@ pub(crate) mod tests {
                 Just(GuestCluster::Reachable),
                 Just(GuestCluster::Unreachable("down".into()))
             ],
+            // Operations in flight, for nodes that may or may not exist (index 12 is
+            // the control plane).
+            prop::collection::btree_map(
+                0u32..13,
+                prop_oneof![
+                    Just(Operation::Init),
+                    Just(Operation::Join),
+                    Just(Operation::Drain)
+                ],
+                0..4,
+            ),
         )
-            .prop_map(|(cp, workers, cluster)| {
+            .prop_map(|(cp, workers, cluster, operations)| {
                 let mut nodes: BTreeMap<NodeId, ObservedNode> = workers
                     .into_iter()
                     .map(|(i, n)| (NodeId::worker(i), n))
@@ -428,10 +680,22 @@ pub(crate) mod tests {
                 if let Some(cp) = cp {
                     nodes.insert(NodeId::CONTROL_PLANE, cp);
                 }
+                let operations = operations
+                    .into_iter()
+                    .map(|(i, op)| {
+                        let id = if i == 12 {
+                            NodeId::CONTROL_PLANE
+                        } else {
+                            NodeId::worker(i)
+                        };
+                        (id, op)
+                    })
+                    .collect();
                 World {
                     network: NetworkState::Ready,
                     nodes,
                     cluster,
+                    operations,
                 }
             })
     }
@@ -443,7 +707,10 @@ pub(crate) mod tests {
             let mut world = world;
             for _ in 0..8 {
                 let actions = plan(&spec, &world);
-                if actions.is_empty() && world.nodes.values().all(|n| n.ip.is_some()) {
+                if actions.is_empty()
+                    && world.operations.is_empty()
+                    && world.nodes.values().all(|n| n.ip.is_some())
+                {
                     break;
                 }
                 simulate(&mut world, &actions);

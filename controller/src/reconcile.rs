@@ -17,14 +17,14 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::act::{act, publish};
+use crate::act::{act, collect, publish};
 use crate::context::{Context, FIELD_MANAGER, Timeline};
 use crate::error::{Error, Result};
 use crate::guest::Guest;
 use crate::hypervisor::Hypervisor;
 use crate::names::{ClusterNames, NodeId};
 use crate::observe::{GuestApi, observe};
-use crate::plan::{plan, plan_teardown};
+use crate::plan::{defer_retries, plan, plan_teardown};
 use crate::status;
 
 /// Reconciles one BenchCluster. The only top-level call is the finalizer, which
@@ -60,6 +60,9 @@ pub async fn reconcile<H: Hypervisor, G: Guest>(
     ctx.metrics
         .reconciled(started.elapsed(), result.as_ref().err());
     match &result {
+        // A pass that started an operation has not succeeded yet: its operation may
+        // still fail, and consecutive failures must keep growing the backoff.
+        Ok(_) if ctx.operations.any_in_flight(&uid) => {}
         Ok(_) => ctx.succeeded(&uid),
         // Failed steps were published one by one where they failed; anything else
         // (observe, status, finalizer) is published here, so every failure is an Event.
@@ -124,10 +127,23 @@ async fn apply<H: Hypervisor, G: Guest>(
     ctx: &Context<H, G>,
 ) -> Result<Action> {
     let names = cluster_names(bc)?;
+    // Results of operations that ended first, so observe sees what they did.
+    let collected = collect(bc, &names, ctx).await;
     let observation = observe(bc, &names, ctx, GuestApi::Ask).await?;
-    let actions = plan(&bc.spec, &observation.world);
+    let failed: Vec<NodeId> = collected.failures.iter().map(|(a, _)| a.node()).collect();
+    let actions = defer_retries(plan(&bc.spec, &observation.world), &failed);
     debug!(?actions, "planned");
-    let outcome = act(bc, &names, &observation, actions.clone(), ctx).await;
+    let mut outcome = act(bc, &names, &observation, actions.clone(), ctx).await;
+    outcome.absorb(collected);
+    outcome.retrying = ctx
+        .operations
+        .in_flight(&names.uid)
+        .into_iter()
+        .filter_map(|(id, operation)| {
+            let message = ctx.operations.last_failure(&names.uid, id)?;
+            Some((crate::plan::Action::starting(operation, id), message))
+        })
+        .collect();
 
     let previous = bc.status_or_default();
     let timelines: BTreeMap<NodeId, Timeline> = observation
@@ -228,6 +244,8 @@ async fn cleanup<H: Hypervisor, G: Guest>(
         return Ok(Action::requeue(ctx.settings.resync_interval));
     }
     let names = cluster_names(bc)?;
+    // Nothing may keep running on VMs about to go; their results are of no use.
+    ctx.operations.abort_cluster(&names.uid);
     // Workers go in the first pass, the control plane in the second; a third finds
     // nothing unless something failed or appeared meanwhile.
     for _ in 0..3 {
@@ -281,7 +299,9 @@ async fn cleanup<H: Hypervisor, G: Guest>(
 /// Runs the controller until `shutdown` resolves, over every namespace or only `namespace`.
 ///
 /// In-flight reconciles finish before this returns (kube's graceful shutdown): a step is
-/// never cut between creating something and recording its owner.
+/// never cut between creating something and recording its owner. Background guest
+/// operations are aborted as soon as `shutdown` resolves, and when this returns or is
+/// dropped: the next leader's idempotent steps take over whatever kubeadm left.
 /// [`Context::watch_synced`] turns true once the watch has listed every BenchCluster,
 /// and false again when this returns.
 pub async fn run<H: Hypervisor, G: Guest>(
@@ -293,10 +313,20 @@ pub async fn run<H: Hypervisor, G: Guest>(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    let controller = Controller::new(api, watcher::Config::default().any_semantic()).with_config(
-        kube::runtime::controller::Config::default()
-            .concurrency(ctx.settings.max_concurrent_reconciles),
-    );
+    ctx.operations.open();
+    let _close = CloseOperations(Arc::clone(&ctx));
+    let stopping = Arc::clone(&ctx);
+    let shutdown = async move {
+        shutdown.await;
+        stopping.operations.close();
+    };
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(ctx.settings.max_concurrent_reconciles),
+        )
+        // A finished guest operation wakes its BenchCluster at once.
+        .reconcile_on(ctx.operations.wakes());
     let store = controller.store();
     let sync_ctx = Arc::clone(&ctx);
     let synced = async move {
@@ -322,4 +352,14 @@ pub async fn run<H: Hypervisor, G: Guest>(
     futures::future::select(controller, synced).await;
     ctx.set_watch_synced(false);
     info!("controller stopped");
+}
+
+/// Aborts every background operation when the controller's run ends, however it ends
+/// (returned, or its task aborted as a crash would).
+struct CloseOperations<H: Hypervisor, G: Guest>(Arc<Context<H, G>>);
+
+impl<H: Hypervisor, G: Guest> Drop for CloseOperations<H, G> {
+    fn drop(&mut self) {
+        self.0.operations.close();
+    }
 }

@@ -13,7 +13,7 @@ use crate::act::Outcome;
 use crate::context::{Settings, Timeline};
 use crate::names::{ClusterNames, NodeId};
 use crate::plan::desired_nodes;
-use crate::world::{GuestCluster, NetworkState, VmState, World};
+use crate::world::{GuestCluster, NetworkState, Operation, VmState, World};
 
 /// Everything the status is computed from.
 pub struct Inputs<'a> {
@@ -48,6 +48,11 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
         let timeline = inputs.timelines.get(&id);
         let state = if !desired.contains(&id) {
             NodeState::Deleting
+        } else if let Some(operation @ (Operation::Init | Operation::Join)) = world.operation(id) {
+            match operation {
+                Operation::Init => NodeState::Initializing,
+                _ => NodeState::Joining,
+            }
         } else {
             match (observed.domain, observed.ip, observed.registered) {
                 (None, _, _) => NodeState::Creating,
@@ -330,8 +335,12 @@ fn progress(inputs: &Inputs<'_>, nodes: &[NodeStatus]) -> (String, String) {
     if let Some((action, error)) = inputs.outcome.failures.first() {
         return (
             "StepFailed".into(),
-            format!("{action:?}: {}", error.chain()),
+            crate::act::failure_message(*action, error),
         );
+    }
+    // The same message as when it failed, so a retry in flight rewrites nothing.
+    if let Some((_, message)) = inputs.outcome.retrying.first() {
+        return ("StepFailed".into(), message.clone());
     }
     if let GuestCluster::Unreachable(reason) = &inputs.world.cluster {
         return (
@@ -363,6 +372,8 @@ fn state_reason(state: NodeState) -> &'static str {
         NodeState::Booting => "WaitingForLease",
         NodeState::AwaitingSsh => "WaitingForSsh",
         NodeState::Reachable => "Provisioning",
+        NodeState::Initializing => "InitializingControlPlane",
+        NodeState::Joining => "JoiningWorkers",
         NodeState::Joined => "WaitingForNodeReady",
         NodeState::Ready => "Ready",
         NodeState::Deleting => "ScalingDown",

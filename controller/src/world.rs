@@ -39,6 +39,30 @@ pub struct ObservedNode {
     pub waiting_for_lease: Option<Duration>,
     /// The guest cluster's Node of this name: `None` when absent, else its readiness.
     pub registered: Option<bool>,
+    /// Whether this process has seen the node's current incarnation answer over SSH.
+    pub reachable: bool,
+}
+
+/// A long guest operation running in the background for one node: a pass starts it and
+/// a later pass collects its result, so no pass waits for kubeadm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// `kubeadm init` on the control plane.
+    Init,
+    /// `kubeadm join` of a worker.
+    Join,
+    /// Cordon, drain and delete of a surplus worker's Node.
+    Drain,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Init => "kubeadm init",
+            Operation::Join => "kubeadm join",
+            Operation::Drain => "drain",
+        }
+    }
 }
 
 /// The guest cluster as seen through its API.
@@ -60,11 +84,18 @@ pub struct World {
     pub network: NetworkState,
     pub nodes: BTreeMap<NodeId, ObservedNode>,
     pub cluster: GuestCluster,
+    /// Operations in flight, started by earlier passes of this process.
+    pub operations: BTreeMap<NodeId, Operation>,
 }
 
 impl World {
     pub fn node(&self, id: NodeId) -> Option<&ObservedNode> {
         self.nodes.get(&id)
+    }
+
+    /// The operation in flight for the node, if any.
+    pub fn operation(&self, id: NodeId) -> Option<Operation> {
+        self.operations.get(&id).copied()
     }
 
     /// Whether the node's Node exists in the guest cluster and is Ready.

@@ -275,6 +275,10 @@ pub enum NodeState {
     AwaitingSsh,
     /// Reachable over SSH; kubeadm has not run yet.
     Reachable,
+    /// `kubeadm init` is running on this control plane.
+    Initializing,
+    /// `kubeadm join` is running on this worker.
+    Joining,
     /// kubeadm init or join ran; the Node is not Ready yet.
     Joined,
     /// The Node is Ready.

@@ -40,8 +40,14 @@ struct State {
 #[derive(Debug, Default)]
 pub struct FakeGuest {
     state: Mutex<State>,
+    /// (call, node) -> calls started, failed and cancelled ones included.
+    calls: Mutex<BTreeMap<(&'static str, String), u64>>,
     /// Added to every SSH step, to model real latency in benchmarks.
     pub step_latency: Duration,
+    /// Added to `kubeadm init` (on top of `step_latency`), to model its minutes.
+    init_latency: Duration,
+    /// Added to `kubeadm join` (on top of `step_latency`).
+    join_latency: Duration,
     pub inits: AtomicU64,
     /// Init calls, failed ones included.
     pub init_attempts: AtomicU64,
@@ -58,6 +64,38 @@ impl FakeGuest {
             step_latency,
             ..Self::default()
         }
+    }
+
+    /// `kubeadm init` takes `latency` longer.
+    pub fn with_init_latency(mut self, latency: Duration) -> Self {
+        self.init_latency = latency;
+        self
+    }
+
+    /// `kubeadm join` takes `latency` longer.
+    pub fn with_join_latency(mut self, latency: Duration) -> Self {
+        self.join_latency = latency;
+        self
+    }
+
+    /// How many times `call` (`"init"`, `"join"`, `"remove"`) was started for `node`,
+    /// failed and cancelled calls included.
+    pub fn calls(&self, call: &'static str, node: &str) -> u64 {
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(call, node.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn called(&self, call: &'static str, node: &str) {
+        *self
+            .calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((call, node.to_owned()))
+            .or_default() += 1;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -103,8 +141,12 @@ impl FakeGuest {
     }
 
     async fn latency(&self) {
-        if !self.step_latency.is_zero() {
-            tokio::time::sleep(self.step_latency).await;
+        self.sleep(self.step_latency).await;
+    }
+
+    async fn sleep(&self, latency: Duration) {
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
         }
     }
 
@@ -145,8 +187,10 @@ impl Guest for FakeGuest {
         _credentials: &Credentials,
         _config: &InitConfig,
     ) -> Result<AdminKubeconfig> {
+        self.called("init", &node.name);
         self.check_reachable(node)?;
         self.latency().await;
+        self.sleep(self.init_latency).await;
         let mut state = self.state();
         self.init_attempts.fetch_add(1, Ordering::Relaxed);
         if state.fail_init.contains(&node.name) {
@@ -169,8 +213,10 @@ impl Guest for FakeGuest {
         worker: &GuestNode,
         _credentials: &Credentials,
     ) -> Result<()> {
+        self.called("join", &worker.name);
         self.check_reachable(worker)?;
         self.latency().await;
+        self.sleep(self.join_latency).await;
         let mut state = self.state();
         let cluster = state.clusters.get_mut(&control_plane.name).ok_or_else(|| {
             GuestError::CommandFailed {
@@ -205,6 +251,7 @@ impl Guest for FakeGuest {
     }
 
     async fn remove_node(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
+        self.called("remove", node_name);
         self.api_calls.fetch_add(1, Ordering::Relaxed);
         self.latency().await;
         let cp = control_plane_of(kubeconfig)

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use benchcluster_controller::Context;
 use benchcluster_controller::reconcile::reconcile;
+use benchcluster_crd::{NodeState, NodeStatus};
 use benchcluster_e2e::fakes::{FakeGuest, SECRET_MARKER};
 use benchcluster_e2e::testbed::{self, CONVERGE, Fixture, POLL, RunningController};
 use benchcluster_e2e::wait;
@@ -594,6 +595,175 @@ async fn failed_init_is_surfaced_then_retried() -> Result<()> {
     controller.ctx.guest.set_init_failing("bad-cp-0", false);
     f.wait_ready("bad", 1).await?;
     assert_eq!(controller.ctx.guest.inits.load(Ordering::Relaxed), 1);
+    controller.stop().await;
+    Ok(())
+}
+
+/// How long the fake `kubeadm init` takes in the background-operation tests: far longer
+/// than anything else a pass waits for on the test driver.
+const SLOW_INIT: Duration = Duration::from_secs(4);
+
+fn node_status(bc: &benchcluster_crd::BenchCluster, name: &str) -> Option<NodeStatus> {
+    bc.status
+        .as_ref()?
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_nodes_progress_and_are_timed_while_kubeadm_runs() -> Result<()> {
+    let f = Fixture::new("bgop").await?;
+    let guest = FakeGuest::default()
+        .with_init_latency(SLOW_INIT)
+        .with_join_latency(Duration::from_secs(1));
+    let controller = RunningController::start_with(
+        f.client.clone(),
+        Some(&f.namespace),
+        testbed::hypervisor(),
+        guest,
+        testbed::fast_settings(),
+    );
+    let created = std::time::Instant::now();
+    f.create("bg", 1).await?;
+
+    // The status is written while init runs: the worker is Reachable already.
+    let seen = wait::until(
+        "the control plane Initializing and the worker Reachable",
+        CONVERGE,
+        Duration::from_millis(50),
+        || async {
+            let bc = f.api.get("bg").await?;
+            let cp = node_status(&bc, "bg-cp-0");
+            let worker = node_status(&bc, "bg-w-0");
+            anyhow::Ok(
+                (cp.is_some_and(|n| n.state == NodeState::Initializing)
+                    && worker.is_some_and(|n| n.state == NodeState::Reachable))
+                .then(|| created.elapsed()),
+            )
+        },
+    )
+    .await?;
+    assert_eq!(
+        controller.ctx.guest.inits.load(Ordering::Relaxed),
+        0,
+        "seen while init ran"
+    );
+    let bc = f.wait_ready("bg", 1).await?;
+    let status = bc.status.unwrap_or_default();
+    let cp = &status.nodes[0].timings;
+    let worker = &status.nodes[1].timings;
+    eprintln!(
+        "init in flight seen after {} ms; control plane {cp:?}; worker {worker:?}",
+        seen.as_millis()
+    );
+    // The worker's lease and SSH were noticed while init ran, not after it.
+    let bound = u64::try_from(SLOW_INIT.as_millis())? / 4;
+    for (phase, ms) in [("lease", worker.lease_ms), ("ssh", worker.ssh_ms)] {
+        let ms = ms.ok_or_else(|| anyhow::anyhow!("worker {phase} not timed: {worker:?}"))?;
+        assert!(ms < bound, "worker {phase} took {ms} ms: {worker:?}");
+    }
+    // Init is timed from its start to its own end, and the Node was seen Ready at once.
+    let init_ms = cp.init_ms.unwrap_or_default();
+    assert!(
+        (u64::try_from(SLOW_INIT.as_millis())?..u64::try_from(SLOW_INIT.as_millis())? + 2_000)
+            .contains(&init_ms),
+        "{cp:?}"
+    );
+    assert!(cp.ready_ms.is_some_and(|ms| ms < bound), "{cp:?}");
+    assert!(worker.join_ms.is_some_and(|ms| ms >= 1_000), "{worker:?}");
+
+    // Each operation started once, though many passes ran while it was in flight.
+    let guest = &controller.ctx.guest;
+    assert_eq!(guest.calls("init", "bg-cp-0"), 1);
+    assert_eq!(guest.calls("join", "bg-w-0"), 1);
+    assert_eq!(guest.calls("join", "bg-cp-0"), 0);
+    assert_eq!(guest.inits.load(Ordering::Relaxed), 1);
+    assert_eq!(guest.joins.load(Ordering::Relaxed), 1);
+    controller.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_while_init_runs_aborts_it_and_leaves_nothing() -> Result<()> {
+    let f = Fixture::new("delinit").await?;
+    // Far longer than the test: only an abort ends it.
+    let init = Duration::from_secs(120);
+    let controller = RunningController::start_with(
+        f.client.clone(),
+        Some(&f.namespace),
+        testbed::hypervisor(),
+        FakeGuest::default().with_init_latency(init),
+        testbed::fast_settings(),
+    );
+    let bc = f.create("di", 1).await?;
+    let uid = bc.uid().unwrap();
+    wait::until("init in flight", CONVERGE, POLL, || async {
+        let bc = f.api.get("di").await?;
+        anyhow::Ok(
+            node_status(&bc, "di-cp-0")
+                .is_some_and(|n| n.state == NodeState::Initializing)
+                .then_some(()),
+        )
+    })
+    .await?;
+    let deleting = std::time::Instant::now();
+    f.delete_and_wait("di").await?;
+    let deleted = deleting.elapsed();
+    eprintln!(
+        "deleted {} ms after the request, init in flight",
+        deleted.as_millis()
+    );
+    assert!(deleted < Duration::from_secs(10), "took {deleted:?}");
+    assert!(domains(&f.namespace, "di").is_empty());
+    assert!(volumes(&f.namespace, "di").is_empty());
+    let secret = Api::<Secret>::namespaced(f.client.clone(), &f.namespace)
+        .get_opt("di-kubeconfig")
+        .await?;
+    assert!(secret.is_none(), "kubeconfig Secret left behind");
+    assert!(!controller.ctx.operations.any_in_flight(&uid));
+    let guest = &controller.ctx.guest;
+    assert_eq!(guest.calls("init", "di-cp-0"), 1);
+    assert_eq!(
+        guest.init_attempts.load(Ordering::Relaxed),
+        0,
+        "the init was cut, not finished"
+    );
+    controller.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_controller_aborts_its_operations_and_the_next_one_finishes() -> Result<()> {
+    let f = Fixture::new("stopinit").await?;
+    let controller = RunningController::start_with(
+        f.client.clone(),
+        Some(&f.namespace),
+        testbed::hypervisor(),
+        FakeGuest::default().with_init_latency(Duration::from_secs(120)),
+        testbed::fast_settings(),
+    );
+    let bc = f.create("si", 1).await?;
+    let uid = bc.uid().unwrap();
+    wait::until("init in flight", CONVERGE, POLL, || async {
+        controller.ctx.operations.any_in_flight(&uid).then_some(())
+    })
+    .await?;
+    let ctx = Arc::clone(&controller.ctx);
+    let stopping = std::time::Instant::now();
+    controller.stop().await;
+    let stopped = stopping.elapsed();
+    eprintln!("stopped {} ms after the request", stopped.as_millis());
+    assert!(stopped < Duration::from_secs(5), "took {stopped:?}");
+    assert!(!ctx.operations.any_in_flight(&uid), "aborted on shutdown");
+    assert_eq!(ctx.guest.init_attempts.load(Ordering::Relaxed), 0);
+
+    // The next controller starts the init again, and it completes.
+    let controller =
+        RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
+    f.wait_ready("si", 1).await?;
+    assert_eq!(controller.ctx.guest.calls("init", "si-cp-0"), 1);
     controller.stop().await;
     Ok(())
 }
