@@ -28,6 +28,13 @@ pub struct Inputs<'a> {
     pub now: Time,
 }
 
+/// The node's Node is Ready in the guest cluster and its kubeadm has returned: a Node
+/// turns Ready a moment before `kubeadm join` exits, and until the operation is
+/// collected its phase timings are incomplete, so the status does not call it Ready yet.
+fn node_ready(world: &World, id: NodeId) -> bool {
+    world.ready(id) && !matches!(world.operation(id), Some(Operation::Init | Operation::Join))
+}
+
 /// The status for this pass.
 pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
     let Inputs {
@@ -83,7 +90,7 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
             mac: names.mac(id),
             ip: observed.ip.map(|ip| ip.to_string()),
             state,
-            ready: observed.registered == Some(true),
+            ready: node_ready(world, id),
             timings: match timeline {
                 // Phases this incarnation has not reached yet stay empty rather than
                 // showing those of a VM that no longer exists.
@@ -97,10 +104,10 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
 
     let ready_workers = desired
         .iter()
-        .filter(|id| id.role == Role::Worker && world.ready(**id))
+        .filter(|id| id.role == Role::Worker && node_ready(world, **id))
         .count();
     let desired_workers = desired.len() - 1;
-    let control_plane_ready = world.ready(NodeId::CONTROL_PLANE);
+    let control_plane_ready = node_ready(world, NodeId::CONTROL_PLANE);
     let surplus = world.nodes.keys().any(|id| !desired.contains(id));
     let workers_ready = ready_workers == desired_workers && !surplus;
     let ready = control_plane_ready && workers_ready && world.network == NetworkState::Ready;
@@ -440,6 +447,31 @@ mod tests {
             .find(|n| n.role == Role::Worker && n.index == 0)
             .map(|n| n.timings.clone())
             .unwrap()
+    }
+
+    #[test]
+    fn a_node_is_not_ready_while_its_join_is_in_flight() {
+        let mut world = ready_world(1);
+        world.operations.insert(NodeId::worker(0), Operation::Join);
+        let computed = status(&world, &BenchClusterStatus::default(), Timeline::default());
+        let worker = computed
+            .nodes
+            .iter()
+            .find(|n| n.role == Role::Worker)
+            .unwrap();
+        assert_eq!(worker.state, NodeState::Joining);
+        assert!(!worker.ready);
+        assert_eq!(computed.ready_workers, 0);
+        let ready = computed
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(ready.status, "False");
+
+        world.operations.clear();
+        let computed = status(&world, &BenchClusterStatus::default(), Timeline::default());
+        assert_eq!(computed.ready_workers, 1);
     }
 
     #[test]
