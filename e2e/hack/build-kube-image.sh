@@ -13,8 +13,7 @@
 #   runc, containernetworking-plugins, and the tools kubeadm's preflight wants
 #   (conntrack, iptables, socat, ethtool, ebtables, mount/losetup).
 # - kubeadm, kubelet and kubectl at KUBERNETES_VERSION (e2e/versions.env), built from
-#   their Go modules with the version stamped in (kubeadm and kubelet check each
-#   other's version, so the unstamped v0.0.0-master of a plain `go build` will not do);
+#   their Go modules by build-k8s.sh, with the version stamped in;
 #   kubelet as its own unit in kubeadm's layout (kube-guest/), enabled, but not started
 #   before kubeadm has configured it (an idle VM under emulation does not crash-loop it).
 # - The images kubeadm deploys, preloaded into containerd's k8s.io namespace under the
@@ -35,7 +34,8 @@
 # first boot instead would cost every VM minutes of emulated CPU.
 #
 # <hash> covers this script, build-guest-image.sh (whose package list it reads),
-# guest/, kube-guest/ and e2e/versions.env. Needs root, no loop device and no mount
+# build-k8s.sh (which builds the Kubernetes binaries), guest/, kube-guest/ and
+# e2e/versions.env. Needs root, no loop device and no mount
 # outside private mount namespaces. Host packages: those of build-guest-image.sh, plus
 # Go (the version e2e/hack/build-k8s.sh needs), gzip, tar.
 # The Debian mirror is the one apt on this machine uses (override: BENCHCLUSTER_DEBIAN_MIRROR).
@@ -61,6 +61,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 guest="$here/guest"
 kube_guest="$here/kube-guest"
 vm_script="$here/build-guest-image.sh"
+k8s_script="$here/build-k8s.sh"
 # shellcheck source=../versions.env
 source "$here/../versions.env"
 cache=${BENCHCLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/benchcluster}
@@ -71,7 +72,7 @@ log() { echo "build-kube-image: $*" >&2; }
 
 content_hash() {
   {
-    cat "$here/$(basename "$0")" "$vm_script" "$here/../versions.env"
+    cat "$here/$(basename "$0")" "$vm_script" "$k8s_script" "$here/../versions.env"
     # Names, contents and the executable bit (the one mode bit git keeps).
     for dir in "$guest" "$kube_guest"; do
       echo "== $(basename "$dir")"
@@ -109,70 +110,19 @@ if [ -f "$image" ]; then echo "$image"; exit 0; fi
 start=$SECONDS
 
 # ---------------------------------------------------------------------------------
-# Kubernetes binaries with their version stamped in, and etcd at kubeadm's version.
-# Same module graph as build-k8s.sh (k8s.io/kubernetes + etcd server at the pinned
-# versions, staging modules replaced by their published versions), so Go's build cache
-# makes this a relink when build-k8s.sh has run.
+# Kubernetes binaries with their version stamped in, from build-k8s.sh (the api tier's
+# builds, same cache), and etcd at the version kubeadm deploys.
 # ---------------------------------------------------------------------------------
 export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0
+k8s_bin=$("$k8s_script" $NODE_BINARIES $CONTROL_PLANE_BINARIES | tail -n 1)
 bin="$bin_root/bin"
-mkdir -p "$bin" "$bin_root/mod"
+mkdir -p "$bin"
 
 go_module() {  # dir, requirements...
   local dir=$1; shift
   mkdir -p "$dir"
   (cd "$dir" && { [ -f go.mod ] || go mod init benchcluster.local/kube-guest-build > /dev/null 2>&1; } \
     && for r in "$@"; do go mod edit -require="$r"; done)
-}
-
-build_k8s() {
-  local mod="$bin_root/mod" missing=() b
-  for b in $NODE_BINARIES $CONTROL_PLANE_BINARIES; do [ -x "$bin/$b" ] || missing+=("$b"); done
-  [ ${#missing[@]} -gt 0 ] || return 0
-  go_module "$mod" "k8s.io/kubernetes@$KUBERNETES_VERSION" "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
-  local info kmod staged
-  info=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION")
-  kmod=$(sed -n 's/.*"GoMod": "\(.*\)".*/\1/p' <<< "$info")
-  [ -f "$kmod" ] || { log "cannot download k8s.io/kubernetes@$KUBERNETES_VERSION"; exit 1; }
-  for staged in $(sed -n 's|^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*|\1|p' "$kmod"); do
-    (cd "$mod" && go mod edit -replace="$staged=$staged@v0.${KUBERNETES_VERSION#v1.}")
-  done
-  cat > "$mod/tools.go" << GO
-//go:build tools
-
-package tools
-
-import (
-	_ "go.etcd.io/etcd/server/v3"
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kubeadm"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-	_ "k8s.io/kubernetes/cmd/kubelet"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-	_ "k8s.io/kubernetes/cmd/kube-proxy"
-)
-GO
-  (cd "$mod" && go mod tidy -e > /dev/null 2> "$mod/tidy.log") \
-    || { tail -n 20 "$mod/tidy.log" >&2; log "go mod tidy failed in $mod"; exit 1; }
-  # What hack/lib/version.sh stamps; the date is the release's, from the module proxy.
-  local version_info date minor ldflags=("-s" "-w") pkg
-  version_info=$(sed -n 's/.*"Info": "\(.*\)".*/\1/p' <<< "$info")
-  date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$version_info")
-  minor=${KUBERNETES_VERSION#v1.}
-  minor=${minor%%.*}
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=("-X" "$pkg.gitVersion=$KUBERNETES_VERSION" "-X" "$pkg.gitMajor=1"
-      "-X" "$pkg.gitMinor=$minor" "-X" "$pkg.gitTreeState=clean" "-X" "$pkg.gitCommit="
-      "-X" "$pkg.buildDate=${date:-1970-01-01T00:00:00Z}")
-  done
-  for b in "${missing[@]}"; do
-    log "building $b $KUBERNETES_VERSION"
-    local t=$SECONDS
-    (cd "$mod" && go build -trimpath -ldflags="${ldflags[*]}" -o "$bin/$b.tmp" "k8s.io/kubernetes/cmd/$b")
-    mv "$bin/$b.tmp" "$bin/$b"
-    log "built $b in $((SECONDS - t))s"
-  done
 }
 
 build_etcd() {  # version (x.y.z)
@@ -191,11 +141,10 @@ build_etcd() {  # version (x.y.z)
   echo "$out"
 }
 
-build_k8s
-[ "$("$bin/kubeadm" version -o short)" = "$KUBERNETES_VERSION" ] \
-  || { log "$bin/kubeadm does not say $KUBERNETES_VERSION"; exit 1; }
+[ "$("$k8s_bin/kubeadm" version -o short)" = "$KUBERNETES_VERSION" ] \
+  || { log "$k8s_bin/kubeadm does not say $KUBERNETES_VERSION"; exit 1; }
 # The names kubeadm looks for (its defaults for this version; no network needed).
-mapfile -t kubeadm_images < <("$bin/kubeadm" config images list --kubernetes-version "$KUBERNETES_VERSION")
+mapfile -t kubeadm_images < <("$k8s_bin/kubeadm" config images list --kubernetes-version "$KUBERNETES_VERSION")
 image_named() {  # component -> full reference
   local ref
   for ref in "${kubeadm_images[@]}"; do
@@ -257,7 +206,7 @@ cp -a --no-preserve=ownership "$guest/." "$root/"
 cp -a --no-preserve=ownership "$kube_guest/." "$root/"
 chmod 0755 "$root/usr/local/sbin/benchcluster-identity"
 sed -i "s|@PAUSE_IMAGE@|$pause_ref|" "$root/etc/containerd/config.toml"
-for b in $NODE_BINARIES; do install -m 0755 "$bin/$b" "$root/usr/bin/$b"; done
+for b in $NODE_BINARIES; do install -m 0755 "$k8s_bin/$b" "$root/usr/bin/$b"; done
 # No service may start inside the chroot.
 printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
 chmod 0755 "$root/usr/sbin/policy-rc.d"
@@ -345,7 +294,7 @@ oci_archive() {  # reference, archive, entrypoint (JSON array), source:destinati
 staging="$root/var/tmp/benchcluster-images"
 mkdir -p "$staging"
 for b in $CONTROL_PLANE_BINARIES; do
-  oci_archive "$(image_named "$b")" "$staging/$b.tar" "[\"/usr/local/bin/$b\"]" "$bin/$b:/usr/local/bin/$b"
+  oci_archive "$(image_named "$b")" "$staging/$b.tar" "[\"/usr/local/bin/$b\"]" "$k8s_bin/$b:/usr/local/bin/$b"
 done
 oci_archive "$etcd_ref" "$staging/etcd.tar" '["/usr/local/bin/etcd"]' "$etcd_binary:/usr/local/bin/etcd"
 oci_archive "$pause_ref" "$staging/pause.tar" '["/catatonit","-P"]' "$root/usr/bin/catatonit:/catatonit"
