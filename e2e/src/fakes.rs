@@ -3,8 +3,8 @@
 //! this crate.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use benchcluster_controller::guest::{
@@ -39,7 +39,9 @@ struct State {
 /// node name, `join` registers a worker in it, and Nodes are Ready at once.
 #[derive(Debug, Default)]
 pub struct FakeGuest {
-    state: Mutex<State>,
+    /// Shared with [`FakeGuest::sharing`] copies: the guest clusters outlive a
+    /// controller restart, as real VMs do.
+    state: Arc<Mutex<State>>,
     /// (call, node) -> calls started, failed and cancelled ones included.
     calls: Mutex<BTreeMap<(&'static str, String), u64>>,
     /// Added to every SSH step, to model real latency in benchmarks.
@@ -62,6 +64,18 @@ impl FakeGuest {
     pub fn with_latency(step_latency: Duration) -> Self {
         Self {
             step_latency,
+            ..Self::default()
+        }
+    }
+
+    /// A guest for the next controller after a restart: the same guest clusters (the
+    /// VMs kept running), fresh call counters.
+    pub fn sharing(&self) -> Self {
+        Self {
+            state: Arc::clone(&self.state),
+            step_latency: self.step_latency,
+            init_latency: self.init_latency,
+            join_latency: self.join_latency,
             ..Self::default()
         }
     }
@@ -274,11 +288,19 @@ pub struct Instrumented<H> {
     /// "dies" mid-pass, for restart tests.
     pub define_gate: Option<u64>,
     defines: AtomicU64,
+    /// The same for domain starts: the process "dies" between define and start.
+    pub start_gate: Option<u64>,
+    starts: AtomicU64,
     /// Set for libvirt's test driver, which cannot upload into volumes: seeds are then
     /// created empty through libvirt in this pool, and their content kept here.
     pub recorded_seeds: Option<RecordedSeeds>,
     /// Added to every mutation, to model a real hypervisor's latency in benchmarks.
     pub step_latency: Duration,
+    /// While set, every domain removal and volume deletion fails as libvirt would
+    /// (the call does not reach the hypervisor).
+    pub fail_removals: AtomicBool,
+    /// Domain removals and volume deletions asked for, failed ones included.
+    pub removal_attempts: AtomicU64,
 }
 
 /// Seeds of the test driver: volumes created through libvirt, content kept in memory.
@@ -288,7 +310,11 @@ pub struct RecordedSeeds {
     /// Seeds are 1 MiB each: kept only when asked, so benchmarks with hundreds of nodes
     /// measure the controller, not this record.
     keep: bool,
-    pub content: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Shared by [`RecordedSeeds::sharing`] copies; held while a seed is written, so
+    /// the record is the content of the volume's last writer.
+    pub content: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+    /// Seeds written, shared like `content`.
+    pub writes: Arc<AtomicU64>,
 }
 
 impl RecordedSeeds {
@@ -298,7 +324,20 @@ impl RecordedSeeds {
             uri: uri.to_owned(),
             pool: pool.to_owned(),
             keep: false,
-            content: Mutex::new(BTreeMap::new()),
+            content: Arc::new(Mutex::new(BTreeMap::new())),
+            writes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The same record for another hypervisor instance on the same pool (a second
+    /// controller).
+    pub fn sharing(&self) -> Self {
+        Self {
+            uri: self.uri.clone(),
+            pool: self.pool.clone(),
+            keep: self.keep,
+            content: Arc::clone(&self.content),
+            writes: Arc::clone(&self.writes),
         }
     }
 
@@ -320,6 +359,10 @@ impl RecordedSeeds {
     }
 
     fn create(&self, name: &str, content: &[u8]) -> Result<(), String> {
+        let mut record = self
+            .content
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let conn = virt::connect::Connect::open(Some(&self.uri)).map_err(|e| e.to_string())?;
         let pool = conn
             .lookup_storage_pool_by_name(&self.pool)
@@ -333,13 +376,10 @@ impl RecordedSeeds {
             content.len()
         );
         virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0).map_err(|e| e.to_string())?;
-        if !self.keep {
-            return Ok(());
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        if self.keep {
+            record.insert(name.to_owned(), content.to_vec());
         }
-        self.content
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.to_owned(), content.to_vec());
         Ok(())
     }
 }
@@ -351,9 +391,31 @@ impl<H> Instrumented<H> {
             mutations: AtomicU64::new(0),
             define_gate: None,
             defines: AtomicU64::new(0),
+            start_gate: None,
+            starts: AtomicU64::new(0),
             recorded_seeds: None,
             step_latency: Duration::ZERO,
+            fail_removals: AtomicBool::new(false),
+            removal_attempts: AtomicU64::new(0),
         }
+    }
+
+    /// Counts a removal and fails it while [`Instrumented::fail_removals`] is set.
+    fn removal(&self, operation: &'static str) -> benchcluster_controller::hypervisor::Result<()> {
+        self.removal_attempts.fetch_add(1, Ordering::Relaxed);
+        if !self.fail_removals.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // A genuine libvirt error value: a fresh thread has no last error, so this is
+        // libvirt's own "internal error".
+        let source = std::thread::spawn(virt::error::Error::last_error)
+            .join()
+            .map_err(
+                |_| benchcluster_controller::hypervisor::HypervisorError::UploadStalled {
+                    volume: "injected failure".into(),
+                },
+            )?;
+        Err(benchcluster_controller::hypervisor::HypervisorError::Libvirt { operation, source })
     }
 
     async fn mutated(&self) {
@@ -421,11 +483,16 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
     }
 
     async fn start_domain(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
+        let n = self.starts.fetch_add(1, Ordering::SeqCst);
+        if self.start_gate.is_some_and(|gate| n >= gate) {
+            std::future::pending::<()>().await;
+        }
         self.mutated().await;
         self.inner.start_domain(name).await
     }
 
     async fn remove_domain(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
+        self.removal("undefine domain (injected failure)")?;
         self.mutated().await;
         self.inner.remove_domain(name).await
     }
@@ -450,6 +517,7 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
     }
 
     async fn delete_volume(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
+        self.removal("delete volume (injected failure)")?;
         self.mutated().await;
         self.inner.delete_volume(name).await
     }
