@@ -358,6 +358,103 @@ async fn two_controllers_racing_from_stale_views_make_exactly_n_domains() -> Res
     Ok(())
 }
 
+/// Domains of the cluster whose seed (as last written) does not hold the host key
+/// pinned in the domain's metadata.
+async fn mismatched_seeds(
+    hv: &TestHypervisor,
+    seeds: &RecordedSeeds,
+    names: &ClusterNames,
+    workers: u32,
+) -> Result<Vec<String>> {
+    let mut mismatched = Vec::new();
+    for id in desired(workers) {
+        let DomainOwner::Owned(owner) = hv.domain_owner(&names.domain(id)).await? else {
+            panic!("{} has no owner metadata", names.domain(id));
+        };
+        let pinned = owner.host_key.expect("a pinned host key");
+        let seed = seeds
+            .get(&names.seed_volume(id))
+            .expect("the seed's content");
+        if !seed.windows(pinned.len()).any(|w| w == pinned.as_bytes()) {
+            mismatched.push(names.domain(id));
+        }
+    }
+    Ok(mismatched)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_controller_replaying_stale_snapshots_makes_exactly_n_matching_vms() -> Result<()> {
+    let f = Fixture::new("stale").await?;
+    let seeds = RecordedSeeds::keeping(testbed::URI, testbed::POOL);
+    let mut hv = testbed::hypervisor();
+    hv.recorded_seeds = Some(seeds.sharing());
+    let ctx = Arc::new(Context::new(
+        f.client.clone(),
+        hv,
+        FakeGuest::default(),
+        testbed::fast_settings(),
+    ));
+    let bc = f.create("st", 2).await?;
+    let names = names_of(&bc);
+    let expected: BTreeSet<String> = desired(2).map(|id| names.domain(id)).collect();
+    // Every pass runs twice on the same snapshot, as when the watch has not delivered
+    // the first pass's writes before the second starts.
+    let passes = std::sync::atomic::AtomicU32::new(0);
+    wait::until("Ready through replayed passes", CONVERGE, POLL, || {
+        let passes = &passes;
+        let (ctx, api, namespace, expected) = (
+            Arc::clone(&ctx),
+            f.api.clone(),
+            f.namespace.clone(),
+            expected.clone(),
+        );
+        async move {
+            let snapshot = Arc::new(api.get("st").await?);
+            if testbed::is_ready(&snapshot) {
+                return anyhow::Ok(Some(()));
+            }
+            passes.fetch_add(1, Ordering::Relaxed);
+            // Failures are allowed (a pass may find the world moved); duplicates are not.
+            let _ = reconcile(Arc::clone(&snapshot), Arc::clone(&ctx)).await;
+            let _ = reconcile(snapshot, ctx).await;
+            let now = domains(&namespace, "st");
+            assert!(now.is_subset(&expected), "extra domains: {now:?}");
+            anyhow::Ok(None)
+        }
+    })
+    .await?;
+    let written = seeds.writes.load(Ordering::Relaxed);
+    let passes = passes.into_inner();
+    eprintln!("Ready after {passes} passes, each replayed once; {written} seeds written");
+    assert_eq!(domains(&f.namespace, "st"), expected);
+    assert_eq!(volumes(&f.namespace, "st"), desired_volumes(&names, 2));
+    assert_eq!(written, 3, "no VM defined twice");
+    let mismatched = mismatched_seeds(&ctx.hypervisor, &seeds, &names, 2).await?;
+    assert!(mismatched.is_empty(), "{mismatched:?}");
+    assert_eq!(ctx.guest.inits.load(Ordering::Relaxed), 1);
+    assert_eq!(ctx.guest.joins.load(Ordering::Relaxed), 2);
+
+    f.api.delete("st", &DeleteParams::default()).await?;
+    wait::until("deleted through replayed passes", CONVERGE, POLL, || {
+        let (ctx, api) = (Arc::clone(&ctx), f.api.clone());
+        async move {
+            let Some(snapshot) = api.get_opt("st").await? else {
+                return anyhow::Ok(Some(()));
+            };
+            let snapshot = Arc::new(snapshot);
+            let _ = reconcile(Arc::clone(&snapshot), Arc::clone(&ctx)).await;
+            // The replay finds the object gone with its finalizer: not an error.
+            let replay = reconcile(snapshot, ctx).await;
+            assert!(replay.is_ok(), "{replay:?}");
+            anyhow::Ok(None)
+        }
+    })
+    .await?;
+    assert!(domains(&f.namespace, "st").is_empty());
+    assert!(volumes(&f.namespace, "st").is_empty());
+    Ok(())
+}
+
 /// Scenario 3 beyond the domain count: whichever racing pass wrote a node's seed last,
 /// the domain must pin the host key that seed holds, or a real VM is refused over SSH
 /// for ever. It does not today: both passes see no domain, both write the seed (one
@@ -373,21 +470,7 @@ async fn racing_definitions_keep_each_seed_matching_its_pinned_host_key() -> Res
     let names = names_of(&bc);
     let expected: BTreeSet<String> = desired(2).map(|id| names.domain(id)).collect();
     race.until_ready(&f, "rs", &expected).await?;
-    let mut mismatched = Vec::new();
-    for id in desired(2) {
-        let DomainOwner::Owned(owner) = race.a.hypervisor.domain_owner(&names.domain(id)).await?
-        else {
-            panic!("{} has no owner metadata", names.domain(id));
-        };
-        let pinned = owner.host_key.expect("a pinned host key");
-        let seed = race
-            .seeds
-            .get(&names.seed_volume(id))
-            .expect("the seed's content");
-        if !seed.windows(pinned.len()).any(|w| w == pinned.as_bytes()) {
-            mismatched.push(names.domain(id));
-        }
-    }
+    let mismatched = mismatched_seeds(&race.a.hypervisor, &race.seeds, &names, 2).await?;
     race.delete(&f, "rs").await?;
     assert!(
         mismatched.is_empty(),
