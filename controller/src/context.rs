@@ -162,6 +162,14 @@ impl Timeline {
     }
 }
 
+/// Locks `mutex`, also after a panic while it was held: every map behind these locks
+/// stays consistent between statements, so a poisoned lock holds nothing half-written.
+pub(crate) fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub struct Context<H, G> {
     pub client: Client,
     pub hypervisor: H,
@@ -207,10 +215,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
     /// Runs `f` on the node's timeline (created empty on first use). Each phase `f`
     /// completes is observed in the phase histogram here, once.
     pub fn timeline<T>(&self, uid: &str, node: NodeId, f: impl FnOnce(&mut Timeline) -> T) -> T {
-        let mut map = self
-            .timelines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = locked(&self.timelines);
         let timeline = map.entry((uid.to_owned(), node)).or_default();
         let result = f(timeline);
         for (phase, duration) in timeline.completed.drain(..) {
@@ -230,28 +235,19 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
 
     /// A copy of the node's timeline, if this process has one.
     pub fn timeline_snapshot(&self, uid: &str, node: NodeId) -> Option<Timeline> {
-        let map = self
-            .timelines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = locked(&self.timelines);
         map.get(&(uid.to_owned(), node)).cloned()
     }
 
     /// Drops the timelines of nodes that no longer exist.
     pub fn forget(&self, uid: &str, keep: impl Fn(NodeId) -> bool) {
-        let mut map = self
-            .timelines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = locked(&self.timelines);
         map.retain(|(u, node), _| u != uid || keep(*node));
     }
 
     /// Records a failed reconcile and returns the backoff before the next attempt.
     pub fn backoff(&self, uid: &str) -> Duration {
-        let mut map = self
-            .failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = locked(&self.failures);
         let n = map.entry(uid.to_owned()).or_default();
         *n = n.saturating_add(1);
         let factor = 1u32 << (*n - 1).min(16);
@@ -263,10 +259,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
 
     /// Clears the failure count after a successful reconcile.
     pub fn succeeded(&self, uid: &str) {
-        let mut map = self
-            .failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = locked(&self.failures);
         map.remove(uid);
     }
 }

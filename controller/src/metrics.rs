@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::context::locked;
 use crate::error::Error;
 use crate::hypervisor::{
     DomainInfo, DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
@@ -300,10 +301,7 @@ impl Metrics {
                 .entry((role_label(role), state_label(state)))
                 .or_default() += 1;
         }
-        let mut all = self
-            .vm_counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all = locked(&self.vm_counts);
         let previous = if next.is_empty() {
             all.remove(uid).unwrap_or_default()
         } else {

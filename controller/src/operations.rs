@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
+use crate::context::locked;
 use crate::guest::{self, AdminKubeconfig};
 use crate::names::NodeId;
 use crate::world::Operation;
@@ -91,15 +92,11 @@ impl Default for Operations {
 
 impl Operations {
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Running>> {
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locked(&self.running)
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Key, String>> {
-        self.failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        locked(&self.failures)
     }
 
     /// Starts `work` for the node unless an operation of the node is in flight already
