@@ -679,6 +679,18 @@ fn describe(program: &OsStr, args: impl Iterator<Item = impl AsRef<OsStr>>) -> S
         .join(" ")
 }
 
+/// [`run`] with a deadline: the command is killed when it takes longer.
+pub async fn output(
+    command: tokio::process::Command,
+    deadline: Duration,
+) -> anyhow::Result<String> {
+    let std = command.as_std();
+    let text = describe(std.get_program(), std.get_args());
+    tokio::time::timeout(deadline, run(command))
+        .await
+        .map_err(|_| anyhow!("`{text}` took over {deadline:?}"))?
+}
+
 /// Runs a command to completion (killed if the future is dropped) and returns its
 /// stdout; fails with its stderr if it fails. stderr is captured unless the command
 /// says otherwise.

@@ -26,11 +26,10 @@ mod vm_support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use anyhow::{Context as _, ensure};
 use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
 use benchcluster_controller::guest::{Credentials, GuestNode};
 use benchcluster_controller::hypervisor::Hypervisor as _;
@@ -294,31 +293,15 @@ impl Bed {
 
     /// `kubectl --kubeconfig <guest> args...` from inside the namespace; stdout.
     async fn guest_kubectl(&self, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
-        let output = tokio::time::timeout(
-            KUBECTL_DEADLINE,
-            tokio::process::Command::new(self.server.bin_dir().join("kubectl"))
-                .arg("--kubeconfig")
-                .arg(kubeconfig)
-                .arg("--cache-dir")
-                .arg(self.dir.join("kubectl-cache"))
-                .args(args)
-                .env_remove("KUBECONFIG")
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .map_err(|_| anyhow!("kubectl {} took over {KUBECTL_DEADLINE:?}", args.join(" ")))?
-        .context("running kubectl")?;
-        if !output.status.success() {
-            bail!(
-                "kubectl {} failed ({}): {}",
-                args.join(" "),
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        let mut command = tokio::process::Command::new(self.server.bin_dir().join("kubectl"));
+        command
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join("kubectl-cache"))
+            .args(args)
+            .env_remove("KUBECONFIG");
+        sandbox::output(command, KUBECTL_DEADLINE).await
     }
 
     /// Node name -> Ready, as `kubectl get nodes -o json` reports them.

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::Context as _;
 use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
 use benchcluster_controller::guest::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, Result as GuestResult,
@@ -24,7 +24,7 @@ use benchcluster_controller::guest::{
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
 use benchcluster_controller::{Context, Settings, reconcile};
 use benchcluster_crd::BenchCluster;
-use benchcluster_e2e::sandbox::{IMAGE_POOL, NETWORK, NODE_POOL};
+use benchcluster_e2e::sandbox::{self, IMAGE_POOL, NETWORK, NODE_POOL};
 use benchcluster_e2e::{TestApiServer, create_namespace, keys, wait};
 use kube::Client;
 use kube::api::{Api, PostParams};
@@ -348,26 +348,9 @@ pub fn summary(bc: &BenchCluster) -> String {
 /// `virsh -c <uri> args...`: the sandbox's libvirtd, reached the way an operator
 /// would, behind the controller's back. Returns stdout.
 pub async fn virsh(uri: &str, args: &[&str]) -> anyhow::Result<String> {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("virsh")
-            .args(["-c", uri])
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| anyhow!("virsh {} took over a minute", args.join(" ")))?
-    .context("running virsh")?;
-    if !output.status.success() {
-        bail!(
-            "virsh {} failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    let mut command = tokio::process::Command::new("virsh");
+    command.args(["-c", uri]).args(args);
+    sandbox::output(command, Duration::from_secs(60)).await
 }
 
 /// Volume names of a pool (`virsh vol-list` has no `--name` before libvirt 9).
