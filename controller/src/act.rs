@@ -17,7 +17,7 @@ use benchcluster_crd::{BenchCluster, Role};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ObjectMeta, Patch, PatchParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -491,6 +491,13 @@ async fn run_step<H: Hypervisor, G: Guest>(
                 return Ok(StepResult::WaitingForSsh);
             }
         }
+        Action::ForgetCluster => {
+            delete_kubeconfig(names, ctx).await?;
+            info!(
+                node = %names.node(NodeId::CONTROL_PLANE),
+                "control-plane disk gone: its cluster is forgotten and initialised anew"
+            );
+        }
         Action::InitControlPlane => {
             let node = guest_node(names, observation, NodeId::CONTROL_PLANE)?;
             let credentials = credentials
@@ -521,6 +528,10 @@ async fn run_step<H: Hypervisor, G: Guest>(
         Action::JoinWorker(id) => {
             let control_plane = guest_node(names, observation, NodeId::CONTROL_PLANE)?;
             let worker = guest_node(names, observation, id)?;
+            let kubeconfig = observation.kubeconfig.clone().ok_or(Error::NotReady {
+                action: "join a worker",
+                requirement: "the admin kubeconfig is stored",
+            })?;
             let credentials = credentials
                 .ok_or(Error::NotReady {
                     action: "join a worker",
@@ -536,7 +547,7 @@ async fn run_step<H: Hypervisor, G: Guest>(
                 crate::world::Operation::Join,
                 async move {
                     guest
-                        .join_worker(&control_plane, &worker, &credentials)
+                        .join_worker(&control_plane, &worker, &credentials, &kubeconfig)
                         .await
                         .map(|()| Output::Joined)
                 },
@@ -653,6 +664,22 @@ async fn store_kubeconfig<H: Hypervisor, G: Guest>(
         .await
         .map_err(Error::kube("store the kubeconfig Secret"))?;
     Ok(())
+}
+
+/// Deletes the `<name>-kubeconfig` Secret; one already gone is no error.
+pub async fn delete_kubeconfig<H: Hypervisor, G: Guest>(
+    names: &ClusterNames,
+    ctx: &Context<H, G>,
+) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    match secrets
+        .delete(&names.kubeconfig_secret(), &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(e) => Err(Error::kube("delete the kubeconfig Secret")(e)),
+    }
 }
 
 /// Publishes an Event on the BenchCluster; failing to publish is logged, never fatal.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use benchcluster_crd::PhaseTimings;
 use kube::Client;
@@ -182,6 +182,8 @@ pub struct Context<H, G> {
     /// Long guest operations in flight (kubeadm init and join, drains).
     pub operations: Operations,
     failures: Mutex<HashMap<String, u32>>,
+    /// Since when each BenchCluster's guest API has not answered, while it does not.
+    outages: Mutex<HashMap<String, SystemTime>>,
     /// Whether the controller's watch has listed every BenchCluster once.
     synced: AtomicBool,
 }
@@ -202,6 +204,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
             timelines: Mutex::new(HashMap::new()),
             operations: Operations::default(),
             failures: Mutex::new(HashMap::new()),
+            outages: Mutex::new(HashMap::new()),
             synced: AtomicBool::new(false),
         }
     }
@@ -245,6 +248,12 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
         map.retain(|(u, node), _| u != uid || keep(*node));
     }
 
+    /// Drops everything this process remembers of a deleted BenchCluster.
+    pub fn forget_cluster(&self, uid: &str) {
+        self.forget(uid, |_| false);
+        locked(&self.outages).remove(uid);
+    }
+
     /// Records a failed reconcile and returns the backoff before the next attempt.
     pub fn backoff(&self, uid: &str) -> Duration {
         let mut map = locked(&self.failures);
@@ -255,6 +264,18 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
             .backoff_base
             .saturating_mul(factor)
             .min(self.settings.backoff_cap)
+    }
+
+    /// Records whether the BenchCluster's guest API answered in this pass, and returns
+    /// since when it has not (the first pass that found it silent), while it does not.
+    pub fn guest_api_outage(&self, uid: &str, answering: bool) -> Option<SystemTime> {
+        let mut map = locked(&self.outages);
+        if answering {
+            map.remove(uid);
+            None
+        } else {
+            Some(*map.entry(uid.to_owned()).or_insert_with(SystemTime::now))
+        }
     }
 
     /// Clears the failure count after a successful reconcile.

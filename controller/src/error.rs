@@ -44,6 +44,10 @@ pub enum Error {
         #[source]
         first: Box<Error>,
     },
+    /// The guest cluster was initialised but its API does not answer: waited for with
+    /// backoff, never treated as uninitialised.
+    #[error("guest cluster API unreachable since {since}: {reason}")]
+    GuestApiSilent { since: String, reason: String },
     #[error("cleanup left {remaining} node(s) behind")]
     CleanupIncomplete { remaining: usize },
     #[error("finalizer")]
@@ -70,6 +74,7 @@ impl Error {
             Error::NotReady { .. } => "not_ready",
             Error::OperationLost { .. } => "operation_lost",
             Error::Steps { first, .. } => first.metric_label(),
+            Error::GuestApiSilent { .. } => "guest_api",
             Error::CleanupIncomplete { .. } => "cleanup",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)

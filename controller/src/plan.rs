@@ -28,8 +28,14 @@ pub enum Action {
     /// Prove the node answers over SSH with its pinned host key; the node's later steps
     /// of the pass wait until it does.
     ProbeSsh(NodeId),
+    /// Forget the guest cluster whose control-plane disk is gone (delete its kubeconfig
+    /// Secret): the cluster went with the disk, and the control plane built on a fresh
+    /// one is initialised anew.
+    ForgetCluster,
     /// Start `kubeadm init` on the control plane in the background; the pass that
-    /// collects its success stores the admin kubeconfig.
+    /// collects its success stores the admin kubeconfig. On a control plane whose init
+    /// completed once it only reads the kubeconfig (and re-registers a deleted Node):
+    /// the guest never resets a node whose kubeadm finished.
     InitControlPlane,
     /// Start minting a join command and `kubeadm join` of the worker in the background.
     JoinWorker(NodeId),
@@ -47,7 +53,7 @@ impl Action {
     /// The node this step acts on.
     pub fn node(self) -> NodeId {
         match self {
-            Action::InitControlPlane => NodeId::CONTROL_PLANE,
+            Action::InitControlPlane | Action::ForgetCluster => NodeId::CONTROL_PLANE,
             Action::CreateDisk(id)
             | Action::DefineDomain(id)
             | Action::StartDomain(id)
@@ -105,6 +111,10 @@ pub fn plan(spec: &BenchClusterSpec, world: &World) -> Vec<Action> {
     }
     let empty = ObservedNode::default();
     if world.network == NetworkState::Ready {
+        let cp = world.node(NodeId::CONTROL_PLANE).unwrap_or(&empty);
+        if !cp.disk && world.cluster != GuestCluster::Uninitialised {
+            actions.push(Action::ForgetCluster);
+        }
         for id in desired_nodes(spec) {
             create_or_progress(id, world.node(id).unwrap_or(&empty), world, &mut actions);
         }
@@ -198,9 +208,16 @@ fn create_or_progress(id: NodeId, node: &ObservedNode, world: &World, out: &mut 
             let probe = (!node.reachable).then_some(Action::ProbeSsh(id));
             match id.role {
                 Role::ControlPlane => {
-                    let initialised = matches!(world.cluster, GuestCluster::Reachable)
-                        && node.registered.is_some();
-                    if !initialised {
+                    // Unreachable is not uninitialised: a control plane whose API does
+                    // not answer (emulation, a restarting static pod, a benchmark
+                    // loading it) waits; init is for a cluster never stored, or for a
+                    // reachable one that provably lacks the control plane's Node.
+                    let init = match world.cluster {
+                        GuestCluster::Uninitialised => true,
+                        GuestCluster::Reachable => node.registered.is_none(),
+                        GuestCluster::Unreachable(_) => false,
+                    };
+                    if init {
                         out.extend(probe);
                         out.push(Action::InitControlPlane);
                     }
@@ -344,6 +361,13 @@ pub(crate) mod tests {
                 }
                 Action::StartDomain(_) => node.domain = Some(VmState::Running),
                 Action::ProbeSsh(_) => node.reachable = true,
+                Action::ForgetCluster => {
+                    world.cluster = GuestCluster::Uninitialised;
+                    for node in world.nodes.values_mut() {
+                        node.registered = None;
+                    }
+                    continue;
+                }
                 Action::InitControlPlane => {
                     assert!(world.operations.insert(id, Operation::Init).is_none());
                 }
@@ -384,6 +408,10 @@ pub(crate) mod tests {
                 Operation::Init | Operation::Join => {}
                 Operation::Drain => node.registered = None,
             }
+        }
+        // An API that did not answer answers again between passes.
+        if let GuestCluster::Unreachable(_) = world.cluster {
+            world.cluster = GuestCluster::Reachable;
         }
         // DHCP answers between passes.
         for node in world.nodes.values_mut() {
@@ -430,6 +458,60 @@ pub(crate) mod tests {
                 Action::JoinWorker(NodeId::worker(1))
             ]
         );
+    }
+
+    #[test]
+    fn an_unreachable_api_is_waited_for_never_initialised_again() {
+        // Formed, then the API stops answering (a restarting static pod, a benchmark
+        // loading it): nothing is initialised, joined or reset; the nodes wait.
+        let mut world = ready_world(2);
+        world.cluster = GuestCluster::Unreachable("connection refused".into());
+        for node in world.nodes.values_mut() {
+            node.registered = None;
+        }
+        assert!(plan(&spec(2), &world).is_empty());
+        // Still so after a controller restart (nothing probed yet) and with a worker
+        // still to join: it waits for the API too.
+        for node in world.nodes.values_mut() {
+            node.reachable = false;
+        }
+        world.nodes.insert(
+            NodeId::worker(2),
+            ObservedNode {
+                registered: None,
+                ..ready_node()
+            },
+        );
+        let actions = plan(&spec(3), &world);
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::InitControlPlane | Action::JoinWorker(_))),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_control_plane_rebuilt_on_a_fresh_disk_forgets_the_old_cluster_first() {
+        let mut world = ready_world(1);
+        world.cluster = GuestCluster::Unreachable("the control-plane VM does not exist".into());
+        world.nodes.remove(&NodeId::CONTROL_PLANE);
+        assert_eq!(
+            plan(&spec(1), &world)[..2],
+            [
+                Action::ForgetCluster,
+                Action::CreateDisk(NodeId::CONTROL_PLANE)
+            ]
+        );
+        // A control plane whose disk survived keeps its cluster: it is only redefined.
+        world.nodes.insert(
+            NodeId::CONTROL_PLANE,
+            ObservedNode {
+                disk: true,
+                ..ObservedNode::default()
+            },
+        );
+        assert!(!plan(&spec(1), &world).contains(&Action::ForgetCluster));
     }
 
     #[test]
@@ -720,6 +802,18 @@ pub(crate) mod tests {
             let actual: Vec<NodeId> = world.nodes.keys().copied().collect();
             prop_assert_eq!(actual, expected);
             prop_assert!(world.nodes.values().all(|n| n.registered == Some(true) || n.registered == Some(false)));
+        }
+
+        #[test]
+        fn kubeadm_starts_only_where_the_cluster_answered_or_never_existed(world in arb_world(), replicas in 0i32..10) {
+            let actions = plan(&spec(replicas), &world);
+            let unreachable = matches!(world.cluster, GuestCluster::Unreachable(_));
+            if unreachable {
+                prop_assert!(!actions.contains(&Action::InitControlPlane), "{:?}", actions);
+            }
+            if world.cluster != GuestCluster::Reachable {
+                prop_assert!(!actions.iter().any(|a| matches!(a, Action::JoinWorker(_))), "{:?}", actions);
+            }
         }
 
         #[test]

@@ -6,10 +6,9 @@ use std::time::Instant;
 
 use benchcluster_crd::{BenchCluster, FINALIZER, NodeState};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Error as FinalizerError, Event as Finalizer, finalizer};
@@ -17,7 +16,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::act::{act, collect, publish};
+use crate::act::{act, collect, delete_kubeconfig, publish};
 use crate::context::{Context, FIELD_MANAGER, Timeline};
 use crate::error::{Error, Result};
 use crate::guest::Guest;
@@ -26,6 +25,7 @@ use crate::names::{ClusterNames, NodeId};
 use crate::observe::{GuestApi, observe};
 use crate::plan::{defer_retries, plan, plan_teardown};
 use crate::status;
+use crate::world::GuestCluster;
 
 /// Reconciles one BenchCluster. The only top-level call is the finalizer, which
 /// dispatches to [`apply`] or [`cleanup`].
@@ -145,6 +145,16 @@ async fn apply<H: Hypervisor, G: Guest>(
         })
         .collect();
 
+    // A cluster that was initialised (its kubeconfig is stored) but whose API does not
+    // answer is waited for, never initialised again; the status says since when.
+    let silent_api = match &observation.world.cluster {
+        GuestCluster::Unreachable(reason) if observation.kubeconfig.is_some() => Some(reason),
+        _ => None,
+    };
+    let api_silent_since = ctx
+        .guest_api_outage(&names.uid, silent_api.is_none())
+        .map(|since| Time(Timestamp::try_from(since).unwrap_or_else(|_| Timestamp::now())));
+
     let previous = bc.status_or_default();
     let timelines: BTreeMap<NodeId, Timeline> = observation
         .world
@@ -166,6 +176,7 @@ async fn apply<H: Hypervisor, G: Guest>(
         previous: &previous,
         timelines: &timelines,
         settings: &ctx.settings,
+        api_silent_since: api_silent_since.as_ref(),
         now: Time(Timestamp::now()),
     });
     ctx.metrics.set_cluster_vms(
@@ -200,6 +211,13 @@ async fn apply<H: Hypervisor, G: Guest>(
 
     if let Some(error) = outcome.into_error() {
         return Err(error);
+    }
+    if let (Some(reason), Some(since)) = (silent_api, &api_silent_since) {
+        // Retried with the error backoff, so a long outage is not polled every pass.
+        return Err(Error::GuestApiSilent {
+            since: status::whole_seconds(since),
+            reason: reason.clone(),
+        });
     }
     let converged = actions.is_empty()
         && next
@@ -260,16 +278,8 @@ async fn cleanup<H: Hypervisor, G: Guest>(
         );
         let actions = plan_teardown(&observation.world);
         if actions.is_empty() && observation.world.nodes.is_empty() {
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
-            match secrets
-                .delete(&names.kubeconfig_secret(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.is_not_found() => {}
-                Err(e) => return Err(Error::kube("delete the kubeconfig Secret")(e)),
-            }
-            ctx.forget(&names.uid, |_| false);
+            delete_kubeconfig(&names, ctx).await?;
+            ctx.forget_cluster(&names.uid);
             ctx.metrics.forget_cluster(&names.uid);
             info!("deleted");
             publish(

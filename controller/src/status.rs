@@ -25,7 +25,22 @@ pub struct Inputs<'a> {
     pub previous: &'a BenchClusterStatus,
     pub timelines: &'a BTreeMap<NodeId, Timeline>,
     pub settings: &'a Settings,
+    /// Since when the initialised cluster's API has not answered, while it does not.
+    pub api_silent_since: Option<&'a Time>,
     pub now: Time,
+}
+
+/// A time as the API stores it (whole seconds), for messages.
+pub fn whole_seconds(time: &Time) -> String {
+    format!("{:.0}", time.0)
+}
+
+/// How a silent guest API reads in conditions: since when, and the last error.
+fn silent_api_message(since: &Time, reason: &str) -> String {
+    format!(
+        "guest cluster API unreachable since {}: {reason}; waiting for it (nothing is reset or initialised again)",
+        whole_seconds(since)
+    )
 }
 
 /// The node's Node is Ready in the guest cluster and its kubeadm has returned: a Node
@@ -120,12 +135,23 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
     };
 
     let cp_ip = world.node(NodeId::CONTROL_PLANE).and_then(|n| n.ip);
+    let silent_api = match (&world.cluster, inputs.api_silent_since) {
+        (GuestCluster::Unreachable(reason), Some(since)) => Some(silent_api_message(since, reason)),
+        _ => None,
+    };
     let control_plane = if control_plane_ready {
         cond(
             ConditionType::ControlPlaneReady,
             true,
             "NodeReady",
             format!("{} is Ready", names.node(NodeId::CONTROL_PLANE)),
+        )
+    } else if let Some(message) = &silent_api {
+        cond(
+            ConditionType::ControlPlaneReady,
+            false,
+            "GuestApiUnreachable",
+            message.clone(),
         )
     } else {
         cond(
@@ -350,10 +376,11 @@ fn progress(inputs: &Inputs<'_>, nodes: &[NodeStatus]) -> (String, String) {
         return ("StepFailed".into(), message.clone());
     }
     if let GuestCluster::Unreachable(reason) = &inputs.world.cluster {
-        return (
-            "GuestApiUnreachable".into(),
-            format!("guest cluster API: {reason}"),
-        );
+        let message = match inputs.api_silent_since {
+            Some(since) => silent_api_message(since, reason),
+            None => format!("guest cluster API: {reason}"),
+        };
+        return ("GuestApiUnreachable".into(), message);
     }
     let pending: Vec<&NodeStatus> = nodes
         .iter()
@@ -436,6 +463,7 @@ mod tests {
             previous,
             timelines: &[(NodeId::worker(0), timeline)].into(),
             settings: &Settings::default(),
+            api_silent_since: None,
             now: Time(Timestamp::now()),
         })
     }

@@ -33,6 +33,9 @@ struct State {
     fail_init: BTreeSet<String>,
     /// Nodes that do not answer SSH.
     unreachable: BTreeSet<String>,
+    /// Control planes whose API does not answer (a stopped kube-apiserver): the
+    /// cluster is intact, only its API is silent.
+    api_down: BTreeSet<String>,
 }
 
 /// An in-memory guest: `kubeadm init` creates a cluster keyed by the control plane's
@@ -53,6 +56,10 @@ pub struct FakeGuest {
     pub inits: AtomicU64,
     /// Init calls, failed ones included.
     pub init_attempts: AtomicU64,
+    /// Init calls on a control plane whose init completed: a real guest only reads its
+    /// kubeconfig back (never resets it), so these must never be planned while the
+    /// API is merely silent.
+    pub inits_of_initialised: AtomicU64,
     pub joins: AtomicU64,
     pub removals: AtomicU64,
     /// Calls to a guest cluster's API (list its Nodes, remove a Node), failed ones
@@ -138,6 +145,16 @@ impl FakeGuest {
         }
     }
 
+    /// Makes the API of the cluster of `control_plane` (not) answer, its state kept.
+    pub fn set_api_down(&self, control_plane: &str, down: bool) {
+        let mut state = self.state();
+        if down {
+            state.api_down.insert(control_plane.to_owned());
+        } else {
+            state.api_down.remove(control_plane);
+        }
+    }
+
     /// Deletes a Node behind the controller's back.
     pub fn delete_node(&self, control_plane: &str, node: &str) {
         if let Some(cluster) = self.state().clusters.get_mut(control_plane) {
@@ -216,6 +233,9 @@ impl Guest for FakeGuest {
             });
         }
         self.inits.fetch_add(1, Ordering::Relaxed);
+        if state.clusters.contains_key(&node.name) {
+            self.inits_of_initialised.fetch_add(1, Ordering::Relaxed);
+        }
         let cluster = state.clusters.entry(node.name.clone()).or_default();
         cluster.nodes.insert(node.name.clone(), true);
         Ok(kubeconfig_for(&node.name))
@@ -226,6 +246,7 @@ impl Guest for FakeGuest {
         control_plane: &GuestNode,
         worker: &GuestNode,
         _credentials: &Credentials,
+        _kubeconfig: &AdminKubeconfig,
     ) -> Result<()> {
         self.called("join", &worker.name);
         self.check_reachable(worker)?;
@@ -253,6 +274,7 @@ impl Guest for FakeGuest {
         let cluster = state
             .clusters
             .get(&cp)
+            .filter(|_| !state.api_down.contains(&cp))
             .ok_or_else(|| GuestError::Api(format!("{cp}: connection refused (fake)")))?;
         Ok(cluster
             .nodes

@@ -10,9 +10,17 @@
 //!
 //! 1. 1 + 1 becomes Ready; `kubectl --kubeconfig <the Secret's kubeconfig>` (run inside
 //!    the namespace) says both Nodes are Ready.
-//! 2. `spec.workers.replicas` edited to 2: the new worker joins, three Nodes Ready.
-//! 3. edited back to 1: the removed worker's Node and domain (and its disks) are gone.
-//! 4. the BenchCluster is deleted: no domain, overlay, seed or kubeconfig Secret remains.
+//! 2. The guest API goes silent on the formed cluster (kube-apiserver's static pod is
+//!    stopped inside the control plane for more than a minute, many poll intervals and
+//!    backoffs): the conditions say so, nothing is reset or initialised, and once it
+//!    answers again the same Nodes (same uids) are Ready (RELIABILITY.md 26).
+//! 3. `spec.workers.replicas` edited to 2: the new worker joins, three Nodes Ready. The
+//!    first join token the controller mints is deleted on the control plane before the
+//!    worker can use it: a fresh one is minted and the worker joins (RELIABILITY.md 14).
+//! 4. edited back to 1: the removed worker's Node and domain (and its disks) are gone.
+//! 5. the BenchCluster is deleted: no domain, overlay, seed or kubeconfig Secret remains.
+//!
+//! Over the whole life the controller's log shows one `kubeadm init` and no reset.
 //!
 //! Each step prints its wall time and the per-node phase timings from status.
 //!
@@ -24,7 +32,7 @@
 
 mod vm_support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -40,9 +48,12 @@ use benchcluster_e2e::sandbox::{
     self, GuestImage, IMAGE_POOL, NETWORK, NODE_POOL, Sandbox, SandboxOptions,
 };
 use benchcluster_e2e::{TestApiServer, create_namespace, keys, wait};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher;
 use serde_json::json;
 use vm_support::{POLL, USER, is_ready, names, summary, virsh, volumes};
 
@@ -60,6 +71,18 @@ const WORKER_CPUS: u32 = 1;
 const WORKER_MEMORY: &str = "1536Mi";
 /// The image's own size (node overlays are never smaller than their base).
 const DISK: &str = "8Gi";
+
+/// How long the guest API stays silent: far beyond the poll interval and the backoff
+/// cap of [`vm_support::settings`], and beyond the 30 s after which the controller once
+/// reset such a control plane.
+const OUTAGE: Duration = Duration::from_secs(75);
+/// kubelet notices a removed static pod manifest within its 20 s file check period.
+const OUTAGE_SEEN_DEADLINE: Duration = Duration::from_secs(5 * 60);
+/// kube-apiserver starting again under emulation, then the controller's next retry.
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(15 * 60);
+/// Where the test parks kube-apiserver's static pod manifest during the outage.
+const API_SERVER_MANIFEST: &str = "/etc/kubernetes/manifests/kube-apiserver.yaml";
+const PARKED_MANIFEST: &str = "/etc/kubernetes/kube-apiserver.yaml.parked-by-e2e";
 
 /// Boot, `kubeadm init` (minutes under emulation, more on a busy host), join, Ready.
 const FORM_DEADLINE: Duration = Duration::from_secs(60 * 60);
@@ -81,7 +104,7 @@ async fn benchcluster_forms_scales_by_edit_and_is_deleted_with_nothing_left() {
         );
         return;
     }
-    vm_support::init_tracing();
+    let log = LogCapture::install();
     let started = Instant::now();
     let image = sandbox::kube_image()
         .await
@@ -101,7 +124,10 @@ async fn benchcluster_forms_scales_by_edit_and_is_deleted_with_nothing_left() {
     let uri = sandbox.uri();
     let volume = sandbox.image_volume().to_owned();
     let dir = sandbox.dir().to_owned();
-    let result = sandbox.run_inside(move || scenario(uri, volume, dir)).await;
+    let scenario_log = log.clone();
+    let result = sandbox
+        .run_inside(move || scenario(uri, volume, dir, scenario_log))
+        .await;
     if let Err(error) = result {
         eprintln!("{}", sandbox.diagnostics());
         drop(sandbox);
@@ -365,9 +391,14 @@ impl Drop for Bed {
 }
 
 /// Runs inside the sandbox's namespace.
-async fn scenario(uri: String, image_volume: String, dir: PathBuf) -> anyhow::Result<()> {
+async fn scenario(
+    uri: String,
+    image_volume: String,
+    dir: PathBuf,
+    log: LogCapture,
+) -> anyhow::Result<()> {
     let mut bed = Bed::start(uri, image_volume, dir).await?;
-    let result = steps(&bed).await;
+    let result = steps(&bed, &log).await;
     if let Err(error) = &result {
         eprintln!("failed: {error:#}");
         if let Ok(bc) = bed.api.get(NAME).await {
@@ -384,7 +415,7 @@ async fn scenario(uri: String, image_volume: String, dir: PathBuf) -> anyhow::Re
     result
 }
 
-async fn steps(bed: &Bed) -> anyhow::Result<()> {
+async fn steps(bed: &Bed, log: &LogCapture) -> anyhow::Result<()> {
     let cp = format!("{NAME}-cp-0");
     let w = |i: u32| format!("{NAME}-w-{i}");
     let mut report = Vec::new();
@@ -403,14 +434,40 @@ async fn steps(bed: &Bed) -> anyhow::Result<()> {
     bed.check_guest_nodes(&bc, &[cp.clone(), w(0)]).await?;
     report.push(("time to Ready, 1+1", formed));
 
-    // 2. replicas 1 -> 2: one more VM, joined, Ready.
+    // 2. The guest API goes silent for longer than any poll or backoff: waited for.
     let step = Instant::now();
+    let (outage, recovered) = bed.silent_api(&bc, &cp).await?;
+    eprintln!(
+        "step 2: API silent for {outage:.1?} in status, Ready again {recovered:.1?} after it answered \
+         (step {:.1?})",
+        step.elapsed()
+    );
+    report.push(("API outage (in status)", outage));
+    report.push(("Ready after the API", recovered));
+
+    // 3. replicas 1 -> 2: one more VM, joined, Ready; its first join token deleted.
+    let step = Instant::now();
+    let kubeconfig = bed.guest_kubeconfig(&bc).await?;
+    let tokens = TokenThief::start(&kubeconfig).await?;
     bed.scale(2).await?;
     let bc = bed
         .wait_ready("1+2 to be Ready", 2, SCALE_UP_DEADLINE)
         .await?;
     let grown = step.elapsed();
-    eprintln!("step 2: 1+2 Ready in {grown:.1?}");
+    let (minted, stolen) = tokens.stop();
+    eprintln!(
+        "step 3: 1+2 Ready in {grown:.1?}; join tokens minted {minted}, deleted by the test {stolen}"
+    );
+    ensure!(stolen == 1, "the test deleted {stolen} join tokens, want 1");
+    ensure!(
+        minted >= 2,
+        "only {minted} join token(s) minted: the deleted one was not replaced"
+    );
+    ensure!(
+        log.count(&["started", "operation=\"kubeadm join\""]) >= 3,
+        "the deleted token's join was not followed by a fresh one:\n{}",
+        log.matching("kubeadm join")
+    );
     print_timings(&bc);
     bed.check_guest_nodes(&bc, &[cp.clone(), w(0), w(1)])
         .await?;
@@ -419,16 +476,16 @@ async fn steps(bed: &Bed) -> anyhow::Result<()> {
         "domains: {:?}",
         bed.domains().await?
     );
-    report.push(("+1 worker", grown));
+    report.push(("+1 worker (token deleted)", grown));
 
-    // 3. replicas 2 -> 1: the highest index is drained, its Node deleted, its VM gone.
+    // 4. replicas 2 -> 1: the highest index is drained, its Node deleted, its VM gone.
     let step = Instant::now();
     bed.scale(1).await?;
     let bc = bed
         .wait_ready("1+1 after scaling down", 1, SCALE_DOWN_DEADLINE)
         .await?;
     let shrunk = step.elapsed();
-    eprintln!("step 3: back to 1+1 in {shrunk:.1?}");
+    eprintln!("step 4: back to 1+1 in {shrunk:.1?}");
     ensure!(
         bc.status_or_default().nodes.iter().all(|n| n.name != w(1)),
         "{} still in status",
@@ -448,7 +505,7 @@ async fn steps(bed: &Bed) -> anyhow::Result<()> {
     );
     report.push(("-1 worker", shrunk));
 
-    // 4. Deleted: nothing of it remains.
+    // 5. Deleted: nothing of it remains.
     let step = Instant::now();
     bed.api.delete(NAME, &DeleteParams::default()).await?;
     wait::until(
@@ -459,7 +516,7 @@ async fn steps(bed: &Bed) -> anyhow::Result<()> {
     )
     .await?;
     let deleted = step.elapsed();
-    eprintln!("step 4: deleted in {deleted:.1?}");
+    eprintln!("step 5: deleted in {deleted:.1?}");
     let domains = bed.domains().await?;
     ensure!(domains.is_empty(), "domains left: {domains:?}");
     let left = volumes(&bed.uri, NODE_POOL).await?;
@@ -476,12 +533,322 @@ async fn steps(bed: &Bed) -> anyhow::Result<()> {
     );
     report.push(("delete", deleted));
 
+    // Over the whole life: one init, no reset of a node whose kubeadm completed.
+    let inits = log.count(&["started", "operation=\"kubeadm init\""]);
+    ensure!(
+        inits == 1,
+        "kubeadm init started {inits} times:\n{}",
+        log.matching("kubeadm init")
+    );
+    ensure!(
+        log.count(&["resetting"]) == 0,
+        "the controller reset a node:\n{}",
+        log.matching("resetting")
+    );
+
     eprintln!("e2e summary (Kubernetes {}):", kubernetes_version());
     for (what, took) in report {
         eprintln!("  {what:<20} {took:>10.1?}");
     }
     eprintln!("  {overhead}");
     Ok(())
+}
+
+/// The controller's log lines, kept for the checks at the end and shown as they come.
+#[derive(Clone, Default)]
+struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    /// Routes the controller's logs (info and up; `RUST_LOG` overrides) to the test's
+    /// output and to the returned capture.
+    fn install() -> LogCapture {
+        let capture = LogCapture::default();
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("benchcluster_controller=info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(capture.clone())
+            .try_init();
+        capture
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Lines holding every one of `parts`.
+    fn count(&self, parts: &[&str]) -> usize {
+        self.lines()
+            .iter()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .count()
+    }
+
+    fn matching(&self, part: &str) -> String {
+        self.lines()
+            .into_iter()
+            .filter(|l| l.contains(part))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        eprint!("{}", String::from_utf8_lossy(buf));
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// A kube client on the guest cluster's admin kubeconfig.
+async fn guest_client(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let parsed = Kubeconfig::read_from(kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Deletes the first bootstrap token minted after it started, as soon as it appears
+/// (a watch on kube-system, well before the worker's kubeadm join can use it), and
+/// counts the tokens minted meanwhile.
+struct TokenThief {
+    minted: Arc<Mutex<BTreeSet<String>>>,
+    stolen: Arc<Mutex<BTreeSet<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TokenThief {
+    async fn start(kubeconfig: &Path) -> anyhow::Result<TokenThief> {
+        let client = guest_client(kubeconfig).await?;
+        let secrets: Api<Secret> = Api::namespaced(client, "kube-system");
+        let tokens = ListParams::default().fields("type=bootstrap.kubernetes.io/token");
+        let existing: BTreeSet<String> = secrets
+            .list(&tokens)
+            .await
+            .context("listing the bootstrap tokens")?
+            .items
+            .into_iter()
+            .filter_map(|s| s.metadata.name)
+            .collect();
+        let minted = Arc::new(Mutex::new(BTreeSet::new()));
+        let stolen = Arc::new(Mutex::new(BTreeSet::new()));
+        let (seen, taken) = (Arc::clone(&minted), Arc::clone(&stolen));
+        let config = watcher::Config::default().fields("type=bootstrap.kubernetes.io/token");
+        let task = tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher::watcher(secrets.clone(), config));
+            while let Some(event) = events.next().await {
+                let (watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) =
+                    (match event {
+                        Ok(event) => event,
+                        Err(error) => {
+                            eprintln!("  token watch: {error}");
+                            continue;
+                        }
+                    })
+                else {
+                    continue;
+                };
+                let Some(name) = secret.metadata.name else {
+                    continue;
+                };
+                if existing.contains(&name) {
+                    continue;
+                }
+                let first = {
+                    let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                    seen.insert(name.clone()) && seen.len() == 1
+                };
+                if first {
+                    match secrets.delete(&name, &DeleteParams::default()).await {
+                        Ok(_) => {
+                            eprintln!("  [{}] deleted the new join token {name}", wait::clock());
+                            taken
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .insert(name);
+                        }
+                        Err(error) => eprintln!("  deleting {name}: {error}"),
+                    }
+                }
+            }
+        });
+        Ok(TokenThief {
+            minted,
+            stolen,
+            task,
+        })
+    }
+
+    /// Tokens minted and tokens deleted since the start.
+    fn stop(self) -> (usize, usize) {
+        self.task.abort();
+        let count = |set: &Mutex<BTreeSet<String>>| {
+            set.lock().unwrap_or_else(PoisonError::into_inner).len()
+        };
+        (count(&self.minted), count(&self.stolen))
+    }
+}
+
+impl Bed {
+    /// How to reach a node of the BenchCluster over SSH: its IP from status, the host
+    /// key pinned in its domain.
+    async fn guest_node(&self, bc: &BenchCluster, node: &str) -> anyhow::Result<GuestNode> {
+        let status = bc.status_or_default();
+        let ip = status
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .and_then(|n| n.ip.as_deref())
+            .with_context(|| format!("no IP of {node} in status"))?
+            .parse()?;
+        let domain = format!("{}-{node}", self.namespace);
+        let host_key = self
+            .ctx
+            .hypervisor
+            .list_domains(&domain)
+            .await?
+            .into_iter()
+            .find(|d| d.name == domain)
+            .and_then(|d| d.owner.host_key)
+            .with_context(|| format!("no pinned host key on {domain}"))?;
+        Ok(GuestNode {
+            name: node.to_owned(),
+            ip,
+            host_key,
+        })
+    }
+
+    /// Node name -> uid in the guest cluster.
+    async fn node_uids(&self, kubeconfig: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+        let text = self
+            .guest_kubectl(kubeconfig, &["get", "nodes", "-o", "json"])
+            .await?;
+        let list: serde_json::Value = serde_json::from_str(&text)?;
+        Ok(list["items"]
+            .as_array()
+            .context("no items")?
+            .iter()
+            .filter_map(|node| {
+                let meta = &node["metadata"];
+                Some((
+                    meta["name"].as_str()?.to_owned(),
+                    meta["uid"].as_str()?.to_owned(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Stops kube-apiserver's static pod on the control plane for [`OUTAGE`] past the
+    /// moment the status shows the outage, checking all along that the cluster is not
+    /// called Ready, then starts it again and waits for Ready. The Nodes keep their
+    /// uids (a reset and init would make new ones). Returns how long the outage showed
+    /// in status, and how long Ready took once the manifest was back.
+    async fn silent_api(
+        &self,
+        bc: &BenchCluster,
+        cp: &str,
+    ) -> anyhow::Result<(Duration, Duration)> {
+        let kubeconfig = self.guest_kubeconfig(bc).await?;
+        let uids = self.node_uids(&kubeconfig).await?;
+        let node = self.guest_node(bc, cp).await?;
+        let mv = |from: &'static str, to: &'static str| {
+            let node = node.clone();
+            async move {
+                self.ctx
+                    .guest
+                    .exec(&node, &self.credentials, &["sudo", "-n", "mv", from, to])
+                    .await
+                    .with_context(|| format!("mv {from} {to} on {}", node.name))
+            }
+        };
+        mv(API_SERVER_MANIFEST, PARKED_MANIFEST).await?;
+        let reason = |bc: &BenchCluster| {
+            bc.status_or_default()
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| (c.reason.clone(), c.message.clone()))
+                .unwrap_or_default()
+        };
+        let silent = wait::until(
+            "the silent API in the Ready condition",
+            OUTAGE_SEEN_DEADLINE,
+            POLL,
+            || async {
+                let bc = self.api.get(NAME).await?;
+                Ok::<_, anyhow::Error>((reason(&bc).0 == "GuestApiUnreachable").then_some(bc))
+            },
+        )
+        .await;
+        let silent = match silent {
+            Ok(bc) => bc,
+            Err(error) => {
+                mv(PARKED_MANIFEST, API_SERVER_MANIFEST).await?;
+                return Err(error);
+            }
+        };
+        let seen = Instant::now();
+        let (_, message) = reason(&silent);
+        eprintln!("  [{}] Ready condition: {message}", wait::clock());
+        let control_plane = silent
+            .status_or_default()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ControlPlaneReady")
+            .map(|c| c.reason.clone());
+        let mut observed = Ok(());
+        if !message.contains("unreachable since ") {
+            observed = Err(anyhow::anyhow!(
+                "the message does not say since when: {message}"
+            ));
+        } else if control_plane.as_deref() != Some("GuestApiUnreachable") {
+            observed = Err(anyhow::anyhow!(
+                "ControlPlaneReady reason {control_plane:?}"
+            ));
+        }
+        // The window: the status is read at every poll, and never Ready.
+        while observed.is_ok() && seen.elapsed() < OUTAGE {
+            let bc = self.api.get(NAME).await?;
+            if is_ready(&bc) {
+                observed = Err(anyhow::anyhow!(
+                    "Ready while the API was stopped: {}",
+                    summary(&bc)
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let outage = seen.elapsed();
+        mv(PARKED_MANIFEST, API_SERVER_MANIFEST).await?;
+        observed?;
+        let back = Instant::now();
+        self.wait_ready("Ready after the API answers again", 1, RECOVERY_DEADLINE)
+            .await?;
+        let recovered = back.elapsed();
+        let after = self.node_uids(&kubeconfig).await?;
+        ensure!(after == uids, "Node uids changed: {uids:?} -> {after:?}");
+        Ok((outage, recovered))
+    }
 }
 
 /// The controller's share of the time to Ready of 1 + 1: the time to Ready minus the

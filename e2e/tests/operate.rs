@@ -60,8 +60,11 @@ impl Guest for SharedGuest {
         control_plane: &GuestNode,
         worker: &GuestNode,
         credentials: &Credentials,
+        kubeconfig: &AdminKubeconfig,
     ) -> benchcluster_controller::guest::Result<()> {
-        self.0.join_worker(control_plane, worker, credentials).await
+        self.0
+            .join_worker(control_plane, worker, credentials, kubeconfig)
+            .await
     }
 
     async fn cluster_nodes(

@@ -588,6 +588,126 @@ async fn a_guest_node_deleted_from_the_cluster_rejoins() -> Result<()> {
     Ok(())
 }
 
+/// The Ready condition's reason and message.
+fn ready_condition(bc: &BenchCluster) -> (String, String) {
+    bc.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+/// RELIABILITY.md 26: a formed cluster whose API goes silent (for many poll intervals,
+/// across a controller restart, with a worker added meanwhile) is waited for: no init,
+/// join or reset runs until it answers, and the conditions say since when.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_guest_api_is_waited_for_never_initialised_again() -> Result<()> {
+    let f = Fixture::new("silent").await?;
+    let guest = FakeGuest::default();
+    let controller = RunningController::start_with(
+        f.client.clone(),
+        Some(&f.namespace),
+        testbed::hypervisor(),
+        guest.sharing(),
+        testbed::fast_settings(),
+    );
+    f.create("sa", 2).await?;
+    f.wait_ready("sa", 2).await?;
+    let before = domains(&f.namespace, "sa");
+    guest.set_api_down("sa-cp-0", true);
+    let api: Api<BenchCluster> = Api::namespaced(f.client.clone(), &f.namespace);
+    let bc = wait::until("the outage in the conditions", CONVERGE, POLL, || async {
+        let bc = api.get("sa").await?;
+        let (reason, _) = ready_condition(&bc);
+        Ok::<_, anyhow::Error>((reason == "GuestApiUnreachable").then_some(bc))
+    })
+    .await?;
+    let (_, message) = ready_condition(&bc);
+    assert!(
+        message.contains("unreachable since ") && message.contains("connection refused"),
+        "{message}"
+    );
+    let control_plane = bc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "ControlPlaneReady"))
+        .map(|c| c.reason.clone());
+    assert_eq!(control_plane.as_deref(), Some("GuestApiUnreachable"));
+
+    // The first controller initialised once, at formation, and never again.
+    assert_eq!(controller.ctx.guest.calls("init", "sa-cp-0"), 1);
+    assert_eq!(
+        controller
+            .ctx
+            .guest
+            .inits_of_initialised
+            .load(Ordering::Relaxed),
+        0
+    );
+
+    // A restarted controller (nothing probed, nothing remembered) and one more worker
+    // wanted: still nothing but waiting while the API is silent. The window spans many
+    // poll intervals (200 ms) and backoffs (capped at 2 s).
+    controller.kill();
+    let controller = RunningController::start_with(
+        f.client.clone(),
+        Some(&f.namespace),
+        testbed::hypervisor(),
+        guest.sharing(),
+        testbed::fast_settings(),
+    );
+    f.set_replicas("sa", 3).await?;
+    let window = Instant::now();
+    let mut passes_seen = 0;
+    while window.elapsed() < Duration::from_secs(6) {
+        let bc = api.get("sa").await?;
+        assert_ne!(
+            ready_condition(&bc).0,
+            "Ready",
+            "Ready while the API is silent"
+        );
+        passes_seen += 1;
+        tokio::time::sleep(POLL).await;
+    }
+    let restarted = &controller.ctx.guest;
+    assert_eq!(
+        restarted.calls("init", "sa-cp-0"),
+        0,
+        "init during the outage"
+    );
+    assert_eq!(
+        restarted.calls("join", "sa-w-2"),
+        0,
+        "join during the outage"
+    );
+    assert!(
+        domains(&f.namespace, "sa").len() == 4,
+        "the new worker's VM is created meanwhile: {:?}",
+        domains(&f.namespace, "sa")
+    );
+
+    guest.set_api_down("sa-cp-0", false);
+    f.wait_ready("sa", 3).await?;
+    assert_eq!(
+        restarted.calls("join", "sa-w-2"),
+        1,
+        "the new worker joined once"
+    );
+    for w in ["sa-w-0", "sa-w-1"] {
+        assert_eq!(restarted.calls("join", w), 0, "{w} joined again");
+    }
+    assert_eq!(restarted.calls("init", "sa-cp-0"), 0);
+    assert_eq!(restarted.inits_of_initialised.load(Ordering::Relaxed), 0);
+    assert!(
+        before.is_subset(&domains(&f.namespace, "sa")),
+        "the formed VMs were kept"
+    );
+    eprintln!("silent API: {passes_seen} status reads in the 6 s window, no init, join or reset");
+    delete_and_check_empty(&f, "sa").await?;
+    controller.stop().await;
+    Ok(())
+}
+
 /// splitmix64: a seeded generator, so a failing soak replays the same kills.
 struct Rng(u64);
 

@@ -91,6 +91,10 @@ pub enum GuestError {
         exit_code: Option<i32>,
         output: String,
     },
+    /// A kubeadm started by an earlier attempt (whose SSH session was cut) still runs
+    /// on the node: nothing else may touch its kubeadm state until it ends.
+    #[error("an earlier kubeadm still runs on {node}; waiting for it to end")]
+    Busy { node: String },
     /// A step did not finish within its bound.
     #[error("{step} on {node} timed out after {seconds}s")]
     Timeout {
@@ -116,8 +120,10 @@ pub trait Guest: Send + Sync + 'static {
         credentials: &Credentials,
     ) -> impl Future<Output = Result<()>> + Send;
 
-    /// Initialises the control plane (`kubeadm init`), unless it already is and is
-    /// healthy, and returns the admin kubeconfig.
+    /// Initialises the control plane (`kubeadm init`) and returns the admin kubeconfig.
+    /// A control plane whose init completed once is never reset nor initialised again,
+    /// whatever its API answers: its kubeconfig is read back, and if the API answers
+    /// without the control plane's Node, the Node is registered again.
     fn init_control_plane(
         &self,
         node: &GuestNode,
@@ -125,13 +131,17 @@ pub trait Guest: Send + Sync + 'static {
         config: &InitConfig,
     ) -> impl Future<Output = Result<AdminKubeconfig>> + Send;
 
-    /// Mints a short-lived join command on the control plane and joins the worker with it
-    /// (resetting a half-done join first).
+    /// Joins the worker to the cluster of `control_plane` with a join command minted
+    /// just in time, and returns once its Node is registered. Called for a worker whose
+    /// Node the cluster (answering through `kubeconfig`) provably lacks: a worker whose
+    /// join completed into this cluster only registers its Node again; a half-done join,
+    /// or one into an earlier cluster (another CA), is reset first.
     fn join_worker(
         &self,
         control_plane: &GuestNode,
         worker: &GuestNode,
         credentials: &Credentials,
+        kubeconfig: &AdminKubeconfig,
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// The Nodes of the guest cluster, through its API.

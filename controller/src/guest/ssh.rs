@@ -27,7 +27,7 @@ use kube::{Client, Config};
 use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig, Result,
@@ -38,6 +38,21 @@ const INIT_CONFIG: &str = "/etc/benchcluster/kubeadm-init.yaml";
 const JOIN_CONFIG: &str = "/etc/benchcluster/kubeadm-join.yaml";
 const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
+/// The cluster CA a joined node trusts (written by kubeadm).
+const NODE_CA: &str = "/etc/kubernetes/pki/ca.crt";
+/// Completion markers, written by the controller right after `kubeadm init` or `kubeadm
+/// join` returned success (kubeadm leaves no such record itself). They tell an init or
+/// join that completed, which is never reset, from one that died half-way, which is.
+const INIT_DONE: &str = "/var/lib/benchcluster/kubeadm-init.done";
+const JOIN_DONE: &str = "/var/lib/benchcluster/kubeadm-join.done";
+/// Every kubeadm that changes a node's state runs under this lock (`flock`, util-linux):
+/// a kubeadm left running by an earlier attempt whose SSH session was cut holds it, so
+/// no reset or second init can run beside it.
+const KUBEADM_LOCK: &str = "/run/benchcluster-kubeadm.lock";
+/// Exit status `flock` returns when the lock is held.
+const LOCK_BUSY_EXIT: i32 = 75;
+/// How often a registration is polled while a kubelet registers its Node.
+const REGISTRATION_POLL: Duration = Duration::from_secs(2);
 const CRI_SOCKET: &str = "unix:///run/containerd/containerd.sock";
 /// kubeadm init phases not run: the kube-proxy and CoreDNS addons.
 const SKIPPED_INIT_PHASES: [&str; 2] = ["addon/coredns", "addon/kube-proxy"];
@@ -63,6 +78,9 @@ pub struct SshConfig {
     pub api_timeout: Duration,
     /// How long a drain may wait for evicted pods before the Node is deleted anyway.
     pub drain_timeout: Duration,
+    /// How long a kubelet may take to register its Node after kubeadm returned (or
+    /// after it was restarted to register a deleted Node again).
+    pub registration_timeout: Duration,
     /// Lifetime of a join token; minted just before each join.
     pub join_token_ttl: Duration,
 }
@@ -77,6 +95,7 @@ impl Default for SshConfig {
             kubeadm_timeout: Duration::from_secs(900),
             api_timeout: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(120),
+            registration_timeout: Duration::from_secs(300),
             join_token_ttl: Duration::from_secs(600),
         }
     }
@@ -348,10 +367,17 @@ impl Guest for SshGuest {
         control_plane: &GuestNode,
         worker: &GuestNode,
         credentials: &Credentials,
+        kubeconfig: &AdminKubeconfig,
     ) -> Result<()> {
         let worker_session = self.connect(worker, credentials).await?;
         let result = self
-            .join_on(&worker_session, control_plane, worker, credentials)
+            .join_on(
+                &worker_session,
+                control_plane,
+                worker,
+                credentials,
+                kubeconfig,
+            )
             .await;
         close(worker_session).await;
         result
@@ -435,14 +461,29 @@ impl SshGuest {
     ) -> Result<AdminKubeconfig> {
         let short = self.config.command_timeout;
         if self
-            .succeeds(
-                session,
-                node,
-                "test admin.conf",
-                &["sudo", "-n", "test", "-f", ADMIN_CONF],
-            )
+            .exists(session, node, "test init marker", INIT_DONE)
             .await?
         {
+            // Initialised once: whatever its API answers now, nothing is reset or
+            // initialised again. The Node is registered again only when the API
+            // answers without it.
+            let kubeconfig = self.read_admin_conf(session, node).await?;
+            if matches!(
+                self.node_registered(&kubeconfig, &node.name).await,
+                Ok(false)
+            ) {
+                self.register_again(session, node, &kubeconfig).await?;
+            }
+            return Ok(kubeconfig);
+        }
+        if self
+            .exists(session, node, "test admin.conf", ADMIN_CONF)
+            .await?
+        {
+            // No marker: no init returned success here, unless this controller died
+            // right after it did and before it wrote the marker. A serving API tells
+            // that case apart; anything else is an init that died half-way, whose
+            // files make the next one fail.
             let healthy = self
                 .succeeds(
                     session,
@@ -461,20 +502,13 @@ impl SshGuest {
                 )
                 .await?;
             if healthy {
-                debug!(node = %node.name, "control plane already initialised");
+                debug!(node = %node.name, "control plane initialised before its marker was written");
+                self.mark(session, node, INIT_DONE).await?;
                 return self.read_admin_conf(session, node).await;
             }
-            // An init that died half-way leaves files that make the next one fail.
-            warn!(node = %node.name, "resetting a half-initialised control plane");
-            self.run(
-                session,
-                node,
-                "kubeadm reset",
-                &["sudo", "-n", "kubeadm", "reset", "-f"],
-                None,
-                self.config.kubeadm_timeout,
-            )
-            .await?;
+            warn!(node = %node.name, "resetting a control plane whose kubeadm init died half-way");
+            self.kubeadm(session, node, "kubeadm reset", &["reset", "-f"])
+                .await?;
         }
         let version = self
             .run(
@@ -490,24 +524,178 @@ impl SshGuest {
         let document = init_configuration(node, config, &version, self.config.join_token_ttl);
         self.put_file(session, node, INIT_CONFIG, document.as_bytes())
             .await?;
-        self.run(
+        self.kubeadm(
             session,
             node,
             "kubeadm init",
+            &["init", "--config", INIT_CONFIG, "--skip-token-print"],
+        )
+        .await?;
+        self.mark(session, node, INIT_DONE).await?;
+        self.read_admin_conf(session, node).await
+    }
+
+    /// Runs `kubeadm <args>` as root under [`KUBEADM_LOCK`], bounded by the kubeadm
+    /// timeout; a lock held by an earlier kubeadm is [`GuestError::Busy`].
+    async fn kubeadm(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+        label: &'static str,
+        args: &[&str],
+    ) -> Result<Output> {
+        let busy = LOCK_BUSY_EXIT.to_string();
+        let mut argv = vec![
+            "sudo",
+            "-n",
+            "flock",
+            "-n",
+            "-E",
+            &busy,
+            KUBEADM_LOCK,
+            "kubeadm",
+        ];
+        argv.extend_from_slice(args);
+        match self
+            .run(
+                session,
+                node,
+                label,
+                &argv,
+                None,
+                self.config.kubeadm_timeout,
+            )
+            .await
+        {
+            Err(GuestError::CommandFailed {
+                exit_code: Some(LOCK_BUSY_EXIT),
+                ..
+            }) => Err(GuestError::Busy {
+                node: node.name.clone(),
+            }),
+            other => other,
+        }
+    }
+
+    /// Whether a file exists on the node (checked as root).
+    async fn exists(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+        label: &'static str,
+        path: &str,
+    ) -> Result<bool> {
+        self.succeeds(session, node, label, &["sudo", "-n", "test", "-e", path])
+            .await
+    }
+
+    /// Writes a completion marker (an empty root-owned file).
+    async fn mark(&self, session: &Session, node: &GuestNode, marker: &str) -> Result<()> {
+        self.run(
+            session,
+            node,
+            "write completion marker",
             &[
                 "sudo",
                 "-n",
-                "kubeadm",
-                "init",
-                "--config",
-                INIT_CONFIG,
-                "--skip-token-print",
+                "install",
+                "-D",
+                "-m",
+                "0644",
+                "/dev/null",
+                marker,
             ],
             None,
-            self.config.kubeadm_timeout,
+            self.config.command_timeout,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Whether the guest cluster has the Node; an API error is returned as such, never
+    /// read as "absent".
+    async fn node_registered(&self, kubeconfig: &AdminKubeconfig, name: &str) -> Result<bool> {
+        let client = self.client(kubeconfig).await?;
+        Api::<Node>::all(client)
+            .get_opt(name)
+            .await
+            .map(|node| node.is_some())
+            .map_err(|e| self.api_error(kubeconfig, e))
+    }
+
+    /// Waits, bounded, until the node's kubelet has registered its Node. Requests that
+    /// fail on the way (a busy API) are retried until the bound.
+    async fn await_registration(
+        &self,
+        node: &GuestNode,
+        kubeconfig: &AdminKubeconfig,
+    ) -> Result<()> {
+        let bound = self.config.registration_timeout;
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            match self.node_registered(kubeconfig, &node.name).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(error) => debug!(node = %node.name, %error, "waiting for the Node"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GuestError::Timeout {
+                    node: node.name.clone(),
+                    step: "Node registration",
+                    seconds: bound.as_secs(),
+                });
+            }
+            tokio::time::sleep(REGISTRATION_POLL).await;
+        }
+    }
+
+    /// A node whose kubeadm completed, whose Node the answering API lacks (deleted
+    /// behind our back): its kubelet registers the Node again when it restarts, with
+    /// the credentials it already has. Nothing is reset.
+    async fn register_again(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+        kubeconfig: &AdminKubeconfig,
+    ) -> Result<()> {
+        info!(node = %node.name, "Node missing from its cluster: restarting kubelet to register it again");
+        self.run(
+            session,
+            node,
+            "restart kubelet",
+            &["sudo", "-n", "systemctl", "restart", "kubelet"],
+            None,
+            self.config.command_timeout,
         )
         .await?;
-        self.read_admin_conf(session, node).await
+        self.await_registration(node, kubeconfig).await
+    }
+
+    /// Whether the worker trusts the CA of the cluster `kubeconfig` belongs to: a node
+    /// that joined an earlier cluster (a control plane rebuilt on a fresh disk) does not.
+    async fn trusts_cluster_ca(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+        kubeconfig: &AdminKubeconfig,
+    ) -> Result<bool> {
+        let cluster_ca = cluster_ca(kubeconfig)
+            .ok_or_else(|| GuestError::Api("the admin kubeconfig carries no cluster CA".into()))?;
+        let output = self
+            .run(
+                session,
+                node,
+                "read the node's cluster CA",
+                &["sudo", "-n", "cat", NODE_CA],
+                None,
+                self.config.command_timeout,
+            )
+            .await;
+        match output {
+            Ok(output) => Ok(output.stdout.trim_ascii() == cluster_ca.trim_ascii()),
+            Err(GuestError::CommandFailed { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     async fn read_admin_conf(
@@ -540,28 +728,46 @@ impl SshGuest {
         control_plane: &GuestNode,
         worker: &GuestNode,
         credentials: &Credentials,
+        kubeconfig: &AdminKubeconfig,
     ) -> Result<()> {
-        if self
-            .succeeds(
-                worker_session,
-                worker,
-                "test kubelet.conf",
-                &["sudo", "-n", "test", "-f", KUBELET_CONF],
-            )
-            .await?
-        {
-            // The planner joins only workers whose Node is absent: a kubelet.conf means
-            // a join that half-happened (or a Node deleted behind our back).
-            warn!(node = %worker.name, "resetting a half-joined worker");
+        // The planner joins only workers whose Node the answering API lacks.
+        let joined = self
+            .exists(worker_session, worker, "test join marker", JOIN_DONE)
+            .await?;
+        let kubelet_conf = self
+            .exists(worker_session, worker, "test kubelet.conf", KUBELET_CONF)
+            .await?;
+        if joined && kubelet_conf {
+            if self
+                .trusts_cluster_ca(worker_session, worker, kubeconfig)
+                .await?
+            {
+                // Joined into this very cluster: its Node was deleted or is still on
+                // its way. Registering it again is all there is to do.
+                if self.node_registered(kubeconfig, &worker.name).await? {
+                    return Ok(());
+                }
+                return self
+                    .register_again(worker_session, worker, kubeconfig)
+                    .await;
+            }
+            warn!(node = %worker.name, "resetting a worker joined to an earlier cluster (its CA is not the control plane's)");
+        } else if kubelet_conf {
+            warn!(node = %worker.name, "resetting a worker whose kubeadm join died half-way");
+        }
+        if joined || kubelet_conf {
+            // The marker goes first: a reset cut short must not look like a join done.
             self.run(
                 worker_session,
                 worker,
-                "kubeadm reset",
-                &["sudo", "-n", "kubeadm", "reset", "-f"],
+                "remove join marker",
+                &["sudo", "-n", "rm", "-f", JOIN_DONE],
                 None,
-                self.config.kubeadm_timeout,
+                self.config.command_timeout,
             )
             .await?;
+            self.kubeadm(worker_session, worker, "kubeadm reset", &["reset", "-f"])
+                .await?;
         }
         // Minted just in time, so an expired or deleted token is never reused.
         let ticket = self.mint_join_ticket(control_plane, credentials).await?;
@@ -574,15 +780,14 @@ impl SshGuest {
                 document.expose().as_bytes(),
             )
             .await?;
-            self.run(
+            self.kubeadm(
                 worker_session,
                 worker,
                 "kubeadm join",
-                &["sudo", "-n", "kubeadm", "join", "--config", JOIN_CONFIG],
-                None,
-                self.config.kubeadm_timeout,
+                &["join", "--config", JOIN_CONFIG],
             )
-            .await
+            .await?;
+            self.mark(worker_session, worker, JOIN_DONE).await
         }
         .await;
         let _ = self
@@ -596,7 +801,8 @@ impl SshGuest {
             )
             .await;
         self.revoke(control_plane, credentials, &ticket).await;
-        result.map(drop)
+        result?;
+        self.await_registration(worker, kubeconfig).await
     }
 
     async fn mint_join_ticket(
@@ -676,6 +882,19 @@ struct JoinTicket {
     endpoint: String,
     token: Sensitive,
     ca_cert_hash: String,
+}
+
+/// The PEM of the CA the kubeconfig's (first) cluster is verified with.
+fn cluster_ca(kubeconfig: &AdminKubeconfig) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose()).ok()?;
+    let data = parsed
+        .clusters
+        .into_iter()
+        .find_map(|c| c.cluster?.certificate_authority_data)?;
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .ok()
 }
 
 /// Parses `kubeadm join <endpoint> --token <t> --discovery-token-ca-cert-hash sha256:<h>`.
@@ -790,7 +1009,10 @@ fn join_configuration(
             "kubeletExtraArgs": [{"name": "node-ip", "value": ip}],
         },
         "timeouts": {
-            "discovery": "5m0s",
+            // Discovery against a control plane that just minted the token takes
+            // seconds; kubeadm retries a token it cannot find (deleted, expired)
+            // until this bound, and the next attempt mints a fresh one.
+            "discovery": "1m30s",
             "tlsBootstrap": "15m0s",
             "kubernetesAPICall": "5m0s",
         },

@@ -124,6 +124,7 @@ impl Guest for ProbeOnlyGuest {
         _control_plane: &GuestNode,
         worker: &GuestNode,
         credentials: &Credentials,
+        _kubeconfig: &AdminKubeconfig,
     ) -> GuestResult<()> {
         self.identify(worker, credentials).await
     }
