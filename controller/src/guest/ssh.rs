@@ -483,7 +483,9 @@ impl SshGuest {
             // No marker: no init returned success here, unless this controller died
             // right after it did and before it wrote the marker. A serving API tells
             // that case apart; anything else is an init that died half-way, whose
-            // files make the next one fail.
+            // files make the next one fail. An init still running (its session cut)
+            // serves an API too, but is neither: it is waited for.
+            self.kubeadm_idle(session, node).await?;
             let healthy = self
                 .succeeds(
                     session,
@@ -556,25 +558,41 @@ impl SshGuest {
             "kubeadm",
         ];
         argv.extend_from_slice(args);
-        match self
-            .run(
-                session,
-                node,
-                label,
-                &argv,
-                None,
-                self.config.kubeadm_timeout,
-            )
-            .await
-        {
-            Err(GuestError::CommandFailed {
-                exit_code: Some(LOCK_BUSY_EXIT),
-                ..
-            }) => Err(GuestError::Busy {
-                node: node.name.clone(),
-            }),
-            other => other,
-        }
+        self.run(
+            session,
+            node,
+            label,
+            &argv,
+            None,
+            self.config.kubeadm_timeout,
+        )
+        .await
+        .map_err(|error| busy_if_locked(node, error))
+    }
+
+    /// `Ok` when no kubeadm holds [`KUBEADM_LOCK`], else [`GuestError::Busy`].
+    async fn kubeadm_idle(&self, session: &Session, node: &GuestNode) -> Result<()> {
+        let busy = LOCK_BUSY_EXIT.to_string();
+        self.run(
+            session,
+            node,
+            "check for a running kubeadm",
+            &[
+                "sudo",
+                "-n",
+                "flock",
+                "-n",
+                "-E",
+                &busy,
+                KUBEADM_LOCK,
+                "true",
+            ],
+            None,
+            self.config.command_timeout,
+        )
+        .await
+        .map(drop)
+        .map_err(|error| busy_if_locked(node, error))
     }
 
     /// Whether a file exists on the node (checked as root).
@@ -882,6 +900,19 @@ struct JoinTicket {
     endpoint: String,
     token: Sensitive,
     ca_cert_hash: String,
+}
+
+/// A command that failed because `flock` found [`KUBEADM_LOCK`] held.
+fn busy_if_locked(node: &GuestNode, error: GuestError) -> GuestError {
+    match error {
+        GuestError::CommandFailed {
+            exit_code: Some(LOCK_BUSY_EXIT),
+            ..
+        } => GuestError::Busy {
+            node: node.name.clone(),
+        },
+        other => other,
+    }
 }
 
 /// The PEM of the CA the kubeconfig's (first) cluster is verified with.
@@ -1339,6 +1370,47 @@ mod tests {
                 .is_none()
         );
         assert_eq!(format!("{text:?}"), "Sensitive(<redacted>)");
+    }
+
+    #[test]
+    fn the_cluster_ca_is_read_from_the_kubeconfig() {
+        use base64::Engine as _;
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let data = base64::engine::general_purpose::STANDARD.encode(pem);
+        let kubeconfig = |cluster: &str| {
+            AdminKubeconfig(Sensitive::new(format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: kubernetes\n  cluster:\n{cluster}\n\
+                 contexts: []\nusers: []\n"
+            )))
+        };
+        let with_ca = kubeconfig(&format!(
+            "    server: https://192.168.222.10:6443\n    certificate-authority-data: {data}"
+        ));
+        assert_eq!(cluster_ca(&with_ca).as_deref(), Some(pem.as_bytes()));
+        let without = kubeconfig("    server: https://192.168.222.10:6443");
+        assert_eq!(cluster_ca(&without), None);
+        assert_eq!(cluster_ca(&AdminKubeconfig(Sensitive::new("{"))), None);
+    }
+
+    #[test]
+    fn only_flocks_busy_exit_means_an_earlier_kubeadm_runs() {
+        let failed = |code| GuestError::CommandFailed {
+            node: "x-cp-0".into(),
+            command: "kubeadm init",
+            exit_code: Some(code),
+            output: String::new(),
+        };
+        assert!(matches!(
+            busy_if_locked(&node("x-cp-0"), failed(LOCK_BUSY_EXIT)),
+            GuestError::Busy { .. }
+        ));
+        assert!(matches!(
+            busy_if_locked(&node("x-cp-0"), failed(1)),
+            GuestError::CommandFailed {
+                exit_code: Some(1),
+                ..
+            }
+        ));
     }
 
     proptest! {
