@@ -201,9 +201,11 @@ fn default_service_subnet() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct SshSpec {
     /// The user the controller logs in as; it must be able to run kubeadm through sudo.
+    /// Not root: the images' sshd refuses root logins (docs/image-contract.md).
     #[serde(default = "default_ssh_user")]
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z_][a-z0-9_-]*$')").message("ssh.user must be a POSIX user name (lowercase letters, digits, '_', '-')"))]
+    #[x_kube(validation = Rule::new("self != 'root'").message("ssh.user must not be root: the images refuse SSH logins as root; use an ordinary user, which gets passwordless sudo for kubeadm, for example bench"))]
     pub user: String,
     /// Secret in the BenchCluster's namespace holding the SSH key pair: `ssh-privatekey`
     /// (OpenSSH format) and `ssh-publickey`, as in a `kubernetes.io/ssh-auth` Secret.

@@ -425,6 +425,25 @@ async fn an_ssh_user_with_shell_syntax_is_rejected() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn an_ssh_user_of_root_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-ssh-root", |env| async move {
+        // A POSIX name, but the images' sshd refuses root (PermitRootLogin no), so the
+        // controller would wait on SSH forever.
+        let bad = with(minimal("x"), "/spec/ssh/user", json!("root"));
+        expect_create_rejected(&env, bad, "spec.ssh.user", "must not be root").await?;
+        // Names that merely contain it are ordinary users.
+        for (name, user) in [("rooted", "rooter"), ("underscore", "_root")] {
+            let ok = with(minimal(name), "/spec/ssh/user", json!(user));
+            env.create(ok)
+                .await
+                .with_context(|| format!("ssh.user {user:?}"))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
 async fn a_network_name_with_a_space_is_rejected() -> anyhow::Result<()> {
     with_env("crd-network-name", |env| async move {
         let bad = with(minimal("x"), "/spec/network/name", json!("my net"));
