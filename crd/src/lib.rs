@@ -75,8 +75,10 @@ pub struct BenchClusterSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeTemplate {
-    /// Virtual CPUs.
-    #[schemars(range(min = 1, max = 256))]
+    /// Virtual CPUs, 1 to 255 (QEMU's limit without an interrupt-remapping IOMMU). On
+    /// the control plane, kubeadm init's preflight needs at least 2 and 1700 MiB of
+    /// memory seen by the guest.
+    #[schemars(range(min = 1, max = 255))]
     pub cpus: u32,
     /// Memory as a Kubernetes quantity, for example `4Gi`. At least 256Mi.
     #[schemars(length(min = 1, max = 32))]
@@ -134,8 +136,9 @@ pub struct WorkerPool {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerTemplate {
-    /// Virtual CPUs of each worker.
-    #[schemars(range(min = 1, max = 256))]
+    /// Virtual CPUs of each worker, 1 to 255 (QEMU's limit without an interrupt-remapping
+    /// IOMMU).
+    #[schemars(range(min = 1, max = 255))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("workers.cpus is immutable"))]
     pub cpus: u32,
     /// Memory of each worker as a Kubernetes quantity. At least 256Mi.
