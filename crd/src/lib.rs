@@ -50,6 +50,7 @@ pub const MAX_NAME_LEN: usize = 40;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(NODE_CIDRS_RULE).field_path(".workers.replicas").message(Message::Expression(NODE_CIDRS_MESSAGE.into())))]
 pub struct BenchClusterSpec {
     /// The single control-plane VM. Immutable: a different size or image needs a new BenchCluster.
     #[x_kube(validation = Rule::new("self == oldSelf").message("controlPlane is immutable; create a new BenchCluster to change it"))]
@@ -60,7 +61,8 @@ pub struct BenchClusterSpec {
     /// The libvirt network the VMs attach to. It must exist on the hypervisor and serve DHCP.
     #[x_kube(validation = Rule::new("self == oldSelf").message("network is immutable"))]
     pub network: NetworkSpec,
-    /// Settings of the kubeadm cluster formed on the VMs.
+    /// Settings of the kubeadm cluster formed on the VMs. Single-stack IPv4: the VMs
+    /// have only their IPv4 DHCP lease, which kube-apiserver advertises.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("kubernetes is immutable"))]
     pub kubernetes: KubernetesSpec,
@@ -169,18 +171,55 @@ pub struct NetworkSpec {
 /// Settings of the kubeadm cluster.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(SUBNETS_DISJOINT_RULE).field_path(".podSubnet").message(Message::Expression(SUBNETS_DISJOINT_MESSAGE.into())))]
 pub struct KubernetesSpec {
-    /// Pod network CIDR (kubeadm `networking.podSubnet`).
+    /// Pod network CIDR (kubeadm `networking.podSubnet`): IPv4, /8 to /24.
+    /// kube-controller-manager gives each node a /24 of it, so a /N holds 2^(24-N)
+    /// nodes, the control plane included. It must not overlap `serviceSubnet`.
     #[serde(default = "default_pod_subnet")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("isCIDR(self)").message("podSubnet must be a CIDR, for example 10.244.0.0/16"))]
+    #[x_kube(validation = Rule::new(POD_SUBNET_RULE).message(POD_SUBNET_MESSAGE))]
     pub pod_subnet: String,
-    /// Service CIDR (kubeadm `networking.serviceSubnet`).
+    /// Service CIDR (kubeadm `networking.serviceSubnet`): IPv4, /12 to /28.
     #[serde(default = "default_service_subnet")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("isCIDR(self)").message("serviceSubnet must be a CIDR, for example 10.96.0.0/12"))]
+    #[x_kube(validation = Rule::new(SERVICE_SUBNET_RULE).message(SERVICE_SUBNET_MESSAGE))]
     pub service_subnet: String,
 }
+
+/// kubeadm (`ValidatePodSubnetNodeMask`, with kube-controller-manager's default
+/// `--node-cidr-mask-size-ipv4=24`) wants the pod subnet to hold a node's /24 and to be
+/// at most 16 bits larger. IPv4 only: the node addresses are IPv4, and an IPv6 subnet
+/// makes kubeadm's preflight require `net.ipv6.conf.default.forwarding=1`, which the
+/// image contract does not ask for. (`isCIDR` is checked by the rule before this one.)
+const POD_SUBNET_RULE: &str = "!isCIDR(self) || (cidr(self).ip().family() == 4 && cidr(self).prefixLength() >= 8 && cidr(self).prefixLength() <= 24)";
+const POD_SUBNET_MESSAGE: &str = "podSubnet must be an IPv4 CIDR from /8 to /24, for example 10.244.0.0/16: the VMs have IPv4 addresses only, and kubeadm gives each node a /24 of it and allows it at most 16 bits more";
+
+/// kube-apiserver refuses a service range whose family differs from its advertise
+/// address (the control plane's IPv4 lease) and one with more than 20 host bits
+/// (kubeadm's `ValidateServiceSubnetSize` too); kubeadm wants at least 10 addresses
+/// (`MinimumAddressesInServiceSubnet`), so /28 at most.
+const SERVICE_SUBNET_RULE: &str = "!isCIDR(self) || (cidr(self).ip().family() == 4 && cidr(self).prefixLength() >= 12 && cidr(self).prefixLength() <= 28)";
+const SERVICE_SUBNET_MESSAGE: &str = "serviceSubnet must be an IPv4 CIDR from /12 to /28, for example 10.96.0.0/12: kube-apiserver needs the family of its IPv4 node address and at most 20 host bits, kubeadm at least 10 addresses";
+
+/// Two CIDRs overlap exactly when one contains the other (CIDR blocks nest or are
+/// disjoint); `containsCIDR` masks both, and is false across families. On overlap
+/// kube-controller-manager hands no node a pod range inside the service range: with
+/// the pod subnet inside the service subnet no node ever gets one, nor turns Ready.
+const SUBNETS_DISJOINT_RULE: &str = "!isCIDR(self.podSubnet) || !isCIDR(self.serviceSubnet) || (!cidr(self.podSubnet).containsCIDR(cidr(self.serviceSubnet)) && !cidr(self.serviceSubnet).containsCIDR(cidr(self.podSubnet)))";
+/// A message expression: it names the values, since one of them may be a default.
+const SUBNETS_DISJOINT_MESSAGE: &str = "'podSubnet ' + self.podSubnet + ' overlaps serviceSubnet ' + self.serviceSubnet + ': they must be disjoint, since nodes get no pod range from addresses the services take; for example 10.244.0.0/16 and 10.96.0.0/12'";
+
+/// Each node, the control plane included, gets a /24 of the pod subnet, and a node
+/// without one never turns Ready (kube-controller-manager's range allocator has
+/// 2^(24-N) of them in a /N). Only a /16 or smaller can be too small for 1 + 256 nodes.
+const NODE_CIDRS_RULE: &str = "!isCIDR(self.kubernetes.podSubnet) || cidr(self.kubernetes.podSubnet).ip().family() != 4 || cidr(self.kubernetes.podSubnet).prefixLength() < 16 || cidr(self.kubernetes.podSubnet).prefixLength() > 24 || self.workers.replicas < [1, 2, 4, 8, 16, 32, 64, 128, 256][24 - cidr(self.kubernetes.podSubnet).prefixLength()]";
+/// A message expression, evaluated only when the rule failed, so on a /16 to /24. No
+/// `string(int)`: its result has no size bound, and the cost estimate then exceeds the
+/// budget; the counts come from a list of literals instead.
+const NODE_CIDRS_MESSAGE: &str = "'workers.replicas is more than kubernetes.podSubnet ' + self.kubernetes.podSubnet + ' holds: each node, the control plane included, takes a /24 of it, so it holds the control plane and ' + ['0', '1', '3', '7', '15', '31', '63', '127', '255'][24 - cidr(self.kubernetes.podSubnet).prefixLength()] + ' workers; use fewer workers or a larger podSubnet'";
 
 impl Default for KubernetesSpec {
     fn default() -> Self {

@@ -250,7 +250,7 @@ async fn a_fully_specified_benchcluster_round_trips() -> anyhow::Result<()> {
                     "image": {"volume": "nixos-worker.qcow2", "firmware": "uefi"},
                 },
                 "network": {"name": "scheduler_benchmark_net"},
-                "kubernetes": {"podSubnet": "10.32.0.0/12", "serviceSubnet": "fd00:10:96::/112"},
+                "kubernetes": {"podSubnet": "10.32.0.0/12", "serviceSubnet": "172.20.0.0/16"},
                 "ssh": {"user": "nixos", "keySecret": {"name": "bench.ssh-key"}},
                 "paused": true,
             },
@@ -259,7 +259,7 @@ async fn a_fully_specified_benchcluster_round_trips() -> anyhow::Result<()> {
         let spec = env.typed().get("medium").await?.spec;
         ensure!(spec.workers.replicas == 4 && spec.workers.template.cpus == 16);
         ensure!(spec.control_plane.image.firmware == Firmware::Uefi);
-        ensure!(spec.kubernetes.service_subnet == "fd00:10:96::/112");
+        ensure!(spec.kubernetes.service_subnet == "172.20.0.0/16");
         ensure!(spec.ssh.user == "nixos" && spec.ssh.key_secret.name == "bench.ssh-key");
         ensure!(spec.paused);
         Ok(())
@@ -438,6 +438,185 @@ async fn an_ssh_user_of_root_is_rejected() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("ssh.user {user:?}"))?;
         }
+        Ok(())
+    })
+    .await
+}
+
+/// `minimal(name)` with `spec.kubernetes` set to these subnets.
+fn with_subnets(name: &str, pod: &str, service: &str) -> Value {
+    with(
+        minimal(name),
+        "/spec/kubernetes",
+        json!({"podSubnet": pod, "serviceSubnet": service}),
+    )
+}
+
+#[tokio::test]
+async fn a_pod_subnet_overlapping_the_service_subnet_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-overlap", |env| async move {
+        const SAYS: &str = "must be disjoint";
+        // The issue's example: the pod subnet inside the default service subnet
+        // (10.96.0.0/12 is 10.96.0.0 to 10.111.255.255). The message names both values,
+        // the defaulted one too.
+        let inside = with(
+            minimal("x"),
+            "/spec/kubernetes",
+            json!({"podSubnet": "10.96.0.0/16"}),
+        );
+        expect_create_rejected(
+            &env,
+            inside,
+            "spec.kubernetes.podSubnet",
+            "podSubnet 10.96.0.0/16 overlaps serviceSubnet 10.96.0.0/12: they must be disjoint",
+        )
+        .await
+        .context("pod subnet inside the default service subnet")?;
+        for (pod, service) in [
+            // The service subnet inside the pod subnet.
+            ("10.0.0.0/8", "10.96.0.0/12"),
+            // The same range twice.
+            ("10.244.0.0/16", "10.244.0.0/16"),
+            // Host bits set: the library masks them before comparing.
+            ("10.100.7.1/16", "10.96.0.0/12"),
+        ] {
+            let bad = with_subnets("x", pod, service);
+            expect_create_rejected(&env, bad, "spec.kubernetes.podSubnet", SAYS)
+                .await
+                .with_context(|| format!("podSubnet {pod} with serviceSubnet {service}"))?;
+        }
+        // Adjacent ranges do not overlap: 10.112.0.0/16 starts right after 10.96.0.0/12.
+        env.create(with_subnets("adjacent", "10.112.0.0/16", "10.96.0.0/12"))
+            .await
+            .context("adjacent subnets must be accepted")?;
+        env.create(with_subnets("below", "10.95.0.0/16", "10.96.0.0/12"))
+            .await
+            .context("the range just below the service subnet must be accepted")?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn ipv6_subnets_are_rejected() -> anyhow::Result<()> {
+    with_env("crd-ipv6", |env| async move {
+        // The VMs have IPv4 leases only: kube-apiserver refuses a service range of
+        // another family than its advertise address, and an IPv6 pod subnet makes
+        // kubeadm's preflight require IPv6 forwarding, which the images do not set.
+        let pod = with_subnets("x", "fd00:10:244::/56", "10.96.0.0/12");
+        expect_create_rejected(&env, pod, "spec.kubernetes.podSubnet", "IPv4 CIDR").await?;
+        let service = with_subnets("x", "10.244.0.0/16", "fd00:10:96::/112");
+        expect_create_rejected(&env, service, "spec.kubernetes.serviceSubnet", "IPv4 CIDR").await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_pod_subnet_outside_kubeadms_node_mask_bounds_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-pod-mask", |env| async move {
+        const SAYS: &str = "IPv4 CIDR from /8 to /24";
+        // Smaller than one node's /24, or more than 16 bits larger than it.
+        for pod in ["10.244.0.0/25", "10.244.0.0/28", "10.0.0.0/7"] {
+            let bad = with_subnets("x", pod, "10.96.0.0/12");
+            expect_create_rejected(&env, bad, "spec.kubernetes.podSubnet", SAYS)
+                .await
+                .with_context(|| format!("podSubnet {pod}"))?;
+        }
+        // The bounds themselves are allowed (a /24 holds the control plane only).
+        env.create(with_subnets("slash8", "20.0.0.0/8", "10.96.0.0/12"))
+            .await
+            .context("a /8 pod subnet")?;
+        let slash24 = with(
+            with_subnets("slash24", "10.244.0.0/24", "10.96.0.0/12"),
+            "/spec/workers/replicas",
+            json!(0),
+        );
+        env.create(slash24).await.context("a /24 pod subnet")?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_service_subnet_outside_kubeadms_size_bounds_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-service-mask", |env| async move {
+        const SAYS: &str = "IPv4 CIDR from /12 to /28";
+        // More than 20 host bits (kube-apiserver and kubeadm), or fewer than 10 addresses.
+        for service in ["10.96.0.0/11", "10.96.0.0/29", "10.96.0.0/32"] {
+            let bad = with_subnets("x", "10.244.0.0/16", service);
+            expect_create_rejected(&env, bad, "spec.kubernetes.serviceSubnet", SAYS)
+                .await
+                .with_context(|| format!("serviceSubnet {service}"))?;
+        }
+        env.create(with_subnets("slash12", "10.244.0.0/16", "10.96.0.0/12"))
+            .await
+            .context("a /12 service subnet")?;
+        env.create(with_subnets("slash28", "10.244.0.0/16", "10.96.0.0/28"))
+            .await
+            .context("a /28 service subnet")?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn more_workers_than_the_pod_subnet_holds_are_rejected() -> anyhow::Result<()> {
+    with_env("crd-pod-capacity", |env| async move {
+        const SAYS: &str = "is more than kubernetes.podSubnet";
+        // A /20 holds 16 node /24s: the control plane and 15 workers.
+        let small = |name: &str, replicas: i32| {
+            with(
+                with_subnets(name, "10.244.0.0/20", "10.96.0.0/12"),
+                "/spec/workers/replicas",
+                json!(replicas),
+            )
+        };
+        expect_create_rejected(
+            &env,
+            small("x", 16),
+            "spec.workers.replicas",
+            "workers.replicas is more than kubernetes.podSubnet 10.244.0.0/20 holds: \
+             each node, the control plane included, takes a /24 of it, so it holds the \
+             control plane and 15 workers",
+        )
+        .await?;
+        env.create(small("fits", 15))
+            .await
+            .context("1 + 15 nodes in a /20")?;
+        // Scaling past it is refused too, by edit and by the scale subresource.
+        let result = update(&env, "fits", "/spec/workers/replicas", json!(16)).await;
+        expect_invalid(result, "spec.workers.replicas", SAYS)?;
+        let error = env
+            .kubectl(&["scale", "bc/fits", "--replicas=16"])
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("kubectl scale to 16 workers in a /20 was accepted"))?;
+        ensure!(
+            error.to_string().contains(SAYS),
+            "unexpected error: {error:#}"
+        );
+
+        // The default /16 holds 256 nodes: 255 workers, not the 256 replicas allow.
+        let many = |name: &str, replicas: i32| {
+            with(minimal(name), "/spec/workers/replicas", json!(replicas))
+        };
+        expect_create_rejected(
+            &env,
+            many("x", 256),
+            "spec.workers.replicas",
+            "holds the control plane and 255 workers",
+        )
+        .await?;
+        env.create(many("full", 255))
+            .await
+            .context("1 + 255 nodes in the default /16")?;
+        // A /15 holds 512.
+        let larger = with(
+            with_subnets("larger", "10.244.0.0/15", "10.96.0.0/12"),
+            "/spec/workers/replicas",
+            json!(256),
+        );
+        env.create(larger).await.context("1 + 256 nodes in a /15")?;
         Ok(())
     })
     .await
