@@ -11,6 +11,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail, ensure};
+use benchcluster_crd::quantity::parse_bytes;
 use benchcluster_crd::{BenchCluster, Firmware};
 use benchcluster_e2e::{TestApiServer, create_namespace, wait};
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
@@ -640,6 +641,40 @@ async fn more_than_255_cpus_are_rejected() -> anyhow::Result<()> {
         env.create(with(most, "/spec/workers/cpus", json!(255)))
             .await
             .context("255 vCPUs")?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn quantities_in_any_form_the_schema_accepts_are_read_as_the_server_reads_them()
+-> anyhow::Result<()> {
+    with_env("crd-quantity-forms", |env| async move {
+        // The schema checks memory and disk with CEL's quantity(); the controller turns
+        // what it let through into bytes with parse_bytes, which must not refuse any.
+        let cases = [
+            ("+4Gi", "+40Gi", 4u64 << 30, 40u64 << 30),
+            ("2147483648000m", "21474836480e+1", 2 << 30, 200 << 30),
+            ("4.5Gi", "42949672960000e-3", 9 << 29, 40 << 30),
+        ];
+        for (i, (memory, disk, memory_bytes, disk_bytes)) in cases.into_iter().enumerate() {
+            let name = format!("form-{i}");
+            let object = with(minimal(&name), "/spec/controlPlane/memory", json!(memory));
+            let object = with(object, "/spec/controlPlane/disk", json!(disk));
+            env.create(object)
+                .await
+                .with_context(|| format!("memory {memory:?}, disk {disk:?}"))?;
+            let stored = env.typed().get(&name).await?.spec.control_plane;
+            ensure!(
+                parse_bytes(&stored.memory)? == memory_bytes
+                    && parse_bytes(&stored.disk)? == disk_bytes,
+                "the server accepted memory {:?} and disk {:?}, read as {:?} and {:?}",
+                stored.memory,
+                stored.disk,
+                parse_bytes(&stored.memory),
+                parse_bytes(&stored.disk)
+            );
+        }
         Ok(())
     })
     .await
