@@ -5,12 +5,14 @@
 //!   `e2e/versions.env`, a cluster-admin kubeconfig, `kubectl`, the CRD installer.
 //! - [`wait::until`]: the only way to wait (poll with a deadline, never a fixed sleep).
 //! - [`create_namespace`]: a random labelled namespace per test.
+//! - [`logs::LogCapture`]: what the controller logged, for checks afterwards.
 //! - [`sandbox::Sandbox`]: libvirtd, its network and pools in a network namespace of
 //!   its own, for the vm and e2e tiers and `cargo xtask up`.
 
 pub mod apiserver;
 pub mod fakes;
 pub mod keys;
+pub mod logs;
 pub mod namespace;
 mod pki;
 mod process;

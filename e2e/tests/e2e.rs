@@ -44,6 +44,7 @@ use benchcluster_controller::hypervisor::Hypervisor as _;
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
 use benchcluster_controller::{Context, reconcile};
 use benchcluster_crd::{BenchCluster, PhaseTimings};
+use benchcluster_e2e::logs::LogCapture;
 use benchcluster_e2e::sandbox::{
     self, GuestImage, IMAGE_POOL, NETWORK, NODE_POOL, Sandbox, SandboxOptions,
 };
@@ -104,7 +105,7 @@ async fn benchcluster_forms_scales_by_edit_and_is_deleted_with_nothing_left() {
         );
         return;
     }
-    let log = LogCapture::install();
+    let log = install_log_capture();
     let started = Instant::now();
     let image = sandbox::kube_image()
         .await
@@ -554,71 +555,18 @@ async fn steps(bed: &Bed, log: &LogCapture) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The controller's log lines, kept for the checks at the end and shown as they come.
-#[derive(Clone, Default)]
-struct LogCapture(Arc<Mutex<Vec<u8>>>);
-
-impl LogCapture {
-    /// Routes the controller's logs (info and up; `RUST_LOG` overrides) to the test's
-    /// output and to the returned capture.
-    fn install() -> LogCapture {
-        let capture = LogCapture::default();
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("benchcluster_controller=info"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .with_writer(capture.clone())
-            .try_init();
-        capture
-    }
-
-    fn lines(&self) -> Vec<String> {
-        let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        String::from_utf8_lossy(&bytes)
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// Lines holding every one of `parts`.
-    fn count(&self, parts: &[&str]) -> usize {
-        self.lines()
-            .iter()
-            .filter(|l| parts.iter().all(|p| l.contains(p)))
-            .count()
-    }
-
-    fn matching(&self, part: &str) -> String {
-        self.lines()
-            .into_iter()
-            .filter(|l| l.contains(part))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl std::io::Write for LogCapture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        eprint!("{}", String::from_utf8_lossy(buf));
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
-    type Writer = LogCapture;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
+/// Routes the controller's logs (info and up; `RUST_LOG` overrides) to the test's
+/// output and to the returned capture, for the checks at the end.
+fn install_log_capture() -> LogCapture {
+    let capture = LogCapture::echoing();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("benchcluster_controller=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(capture.clone())
+        .try_init();
+    capture
 }
 
 /// A kube client on the guest cluster's admin kubeconfig.

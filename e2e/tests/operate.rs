@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
@@ -23,6 +23,7 @@ use benchcluster_controller::telemetry::{self, LogFormat};
 use benchcluster_controller::{Context, Settings};
 use benchcluster_crd::BenchCluster;
 use benchcluster_e2e::fakes::{FakeGuest, Instrumented, SECRET_MARKER};
+use benchcluster_e2e::logs::LogCapture;
 use benchcluster_e2e::testbed::{CONVERGE, Fixture, POLL};
 use benchcluster_e2e::{testbed, wait};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -543,47 +544,11 @@ async fn a_leader_whose_lease_is_taken_stops_reconciling() -> Result<()> {
     Ok(())
 }
 
-/// Everything the tracing subscriber of this test binary wrote.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'w self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(
-            &self
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-        .into_owned()
-    }
-}
-
 /// Installs (once) a JSON subscriber at debug level for the whole test binary.
-fn capture_logs() -> &'static Capture {
-    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+fn capture_logs() -> &'static LogCapture {
+    static CAPTURE: OnceLock<LogCapture> = OnceLock::new();
     CAPTURE.get_or_init(|| {
-        let capture = Capture::default();
+        let capture = LogCapture::default();
         let filter = telemetry::filter(Some(
             "debug,hyper=info,hyper_util=info,h2=info,rustls=info,tower=info",
         ))

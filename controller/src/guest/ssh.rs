@@ -546,53 +546,40 @@ impl SshGuest {
         label: &'static str,
         args: &[&str],
     ) -> Result<Output> {
-        let busy = LOCK_BUSY_EXIT.to_string();
-        let mut argv = vec![
-            "sudo",
-            "-n",
-            "flock",
-            "-n",
-            "-E",
-            &busy,
-            KUBEADM_LOCK,
-            "kubeadm",
-        ];
-        argv.extend_from_slice(args);
-        self.run(
-            session,
-            node,
-            label,
-            &argv,
-            None,
-            self.config.kubeadm_timeout,
-        )
-        .await
-        .map_err(|error| busy_if_locked(node, error))
+        let mut command = vec!["kubeadm"];
+        command.extend_from_slice(args);
+        self.run_locked(session, node, label, &command, self.config.kubeadm_timeout)
+            .await
     }
 
     /// `Ok` when no kubeadm holds [`KUBEADM_LOCK`], else [`GuestError::Busy`].
     async fn kubeadm_idle(&self, session: &Session, node: &GuestNode) -> Result<()> {
-        let busy = LOCK_BUSY_EXIT.to_string();
-        self.run(
+        self.run_locked(
             session,
             node,
             "check for a running kubeadm",
-            &[
-                "sudo",
-                "-n",
-                "flock",
-                "-n",
-                "-E",
-                &busy,
-                KUBEADM_LOCK,
-                "true",
-            ],
-            None,
+            &["true"],
             self.config.command_timeout,
         )
         .await
         .map(drop)
-        .map_err(|error| busy_if_locked(node, error))
+    }
+
+    /// Runs `command` as root while holding [`KUBEADM_LOCK`], without waiting for it.
+    async fn run_locked(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+        label: &'static str,
+        command: &[&str],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let busy = LOCK_BUSY_EXIT.to_string();
+        let mut argv = vec!["sudo", "-n", "flock", "-n", "-E", &busy, KUBEADM_LOCK];
+        argv.extend_from_slice(command);
+        self.run(session, node, label, &argv, None, timeout)
+            .await
+            .map_err(|error| busy_if_locked(node, error))
     }
 
     /// Whether a file exists on the node (checked as root).
