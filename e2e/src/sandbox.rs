@@ -38,7 +38,8 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 
@@ -62,6 +63,13 @@ pub const BUILD_KUBE_IMAGE: &str = "hack/build-kube-image.sh";
 /// The seed's network: isolated (no forward), DHCP from .100 to .254.
 pub const NETWORK: &str = "scheduler_benchmark_net";
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 222, 1);
+/// The bridge of [`NETWORK`] (as in its XML).
+pub const BRIDGE: &str = "bcbr0";
+/// The first and the last address dnsmasq hands out on [`NETWORK`] (as in its XML).
+pub const DHCP_RANGE: (Ipv4Addr, Ipv4Addr) = (
+    Ipv4Addr::new(192, 168, 222, 100),
+    Ipv4Addr::new(192, 168, 222, 254),
+);
 const NETWORK_XML: &str = "<network>
   <name>scheduler_benchmark_net</name>
   <bridge name='bcbr0' stp='off' delay='0'/>
@@ -218,15 +226,82 @@ pub struct Lease {
     pub hostname: Option<String>,
 }
 
+/// One entry of libvirt's lease database of [`NETWORK`] ([`Sandbox::dhcp_status_file`]),
+/// the JSON array that `libvirt_leaseshelper` (dnsmasq's `--dhcp-script`) rewrites on
+/// every lease event and from which libvirtd answers lease queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusLease {
+    /// Lowercase.
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    pub hostname: Option<String>,
+    /// Seconds since the epoch; 0 means never (libvirt omits the field then).
+    pub expiry_unix: i64,
+}
+
+impl StatusLease {
+    /// Whether the lease is still valid at `now_unix`, by libvirt's rule (an expiry
+    /// before now is expired; none is infinite).
+    pub fn valid_at(&self, now_unix: i64) -> bool {
+        self.expiry_unix == 0 || self.expiry_unix >= now_unix
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let mut entry = serde_json::json!({
+            "ip-address": self.ip.to_string(),
+            "mac-address": self.mac,
+        });
+        if let Some(hostname) = &self.hostname {
+            entry["hostname"] = hostname.clone().into();
+        }
+        if self.expiry_unix != 0 {
+            entry["expiry-time"] = self.expiry_unix.into();
+        }
+        entry
+    }
+
+    fn from_json(entry: &serde_json::Value) -> Option<Self> {
+        Some(Self {
+            mac: entry.get("mac-address")?.as_str()?.to_ascii_lowercase(),
+            ip: entry.get("ip-address")?.as_str()?.parse().ok()?,
+            hostname: entry
+                .get("hostname")
+                .and_then(|h| h.as_str())
+                .map(str::to_owned),
+            expiry_unix: entry
+                .get("expiry-time")
+                .and_then(serde_json::Value::as_i64)
+                .unwrap_or(0),
+        })
+    }
+}
+
+/// Seconds since the epoch, the clock of lease expiries.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// A running sandbox. Dropping it stops everything and removes the namespace.
+///
+/// Its methods take `&self`, so tests may share it (`Arc<Sandbox>`) with the code they
+/// run inside the namespace, for example to kill and restart libvirtd mid-test.
 #[derive(Debug)]
 pub struct Sandbox {
     netns: String,
     dir: PathBuf,
     socket: PathBuf,
     image_volumes: Vec<String>,
-    libvirtd: Option<Supervised>,
+    libvirtd: Mutex<Libvirtd>,
     reaper: Reaper,
+}
+
+/// The sandbox's libvirtd: the running one, if any, and how often one was started.
+#[derive(Debug, Default)]
+struct Libvirtd {
+    process: Option<Supervised>,
+    starts: u32,
 }
 
 impl Sandbox {
@@ -282,7 +357,7 @@ impl Sandbox {
             netns,
             dir,
             image_volumes: Vec::new(),
-            libvirtd: None,
+            libvirtd: Mutex::new(Libvirtd::default()),
             reaper,
         };
         // From here on, dropping `sandbox` on an error cleans up.
@@ -316,28 +391,7 @@ impl Sandbox {
             LIBVIRTD_CONF.replace("{sock_dir}", sock_dir),
         )?;
         std::fs::write(self.dir.join("state/etc/qemu.conf"), QEMU_CONF)?;
-
-        let args: Vec<String> = [
-            "netns",
-            "exec",
-            &self.netns,
-            "sh",
-            "-c",
-            LAUNCH_LIBVIRTD,
-            "launch-libvirtd",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .chain([self.dir.to_string_lossy().into_owned()])
-        .collect();
-        self.libvirtd = Some(Supervised::spawn(
-            "libvirtd",
-            Path::new("ip"),
-            &args,
-            &self.dir.join("libvirtd.log"),
-            None,
-        )?);
-        self.wait_for_libvirtd().await?;
+        self.start_libvirtd().await?;
 
         let network_xml = self.dir.join("network.xml");
         std::fs::write(&network_xml, NETWORK_XML)?;
@@ -371,26 +425,73 @@ impl Sandbox {
         Ok(())
     }
 
-    async fn wait_for_libvirtd(&mut self) -> anyhow::Result<()> {
+    fn lock_libvirtd(&self) -> MutexGuard<'_, Libvirtd> {
+        // The state is a handle and a counter: nothing a panicking holder could break.
+        self.libvirtd.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts libvirtd in the namespace (through [`LAUNCH_LIBVIRTD`], so in a new mount
+    /// namespace with this sandbox's state directories bound) and waits until it
+    /// answers. The first start logs to `libvirtd.log`, the n-th to `libvirtd-<n>.log`.
+    async fn start_libvirtd(&self) -> anyhow::Result<()> {
+        {
+            let mut libvirtd = self.lock_libvirtd();
+            if let Some(process) = libvirtd.process.as_mut()
+                && process.exited().is_none()
+            {
+                bail!("libvirtd is running already");
+            }
+            libvirtd.starts += 1;
+            let log = match libvirtd.starts {
+                1 => self.dir.join("libvirtd.log"),
+                n => self.dir.join(format!("libvirtd-{n}.log")),
+            };
+            let args: Vec<String> = [
+                "netns",
+                "exec",
+                &self.netns,
+                "sh",
+                "-c",
+                LAUNCH_LIBVIRTD,
+                "launch-libvirtd",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain([self.dir.to_string_lossy().into_owned()])
+            .collect();
+            // Replacing an exited one drops (and reaps) its watchdog.
+            libvirtd.process = Some(Supervised::spawn(
+                "libvirtd",
+                Path::new("ip"),
+                &args,
+                &log,
+                None,
+            )?);
+        }
+        self.wait_for_libvirtd().await
+    }
+
+    async fn wait_for_libvirtd(&self) -> anyhow::Result<()> {
         let uri = self.uri();
         let socket = self.socket.clone();
-        let Some(libvirtd) = self.libvirtd.as_mut() else {
-            bail!("libvirtd was not started");
-        };
         wait::until(
             "libvirtd to answer on its socket",
             LIBVIRTD_READY_DEADLINE,
             POLL,
             || {
-                let exited = libvirtd.exited();
+                let running = match self.lock_libvirtd().process.as_mut() {
+                    None => Err(anyhow!("libvirtd was not started")),
+                    Some(process) => match process.exited() {
+                        Some(status) => Err(anyhow!("libvirtd exited with {status}")),
+                        None => Ok(()),
+                    },
+                };
                 let uri = uri.clone();
                 let socket = socket.clone();
                 async move {
                     // An exit ends the wait at once (the outer Ok(Some(..)) stops polling).
-                    if let Some(status) = exited {
-                        return Ok::<_, anyhow::Error>(Some(Err(anyhow!(
-                            "libvirtd exited with {status}"
-                        ))));
+                    if let Err(error) = running {
+                        return Ok::<_, anyhow::Error>(Some(Err(error)));
                     }
                     if !socket.exists() {
                         return Ok(None);
@@ -402,6 +503,116 @@ impl Sandbox {
             },
         )
         .await?
+    }
+
+    /// The pid libvirtd wrote to its pid file, if it is a live libvirtd.
+    fn libvirtd_pid(&self) -> Option<rustix::process::Pid> {
+        let raw = std::fs::read_to_string(self.dir.join("libvirtd.pid"))
+            .ok()?
+            .trim()
+            .parse::<i32>()
+            .ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{raw}/comm")).ok()?;
+        (comm.trim() == "libvirtd")
+            .then(|| rustix::process::Pid::from_raw(raw))
+            .flatten()
+    }
+
+    /// SIGKILLs libvirtd, as a crash or the OOM killer would, and waits until it is
+    /// gone. Returns its pid. What it started lives on: qemu runs daemonised, dnsmasq
+    /// too, and their state stays in the sandbox's directories, so a
+    /// [`Sandbox::restart_libvirtd`] finds them again.
+    pub async fn kill_libvirtd(&self) -> anyhow::Result<i32> {
+        let pid = self
+            .libvirtd_pid()
+            .ok_or_else(|| anyhow!("no running libvirtd in {}", self.dir.display()))?;
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+            .with_context(|| format!("SIGKILL to libvirtd {}", pid.as_raw_nonzero()))?;
+        wait::until(
+            "the killed libvirtd to exit",
+            LIBVIRTD_STOP_DEADLINE,
+            POLL,
+            || {
+                let exited = self
+                    .lock_libvirtd()
+                    .process
+                    .as_mut()
+                    .is_none_or(|p| p.exited().is_some());
+                async move { exited.then_some(()) }
+            },
+        )
+        .await?;
+        Ok(pid.as_raw_nonzero().get())
+    }
+
+    /// Starts libvirtd again after [`Sandbox::kill_libvirtd`] (or a crash), with the
+    /// same arguments and state directories as the first start, and waits until it
+    /// answers; it re-attaches to the guests and the network it finds running. Fails
+    /// if libvirtd is running.
+    pub async fn restart_libvirtd(&self) -> anyhow::Result<()> {
+        self.start_libvirtd().await
+    }
+
+    /// The pid of the network's dnsmasq, from libvirt's pid file, if it runs.
+    pub fn dnsmasq_pid(&self) -> Option<i32> {
+        let path = self
+            .dir
+            .join("state/run/network")
+            .join(format!("{NETWORK}.pid"));
+        let pid = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "dnsmasq").then_some(pid)
+    }
+
+    /// libvirt's lease database of [`NETWORK`]: `/var/lib/libvirt/dnsmasq/<bridge>.status`
+    /// inside libvirtd's mount namespace, which is this file of the sandbox's directory.
+    pub fn dhcp_status_file(&self) -> PathBuf {
+        self.dir
+            .join("state/lib/dnsmasq")
+            .join(format!("{BRIDGE}.status"))
+    }
+
+    /// The IPv4 entries of [`Sandbox::dhcp_status_file`], expired ones included (an
+    /// absent or empty file has none).
+    pub fn dhcp_status(&self) -> anyhow::Result<Vec<StatusLease>> {
+        Ok(self
+            .read_dhcp_status()?
+            .iter()
+            .filter_map(StatusLease::from_json)
+            .collect())
+    }
+
+    fn read_dhcp_status(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let path = self.dhcp_status_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(anyhow!(e).context(format!("reading {}", path.display()))),
+        };
+        if text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Adds `leases` to [`Sandbox::dhcp_status_file`] as libvirt's helper would: the
+    /// whole array rewritten to a temporary file and renamed over the old one. No lock
+    /// is shared with the helper (it locks a pid file through fcntl): call this while
+    /// no guest is exchanging DHCP messages, or a concurrent lease event may be lost.
+    pub fn append_dhcp_status(&self, leases: &[StatusLease]) -> anyhow::Result<()> {
+        let mut entries = self.read_dhcp_status()?;
+        entries.extend(leases.iter().map(StatusLease::to_json));
+        let path = self.dhcp_status_file();
+        let dir = path
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
+        std::fs::create_dir_all(dir)?;
+        let temp = dir.join(format!(".{BRIDGE}.status.sandbox"));
+        std::fs::write(&temp, serde_json::to_string_pretty(&entries)?)
+            .with_context(|| format!("writing {}", temp.display()))?;
+        std::fs::rename(&temp, &path)
+            .with_context(|| format!("renaming {} to {}", temp.display(), path.display()))?;
+        Ok(())
     }
 
     /// The libvirt URI of this sandbox's libvirtd, for `virsh -c` and the controller.
@@ -484,6 +695,15 @@ impl Sandbox {
         Ok(parse_leases(&out))
     }
 
+    /// The current leases of `mac` on [`NETWORK`], as libvirt itself filters them
+    /// (`virsh net-dhcp-leases --mac`).
+    pub async fn leases_of(&self, mac: &str) -> anyhow::Result<Vec<Lease>> {
+        let out = self
+            .virsh(&["net-dhcp-leases", NETWORK, "--mac", mac])
+            .await?;
+        Ok(parse_leases(&out))
+    }
+
     /// The lease of `mac` on [`NETWORK`], if it has one.
     pub async fn lease_for(&self, mac: &str) -> anyhow::Result<Option<Lease>> {
         let mac = mac.to_ascii_lowercase();
@@ -494,7 +714,7 @@ impl Sandbox {
     /// fails.
     pub fn diagnostics(&self) -> String {
         let mut out = String::new();
-        if let Some(libvirtd) = &self.libvirtd {
+        if let Some(libvirtd) = &self.lock_libvirtd().process {
             out.push_str(&format!(
                 "--- {} ({})\n{}\n",
                 libvirtd.name(),
@@ -517,7 +737,11 @@ impl Sandbox {
 
     /// Destroys every domain, then stops libvirtd: SIGTERM, SIGKILL after a deadline.
     fn stop_libvirt(&mut self) {
-        let Some(mut libvirtd) = self.libvirtd.take() else {
+        let libvirtd = self
+            .libvirtd
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(mut libvirtd) = libvirtd.process.take() else {
             return;
         };
         if libvirtd.exited().is_none() {
@@ -533,11 +757,7 @@ impl Sandbox {
                     );
                 }
             }
-            let pid = std::fs::read_to_string(self.dir.join("libvirtd.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-                .and_then(rustix::process::Pid::from_raw);
-            if let Some(pid) = pid {
+            if let Some(pid) = self.libvirtd_pid() {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
                 let deadline = Instant::now() + LIBVIRTD_STOP_DEADLINE;
                 while libvirtd.exited().is_none() && Instant::now() < deadline {
@@ -813,9 +1033,57 @@ mod tests {
             assert!(LAUNCH_LIBVIRTD.contains(dir), "{dir}");
         }
         assert!(NETWORK_XML.contains(NETWORK));
+        assert!(NETWORK_XML.contains(&format!("<bridge name='{BRIDGE}'")));
+        let (first, last) = DHCP_RANGE;
+        assert!(NETWORK_XML.contains(&format!("<range start='{first}' end='{last}'/>")));
         assert!(
             !NETWORK_XML.contains("<forward"),
             "the network must stay isolated"
         );
+    }
+
+    /// The format libvirt_leaseshelper writes (libvirt 9.0), read and written back.
+    #[test]
+    fn status_leases_round_trip_in_libvirts_format() {
+        let text = r#"[
+  {
+    "ip-address": "192.168.222.143",
+    "mac-address": "52:54:00:AB:cd:01",
+    "hostname": "vm-cp-0",
+    "client-id": "ff:56:50:4d:98:00:02:00:00:ab:11:0a:68:1b:77:6a:d5:1d:37",
+    "expiry-time": 1764031200
+  },
+  {
+    "ip-address": "fd00::5",
+    "mac-address": "52:54:00:ab:cd:02",
+    "iaid": "1",
+    "expiry-time": 1764031200
+  },
+  {
+    "ip-address": "192.168.222.144",
+    "mac-address": "52:54:00:ab:cd:03"
+  }
+]"#;
+        let entries: Vec<serde_json::Value> = serde_json::from_str(text).unwrap();
+        let leases: Vec<StatusLease> = entries.iter().filter_map(StatusLease::from_json).collect();
+        let cp = StatusLease {
+            mac: "52:54:00:ab:cd:01".into(),
+            ip: Ipv4Addr::new(192, 168, 222, 143),
+            hostname: Some("vm-cp-0".into()),
+            expiry_unix: 1_764_031_200,
+        };
+        let forever = StatusLease {
+            mac: "52:54:00:ab:cd:03".into(),
+            ip: Ipv4Addr::new(192, 168, 222, 144),
+            hostname: None,
+            expiry_unix: 0,
+        };
+        assert_eq!(leases, vec![cp.clone(), forever.clone()], "IPv6 skipped");
+        for lease in [cp, forever] {
+            assert_eq!(StatusLease::from_json(&lease.to_json()), Some(lease));
+        }
+        let lease = &leases[0];
+        assert!(lease.valid_at(1_764_031_200) && !lease.valid_at(1_764_031_201));
+        assert!(leases[1].valid_at(i64::MAX), "no expiry: infinite");
     }
 }
