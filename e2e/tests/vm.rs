@@ -5,7 +5,10 @@
 //!
 //! One test walks one BenchCluster of 1 control plane + 2 workers through its life,
 //! because booting VMs under emulation on two cores is what costs: each step says what
-//! it checks and how long it took.
+//! it checks and how long it took. Its first provisioning also shows two of
+//! RELIABILITY.md's scenarios on these real components: a lease database full of
+//! stale leases for other MACs (10), and libvirtd killed and restarted while the
+//! cluster provisions (8).
 //!
 //! Runs only with BENCHCLUSTER_VM_TESTS=1 (root, libvirtd, qemu: `cargo xtask test vm`).
 
@@ -13,18 +16,22 @@
 
 mod vm_support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use benchcluster_controller::guest::ssh::SshGuest;
 use benchcluster_controller::guest::{Guest as _, GuestError, GuestNode};
 use benchcluster_controller::hypervisor::{DomainState, Hypervisor as _};
+use benchcluster_controller::names::{ClusterNames, NodeId};
 use benchcluster_controller::seed::HostKey;
 use benchcluster_crd::{BenchCluster, NodeState};
-use benchcluster_e2e::sandbox::{IMAGE_POOL, NODE_POOL, Sandbox, SandboxOptions, vm_tests_enabled};
+use benchcluster_e2e::sandbox::{
+    DHCP_RANGE, IMAGE_POOL, NODE_POOL, Sandbox, SandboxOptions, StatusLease, unix_now,
+    vm_tests_enabled,
+};
 use benchcluster_e2e::wait;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -40,6 +47,12 @@ const READY_DEADLINE: Duration = Duration::from_secs(600);
 /// One guest rebooting from its overlay while two others idle.
 const RECREATE_DEADLINE: Duration = Duration::from_secs(300);
 const DELETE_DEADLINE: Duration = Duration::from_secs(180);
+/// How often the outage step looks, so its times are good to a tenth of a second.
+const FAST_POLL: Duration = Duration::from_millis(100);
+/// Bound on each wait of the outage step (a readiness probe, a failed pass, a restart).
+const OUTAGE_DEADLINE: Duration = Duration::from_secs(60);
+/// How long the stale leases planted for scenario 10 stay valid: beyond the test.
+const STALE_LEASE_SECONDS: i64 = 3600;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn benchcluster_of_real_vms_boots_answers_ssh_recovers_and_leaves_nothing() {
@@ -49,21 +62,22 @@ async fn benchcluster_of_real_vms_boots_answers_ssh_recovers_and_leaves_nothing(
     }
     vm_support::init_tracing();
     let started = Instant::now();
-    let sandbox = Sandbox::start(SandboxOptions::default())
-        .await
-        .unwrap_or_else(|error| panic!("{error:#}"));
+    let sandbox = Arc::new(
+        Sandbox::start(SandboxOptions::default())
+            .await
+            .unwrap_or_else(|error| panic!("{error:#}")),
+    );
     eprintln!(
         "sandbox {} up in {:.1?} ({})",
         sandbox.netns(),
         started.elapsed(),
         sandbox.uri()
     );
-    let uri = sandbox.uri();
     let image = sandbox.image_volume().to_owned();
-    let state_dir = sandbox.dir().join("controller-ssh");
-    let result = sandbox
-        .run_inside(move || scenario(uri, image, state_dir))
-        .await;
+    let inside = Arc::clone(&sandbox);
+    let result = sandbox.run_inside(move || scenario(inside, image)).await;
+    // The clone moved inside is gone with the thread that ran it: this is the last.
+    let sandbox = Arc::into_inner(sandbox).expect("the sandbox is no longer shared");
     if let Err(error) = result {
         eprintln!("{}", sandbox.diagnostics());
         let teardown = Instant::now();
@@ -81,9 +95,10 @@ async fn benchcluster_of_real_vms_boots_answers_ssh_recovers_and_leaves_nothing(
 }
 
 /// Runs inside the sandbox's namespace.
-async fn scenario(uri: String, image: String, state_dir: PathBuf) -> anyhow::Result<()> {
-    let mut bed = Bed::start(uri, state_dir.clone()).await?;
-    let result = steps(&bed, &image, &state_dir).await;
+async fn scenario(sandbox: Arc<Sandbox>, image: String) -> anyhow::Result<()> {
+    let state_dir = sandbox.dir().join("controller-ssh");
+    let mut bed = Bed::start(sandbox.uri(), state_dir.clone()).await?;
+    let result = steps(&bed, &sandbox, &image, &state_dir).await;
     bed.stop_controller().await;
     if result.is_err() {
         bed.server.dump_logs();
@@ -91,11 +106,46 @@ async fn scenario(uri: String, image: String, state_dir: PathBuf) -> anyhow::Res
     result
 }
 
-async fn steps(bed: &Bed, image: &str, state_dir: &std::path::Path) -> anyhow::Result<()> {
+async fn steps(
+    bed: &Bed,
+    sandbox: &Arc<Sandbox>,
+    image: &str,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     // 1. 1 + 2 reaches Ready: each VM got a lease on the sandbox network and answered
-    //    SSH under its pinned host key with its own hostname and machine-id.
+    //    SSH under its pinned host key with its own hostname and machine-id. On the way:
+    //    - scenario 10: before any VM asks for an address, every address dnsmasq may
+    //      hand out carries stale, unexpired leases for other MACs under the VMs' own
+    //      hostnames, and each VM's own MAC has an expired lease elsewhere; the status
+    //      never shows an address only such a lease claims;
+    //    - scenario 8: libvirtd is SIGKILLed as soon as the first domain is defined,
+    //      and again once every domain runs; /readyz fails while it is down, and after
+    //      each restart readiness returns, provisioning resumes, and in the end exactly
+    //      the desired domains and volumes exist.
     let step = Instant::now();
-    bed.create(NAME, WORKERS, image).await?;
+    let created = bed.create(NAME, WORKERS, image).await?;
+    let created_at = Instant::now();
+    let cluster = ClusterNames {
+        namespace: bed.namespace.clone(),
+        name: NAME.to_owned(),
+        uid: created
+            .uid()
+            .context("the created BenchCluster has no UID")?,
+    };
+    let trap = plant_stale_leases(sandbox, &cluster)?;
+    eprintln!(
+        "step 1: {} stale leases for other MACs on the {} addresses of the DHCP range, {} \
+         expired ones for the VMs' own MACs, written {:.1?} after the create returned \
+         ({:.1?} after it was sent)",
+        trap.stale.len(),
+        range().count(),
+        trap.expired.len(),
+        created_at.elapsed(),
+        step.elapsed()
+    );
+    let watch = LeaseWatch::start(bed.api.clone(), Arc::clone(sandbox), &cluster);
+    let outages = crash_libvirtd_while_provisioning(bed, sandbox).await?;
+    let restarted = Instant::now();
     let bc = bed
         .wait_for(
             "the BenchCluster to be Ready",
@@ -104,8 +154,16 @@ async fn steps(bed: &Bed, image: &str, state_dir: &std::path::Path) -> anyhow::R
             vm_support::is_ready,
         )
         .await?;
-    eprintln!("step 1: 1+{WORKERS} Ready in {:.1?}", step.elapsed());
+    let watched = watch.stop().await?;
+    eprintln!(
+        "step 1: 1+{WORKERS} Ready in {:.1?}, {:.1?} after libvirtd's last restart",
+        step.elapsed(),
+        restarted.elapsed()
+    );
     check_ready_cluster(bed, &bc, image).await?;
+    check_exact_inventory(bed, &cluster).await?;
+    check_outage_recovery(bed, sandbox, &outages).await?;
+    check_leases(bed, sandbox, &bc, &cluster, &trap, &watched, state_dir).await?;
     eprintln!("step 1: ok");
 
     // 2. A host key other than the pinned one is refused.
@@ -126,6 +184,564 @@ async fn steps(bed: &Bed, image: &str, state_dir: &std::path::Path) -> anyhow::R
     let step = Instant::now();
     check_deletion(bed, &bc).await?;
     eprintln!("step 4: deleted, nothing left, in {:.1?}", step.elapsed());
+    Ok(())
+}
+
+/// The desired nodes of the BenchCluster, in order.
+fn desired_nodes() -> Vec<NodeId> {
+    std::iter::once(NodeId::CONTROL_PLANE)
+        .chain((0..WORKERS as u32).map(NodeId::worker))
+        .collect()
+}
+
+/// Every address of the sandbox network's DHCP range.
+fn range() -> impl Iterator<Item = Ipv4Addr> {
+    let (first, last) = DHCP_RANGE;
+    (u32::from(first)..=u32::from(last)).map(Ipv4Addr::from)
+}
+
+/// What scenario 10 planted in libvirt's lease database.
+struct Trap {
+    /// Unexpired leases for MACs no VM has, one per node hostname on each address of
+    /// the DHCP range.
+    stale: Vec<StatusLease>,
+    /// One expired lease per VM for its own MAC, outside the range.
+    expired: Vec<StatusLease>,
+}
+
+/// Writes the stale leases of scenario 10 into libvirt's lease database, right after
+/// the BenchCluster was created: its VMs boot for many seconds before their first
+/// DHCP message, so no lease event of dnsmasq's helper races this write (and the
+/// database is checked to be empty still).
+fn plant_stale_leases(sandbox: &Sandbox, cluster: &ClusterNames) -> anyhow::Result<Trap> {
+    let before = sandbox.dhcp_status()?;
+    ensure!(
+        before.is_empty(),
+        "the lease database has entries before any VM could ask for one: {before:?}"
+    );
+    let own: BTreeSet<String> = desired_nodes().iter().map(|&n| cluster.mac(n)).collect();
+    let now = unix_now();
+    let mut stale = Vec::new();
+    for (i, ip) in range().enumerate() {
+        for (k, &node) in desired_nodes().iter().enumerate() {
+            // In QEMU's range like the VMs' own, and never one of theirs.
+            let mac = (0x5e..=0xff)
+                .map(|tag: u32| format!("52:54:00:{tag:02x}:{k:02x}:{i:02x}"))
+                .find(|mac| !own.contains(mac))
+                .context("no free MAC")?;
+            stale.push(StatusLease {
+                mac,
+                ip,
+                hostname: Some(cluster.node(node)),
+                expiry_unix: now + STALE_LEASE_SECONDS,
+            });
+        }
+    }
+    let expired: Vec<StatusLease> = desired_nodes()
+        .iter()
+        .zip(50u8..)
+        .map(|(&node, last)| StatusLease {
+            mac: cluster.mac(node),
+            ip: Ipv4Addr::new(192, 168, 222, last),
+            hostname: Some(cluster.node(node)),
+            expiry_unix: now - 600,
+        })
+        .collect();
+    let all: Vec<StatusLease> = stale.iter().chain(&expired).cloned().collect();
+    sandbox.append_dhcp_status(&all)?;
+    let written = sandbox.dhcp_status()?;
+    ensure!(
+        written == all,
+        "the lease database holds {} entries after the write, not the {} written",
+        written.len(),
+        all.len()
+    );
+    Ok(Trap { stale, expired })
+}
+
+/// What [`LeaseWatch`] saw while the cluster provisioned.
+#[derive(Debug, Default)]
+struct Watched {
+    polls: u32,
+    /// Node addresses in status checked against the lease database.
+    samples: u32,
+    /// The first address status showed for each node.
+    first_ips: BTreeMap<String, Ipv4Addr>,
+    /// Status addresses no unexpired lease for the node's own MAC claimed.
+    violations: Vec<String>,
+}
+
+/// Polls the status and then libvirt's lease database, and records every node address
+/// in status that no unexpired lease for the node's own MAC holds. Status first: a
+/// VM's own lease, once there, stays for the test (an hour's lease), so a lease that
+/// justified the status is still in the database when it is read.
+struct LeaseWatch {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Watched>,
+}
+
+impl LeaseWatch {
+    fn start(api: Api<BenchCluster>, sandbox: Arc<Sandbox>, cluster: &ClusterNames) -> Self {
+        let macs: BTreeMap<String, String> = desired_nodes()
+            .iter()
+            .map(|&n| (cluster.node(n), cluster.mac(n)))
+            .collect();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut watched = Watched::default();
+            loop {
+                watched.polls += 1;
+                if let Ok(bc) = api.get(NAME).await
+                    && let Ok(leases) = sandbox.dhcp_status()
+                {
+                    let now = unix_now();
+                    for node in bc.status_or_default().nodes {
+                        let Some(ip) = node.ip.as_deref().and_then(|ip| ip.parse().ok()) else {
+                            continue;
+                        };
+                        watched.samples += 1;
+                        watched.first_ips.entry(node.name.clone()).or_insert(ip);
+                        let Some(mac) = macs.get(&node.name) else {
+                            watched
+                                .violations
+                                .push(format!("{} is no desired node", node.name));
+                            continue;
+                        };
+                        let own = leases
+                            .iter()
+                            .any(|l| &l.mac == mac && l.ip == ip && l.valid_at(now));
+                        if !own {
+                            let there: Vec<&StatusLease> =
+                                leases.iter().filter(|l| l.ip == ip).collect();
+                            watched.violations.push(format!(
+                                "status shows {} at {ip}, which no valid lease for {mac} \
+                                 holds; leases there: {there:?}",
+                                node.name
+                            ));
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    () = tokio::time::sleep(POLL) => {}
+                }
+            }
+            watched
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> anyhow::Result<Watched> {
+        let _ = self.stop.send(());
+        Ok(self.task.await?)
+    }
+}
+
+/// What one libvirtd outage found when it began.
+struct Outage {
+    /// When libvirtd was killed.
+    when: &'static str,
+    /// The BenchCluster's domains defined then, with their UUIDs.
+    uuids: BTreeMap<String, String>,
+    /// qemu's pid of each of those domains that was running then.
+    qemu_pids: BTreeMap<String, i32>,
+    dnsmasq_pid: Option<i32>,
+}
+
+/// The pid of a running domain's qemu, from libvirt's state directory.
+fn qemu_pid(sandbox: &Sandbox, domain: &str) -> Option<i32> {
+    let path = sandbox
+        .dir()
+        .join("state/run/qemu")
+        .join(format!("{domain}.pid"));
+    let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some(pid)
+}
+
+/// `benchcluster_reconcile_failures_total{error="hypervisor"}` of the controller.
+fn hypervisor_failures(bed: &Bed) -> anyhow::Result<f64> {
+    let text = bed.ctx.metrics.encode()?;
+    Ok(text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("benchcluster_reconcile_failures_total{error=\"hypervisor\"} ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0))
+}
+
+/// The BenchCluster's domains that exist now (by name).
+async fn defined_domains(bed: &Bed) -> anyhow::Result<Vec<String>> {
+    let prefix = bed.domain_prefix(NAME);
+    Ok(names(&virsh(&bed.uri, &["list", "--all", "--name"]).await?)
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect())
+}
+
+/// Scenario 8, twice while the BenchCluster provisions: libvirtd killed as soon as
+/// the first domain is defined (the controller is creating and starting domains, and
+/// its calls in flight die with libvirtd), and again once the controller has seen
+/// every domain run (it is waiting for leases and SSH).
+async fn crash_libvirtd_while_provisioning(
+    bed: &Bed,
+    sandbox: &Sandbox,
+) -> anyhow::Result<Vec<Outage>> {
+    let (code, body) = bed.http_get("/readyz").await?;
+    ensure!(code == 200, "/readyz before the outage: {code}\n{body}");
+    wait::until(
+        "the first domain of the BenchCluster to be defined",
+        READY_DEADLINE,
+        FAST_POLL,
+        || async { anyhow::Ok((!defined_domains(bed).await?.is_empty()).then_some(())) },
+    )
+    .await?;
+    let first = kill_and_restart_libvirtd(bed, sandbox, "the first domain defined").await?;
+
+    wait::until(
+        "the controller to see every domain run",
+        READY_DEADLINE,
+        POLL,
+        || async {
+            let bc = bed.api.get(NAME).await?;
+            let nodes = bc.status_or_default().nodes;
+            let booted = nodes.len() == desired_nodes().len()
+                && nodes
+                    .iter()
+                    .all(|n| !matches!(n.state, NodeState::Creating | NodeState::Stopped));
+            anyhow::Ok(booted.then_some(()))
+        },
+    )
+    .await?;
+    let second = kill_and_restart_libvirtd(bed, sandbox, "every domain running").await?;
+    ensure!(
+        second.qemu_pids.len() == desired_nodes().len(),
+        "the controller saw every domain run, yet qemu runs for {:?} only",
+        second.qemu_pids
+    );
+    Ok(vec![first, second])
+}
+
+/// SIGKILLs libvirtd; shows /readyz failing on libvirt and the controller's passes
+/// failing on the hypervisor (retried, the controller running on) while it is down;
+/// restarts it and shows /readyz passing again.
+async fn kill_and_restart_libvirtd(
+    bed: &Bed,
+    sandbox: &Sandbox,
+    when: &'static str,
+) -> anyhow::Result<Outage> {
+    let mut uuids = BTreeMap::new();
+    for domain in defined_domains(bed).await? {
+        let uuid = virsh(&bed.uri, &["domuuid", &domain]).await?;
+        uuids.insert(domain, uuid.trim().to_owned());
+    }
+    let qemu_pids: BTreeMap<String, i32> = uuids
+        .keys()
+        .filter_map(|d| Some((d.clone(), qemu_pid(sandbox, d)?)))
+        .collect();
+    let dnsmasq_pid = sandbox.dnsmasq_pid();
+    let bc = bed.api.get(NAME).await?;
+    ensure!(
+        !vm_support::is_ready(&bc),
+        "already Ready before the outage: {}",
+        vm_support::summary(&bc)
+    );
+    let failures_before = hypervisor_failures(bed)?;
+
+    let killed = Instant::now();
+    let pid = sandbox.kill_libvirtd().await?;
+    eprintln!(
+        "  outage with {when}: libvirtd {pid} SIGKILLed, {} of {} domains defined, qemu \
+         running for {}; status: {}",
+        uuids.len(),
+        desired_nodes().len(),
+        qemu_pids.len(),
+        vm_support::summary(&bc)
+    );
+    let unreachable = virsh(&bed.uri, &["version"]).await;
+    ensure!(
+        unreachable.is_err(),
+        "virsh still reaches libvirtd: {unreachable:?}"
+    );
+    let failing = wait::until(
+        "/readyz to fail on libvirt",
+        OUTAGE_DEADLINE,
+        FAST_POLL,
+        || async {
+            let (code, body) = bed.http_get("/readyz").await?;
+            anyhow::Ok((code == 503 && body.contains("[-]libvirt failed")).then_some(body))
+        },
+    )
+    .await?;
+    let readyz_failed_after = killed.elapsed();
+    // Not one failed pass: the controller retries (with its backoff) while it is down.
+    const FAILED_PASSES: f64 = 3.0;
+    wait::until(
+        "three reconcile passes to fail on the hypervisor",
+        OUTAGE_DEADLINE,
+        FAST_POLL,
+        || async {
+            anyhow::Ok((hypervisor_failures(bed)? >= failures_before + FAILED_PASSES).then_some(()))
+        },
+    )
+    .await?;
+    let failed_after = killed.elapsed();
+    ensure!(
+        bed.controller_running(),
+        "the controller stopped while libvirtd was down"
+    );
+    let (code, body) = bed.http_get("/readyz").await?;
+    ensure!(
+        code == 503,
+        "/readyz passed while libvirtd was down: {code}\n{body}"
+    );
+    let line = failing
+        .lines()
+        .find(|l| l.contains("[-]libvirt"))
+        .unwrap_or_default()
+        .to_owned();
+
+    let restart = Instant::now();
+    sandbox.restart_libvirtd().await?;
+    let answered = restart.elapsed();
+    let down = killed.elapsed();
+    wait::until(
+        "/readyz to pass again",
+        OUTAGE_DEADLINE,
+        FAST_POLL,
+        || async {
+            let (code, _) = bed.http_get("/readyz").await?;
+            anyhow::Ok((code == 200).then_some(()))
+        },
+    )
+    .await?;
+    eprintln!(
+        "  /readyz 503 {readyz_failed_after:.1?} after the kill ({line}); \
+         {FAILED_PASSES} passes failed on the hypervisor {failed_after:.1?} after it; \
+         restarted libvirtd answered {answered:.1?} after its start (unreachable \
+         {down:.1?} in all); /readyz 200 {:.1?} after the restart; {} hypervisor \
+         failures counted",
+        restart.elapsed(),
+        hypervisor_failures(bed)? - failures_before
+    );
+    Ok(Outage {
+        when,
+        uuids,
+        qemu_pids,
+        dnsmasq_pid,
+    })
+}
+
+/// Exactly the desired domains and volumes exist, under their deterministic names.
+async fn check_exact_inventory(bed: &Bed, cluster: &ClusterNames) -> anyhow::Result<()> {
+    let want_domains: BTreeSet<String> =
+        desired_nodes().iter().map(|&n| cluster.domain(n)).collect();
+    let domains: BTreeSet<String> = names(&virsh(&bed.uri, &["list", "--all", "--name"]).await?)
+        .into_iter()
+        .filter(|n| n.starts_with(&cluster.domain_prefix()))
+        .collect();
+    ensure!(
+        domains == want_domains,
+        "domains {domains:?}, want {want_domains:?}"
+    );
+    let want_volumes: BTreeSet<String> = desired_nodes()
+        .iter()
+        .flat_map(|&n| [cluster.disk_volume(n), cluster.seed_volume(n)])
+        .collect();
+    let volumes: BTreeSet<String> = volumes(&bed.uri, NODE_POOL).await?.into_iter().collect();
+    ensure!(
+        volumes == want_volumes,
+        "volumes {volumes:?}, want {want_volumes:?}"
+    );
+    eprintln!(
+        "  {} domains and {} volumes, exactly the desired ones",
+        domains.len(),
+        volumes.len()
+    );
+    Ok(())
+}
+
+/// After the outages: every domain defined before one is the same one (never
+/// redefined) and runs; a domain that had fully started before the last outage kept
+/// its qemu process (libvirtd re-attached to it). A start that libvirtd's death
+/// interrupted may have been undone by libvirtd on its restart (then the controller
+/// started the domain again): counted, not failed.
+async fn check_outage_recovery(
+    bed: &Bed,
+    sandbox: &Sandbox,
+    outages: &[Outage],
+) -> anyhow::Result<()> {
+    for (i, outage) in outages.iter().enumerate() {
+        for (domain, before) in &outage.uuids {
+            let after = virsh(&bed.uri, &["domuuid", domain]).await?;
+            ensure!(
+                after.trim() == before,
+                "{domain} was redefined: UUID {before} before the outage with {}, {} after",
+                outage.when,
+                after.trim()
+            );
+        }
+        let mut kept = 0;
+        for (domain, before) in &outage.qemu_pids {
+            let after = qemu_pid(sandbox, domain);
+            if after == Some(*before) {
+                kept += 1;
+            } else {
+                ensure!(
+                    i + 1 < outages.len(),
+                    "{domain}'s qemu was {before} before the outage with {}, {after:?} after",
+                    outage.when
+                );
+            }
+        }
+        eprintln!(
+            "  outage with {}: the {} domains defined kept their UUIDs; {kept} of the {} \
+             with a qemu kept it; dnsmasq {:?} before it, {:?} now",
+            outage.when,
+            outage.uuids.len(),
+            outage.qemu_pids.len(),
+            outage.dnsmasq_pid,
+            sandbox.dnsmasq_pid()
+        );
+    }
+    Ok(())
+}
+
+/// The addresses a guest reports for itself (`ip -4 -o addr show scope global`).
+fn guest_addresses(text: &str) -> Vec<Ipv4Addr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Scenario 10 after Ready: every address in status is the VM's own lease, which
+/// replaced the stale ones on it, the VM itself reports that address, and SSH with its
+/// pinned host key worked there; libvirt still reports the stale leases elsewhere.
+async fn check_leases(
+    bed: &Bed,
+    sandbox: &Sandbox,
+    bc: &BenchCluster,
+    cluster: &ClusterNames,
+    trap: &Trap,
+    watched: &Watched,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    ensure!(
+        watched.violations.is_empty(),
+        "status showed addresses only stale leases claimed:\n{}",
+        watched.violations.join("\n")
+    );
+    let keys = pinned_keys(bed).await?;
+    let ssh = SshGuest::new(ssh_config(state_dir.join("addr-ssh")));
+    let answers = bed.ctx.guest.answers();
+    let now = unix_now();
+    let leases = sandbox.dhcp_status()?;
+    let mut vm_ips = BTreeSet::new();
+    for &id in &desired_nodes() {
+        let name = cluster.node(id);
+        let mac = cluster.mac(id);
+        let node = node_of(bc, &name)?;
+        ensure!(node.mac == mac, "{name} has MAC {} in status", node.mac);
+        let ip: Ipv4Addr = node.ip.as_deref().context("no IP")?.parse()?;
+        ensure!(
+            range().any(|a| a == ip),
+            "{name} has {ip}, outside the DHCP range where the stale leases sit"
+        );
+        ensure!(
+            watched.first_ips.get(&name) == Some(&ip),
+            "status first showed {name} at {:?}, now at {ip}",
+            watched.first_ips.get(&name)
+        );
+        // libvirt's own MAC filter finds exactly that lease (the expired one is gone).
+        let own = sandbox.leases_of(&mac).await?;
+        ensure!(
+            own.len() == 1 && own[0].ip == ip,
+            "libvirt's leases for {mac}: {own:?}, status says {ip}"
+        );
+        // In the database, the VM's lease replaced the stale ones on its address.
+        let there: Vec<&StatusLease> = leases.iter().filter(|l| l.ip == ip).collect();
+        ensure!(
+            there.len() == 1 && there[0].mac == mac && there[0].valid_at(now),
+            "the lease database holds at {ip}: {there:?}"
+        );
+        // The controller's SSH answered there under the pinned key...
+        let pinned = keys.get(&name).context("no pinned key")?;
+        let answer = answers.get(&name).context("never answered")?;
+        ensure!(
+            answer.ip == ip && &answer.host_key == pinned,
+            "{name} answered at {} under {}, status says {ip}, pinned {pinned}",
+            answer.ip,
+            answer.host_key
+        );
+        // ...and the VM itself, asked over SSH with that key, has that address.
+        let reported = ssh
+            .exec(
+                &guest_node(bc, &name, pinned)?,
+                &bed.credentials,
+                &["ip", "-4", "-o", "addr", "show", "scope", "global"],
+            )
+            .await?;
+        let own_addresses = guest_addresses(&reported);
+        ensure!(
+            own_addresses == [ip],
+            "{name} reports {own_addresses:?} ({reported:?}), status says {ip}"
+        );
+        vm_ips.insert(ip);
+    }
+    ensure!(
+        vm_ips.len() == desired_nodes().len(),
+        "shared IPs: {vm_ips:?}"
+    );
+
+    // The stale leases on the VMs' addresses went (libvirt's helper drops every entry
+    // on the address of a lease it records); all the others are still there and
+    // libvirt still reports them, valid, under the VMs' hostnames.
+    let replaced = trap.stale.iter().filter(|l| vm_ips.contains(&l.ip)).count();
+    let kept: Vec<&StatusLease> = trap
+        .stale
+        .iter()
+        .filter(|l| !vm_ips.contains(&l.ip))
+        .collect();
+    let remaining = leases.iter().filter(|l| trap.stale.contains(l)).count();
+    ensure!(
+        remaining == kept.len() && kept.iter().all(|l| leases.contains(l)),
+        "{remaining} stale leases remain, want the {} not on the VMs' addresses",
+        kept.len()
+    );
+    let listed: BTreeSet<(String, Ipv4Addr)> = sandbox
+        .leases()
+        .await?
+        .into_iter()
+        .map(|l| (l.mac, l.ip))
+        .collect();
+    let unlisted = kept
+        .iter()
+        .filter(|l| !listed.contains(&(l.mac.clone(), l.ip)))
+        .count();
+    ensure!(
+        unlisted == 0,
+        "libvirt does not report {unlisted} of the {} stale leases left",
+        kept.len()
+    );
+    let expired_left = leases.iter().filter(|l| trap.expired.contains(l)).count();
+    eprintln!(
+        "  {} status polls, {} node addresses checked, 0 taken from a stale lease; \
+         {replaced} stale leases replaced by the VMs' own at {vm_ips:?}, {} left and \
+         reported by libvirt; {expired_left} of {} expired own-MAC leases left in the \
+         database, none reported",
+        watched.polls,
+        watched.samples,
+        kept.len(),
+        trap.expired.len()
+    );
     Ok(())
 }
 

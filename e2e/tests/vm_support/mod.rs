@@ -10,7 +10,7 @@
 #![allow(dead_code)] // each of the two including crates uses a part
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use benchcluster_controller::guest::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, Result as GuestResult,
     Sensitive,
 };
+use benchcluster_controller::http::{self, Readiness};
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
 use benchcluster_controller::{Context, Settings, reconcile};
 use benchcluster_crd::BenchCluster;
@@ -29,6 +30,7 @@ use benchcluster_e2e::{TestApiServer, create_namespace, keys, wait};
 use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The login user of every VM (the CRD's default).
 pub const USER: &str = "bench";
@@ -38,6 +40,9 @@ pub const SSH_SECRET: &str = "vm-ssh-key";
 pub const MEMORY: &str = "512Mi";
 pub const DISK: &str = "4Gi";
 pub const POLL: Duration = Duration::from_millis(500);
+/// Bound on one request to the controller's HTTP endpoint (its checks take at most
+/// [`http::CHECK_TIMEOUT`]).
+const HTTP_DEADLINE: Duration = Duration::from_secs(15);
 
 pub type VmContext = Context<Libvirt, ProbeOnlyGuest>;
 
@@ -196,7 +201,8 @@ pub fn benchcluster(
 }
 
 /// An API server, a namespace with the SSH key Secret, and the controller watching
-/// that namespace. Start and stop it inside the sandbox's namespace.
+/// that namespace, with its HTTP endpoint. Start and stop it inside the sandbox's
+/// namespace.
 pub struct Bed {
     pub server: TestApiServer,
     pub client: Client,
@@ -205,8 +211,13 @@ pub struct Bed {
     pub ctx: Arc<VmContext>,
     pub credentials: Credentials,
     pub uri: String,
+    /// The controller's `/metrics`, `/healthz` and `/readyz`, on the namespace's own
+    /// loopback.
+    pub http_addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    http_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    http_task: tokio::task::JoinHandle<()>,
 }
 
 impl Bed {
@@ -241,6 +252,31 @@ impl Bed {
             })
             .await;
         });
+
+        // The readiness of the controller's binary (main.rs) without leader election:
+        // the CRD, the watch, and a round trip on the controller's own libvirt
+        // connection (the hypervisor's clones share it).
+        let synced = Arc::clone(&ctx);
+        let readiness = Readiness::new()
+            .with("crd", http::crd_check(client.clone()))
+            .with(
+                "watch",
+                http::flag_check("the BenchCluster watch has not synced", move || {
+                    synced.watch_synced()
+                }),
+            )
+            .with("libvirt", http::libvirt_check(ctx.hypervisor.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let http_addr = listener.local_addr()?;
+        let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let http_task = tokio::spawn(http::serve(
+            listener,
+            Arc::clone(&ctx.metrics),
+            readiness,
+            async move {
+                let _ = http_stopped.await;
+            },
+        ));
         Ok(Bed {
             api: Api::namespaced(client.clone(), &namespace),
             server,
@@ -249,29 +285,75 @@ impl Bed {
             ctx,
             credentials,
             uri,
+            http_addr,
             stop: Some(stop),
             task,
+            http_stop: Some(http_stop),
+            http_task,
         })
     }
 
-    /// Stops the controller gracefully (in-flight reconciles finish, bounded).
+    /// Stops the controller gracefully (in-flight reconciles finish, bounded), then its
+    /// HTTP endpoint.
     pub async fn stop_controller(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
         self.task.abort();
+        if let Some(stop) = self.http_stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.http_task).await;
+        self.http_task.abort();
     }
 
-    pub async fn create(&self, name: &str, workers: i32, image: &str) -> anyhow::Result<()> {
+    /// `GET path` on the controller's HTTP endpoint: the status code and the body.
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let request = async {
+            let mut stream = tokio::net::TcpStream::connect(self.http_addr).await?;
+            let head = format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.http_addr
+            );
+            stream.write_all(head.as_bytes()).await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            anyhow::Ok(response)
+        };
+        let response = tokio::time::timeout(HTTP_DEADLINE, request)
+            .await
+            .with_context(|| format!("GET {path} took over {HTTP_DEADLINE:?}"))??;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("GET {path}: no end of headers in {response:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .with_context(|| format!("GET {path}: no status in {head:?}"))?
+            .parse()?;
+        Ok((status, body.to_owned()))
+    }
+
+    /// Creates a 1 + `workers` BenchCluster; returns it as created (with its UID).
+    pub async fn create(
+        &self,
+        name: &str,
+        workers: i32,
+        image: &str,
+    ) -> anyhow::Result<BenchCluster> {
         self.api
             .create(
                 &PostParams::default(),
                 &benchcluster(&self.namespace, name, workers, image)?,
             )
             .await
-            .with_context(|| format!("creating BenchCluster {name}"))?;
-        Ok(())
+            .with_context(|| format!("creating BenchCluster {name}"))
+    }
+
+    /// Whether the controller's task still runs (it did not panic or return).
+    pub fn controller_running(&self) -> bool {
+        !self.task.is_finished()
     }
 
     /// Waits for `ready(&bc)` on the current object, polling the API server.
@@ -309,6 +391,7 @@ impl Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         self.task.abort();
+        self.http_task.abort();
     }
 }
 
