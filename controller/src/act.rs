@@ -574,6 +574,14 @@ async fn run_step<H: Hypervisor, G: Guest>(
                 },
             ));
         }
+        Action::Uncordon(id) => {
+            let kubeconfig = observation.kubeconfig.as_ref().ok_or(Error::NotReady {
+                action: "uncordon a Node",
+                requirement: "the admin kubeconfig is stored",
+            })?;
+            ctx.guest.uncordon(kubeconfig, &names.node(id)).await?;
+            info!(node = %names.node(id), "uncordoned: its removal was abandoned");
+        }
         Action::Abandon(id) => {
             if let Some(operation) = ctx.operations.abort(uid, id) {
                 info!(node = %names.node(id), operation = operation.as_str(), "abandoned");

@@ -182,6 +182,7 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
                     .find(|(id, _)| names.node(**id) == cluster_node.name)
                 {
                     node.registered = Some(cluster_node.ready);
+                    node.cordoned = cluster_node.cordoned_for_removal;
                 }
             }
             Ok((GuestCluster::Reachable, Some(kubeconfig)))

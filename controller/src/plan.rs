@@ -41,6 +41,9 @@ pub enum Action {
     JoinWorker(NodeId),
     /// Start cordoning, draining and deleting the node's Node in the background.
     DrainNode(NodeId),
+    /// Make schedulable again a wanted node that a drain of ours cordoned (the drain
+    /// was abandoned: scaled back up, or the controller restarted mid-drain).
+    Uncordon(NodeId),
     /// Abort the node's operation in flight: its node is no longer wanted or running.
     Abandon(NodeId),
     /// Destroy and undefine the node's domain.
@@ -60,6 +63,7 @@ impl Action {
             | Action::ProbeSsh(id)
             | Action::JoinWorker(id)
             | Action::DrainNode(id)
+            | Action::Uncordon(id)
             | Action::Abandon(id)
             | Action::RemoveDomain(id)
             | Action::DeleteVolumes(id) => id,
@@ -235,6 +239,14 @@ fn create_or_progress(id: NodeId, node: &ObservedNode, world: &World, out: &mut 
                     }
                 }
             }
+            // A drain of a wanted node is abandoned earlier in this pass, so its
+            // cordon can go in the same pass.
+            if node.cordoned
+                && node.registered.is_some()
+                && world.cluster == GuestCluster::Reachable
+            {
+                out.push(Action::Uncordon(id));
+            }
         }
     }
 }
@@ -329,6 +341,7 @@ pub(crate) mod tests {
             waiting_for_lease: None,
             registered: Some(true),
             reachable: true,
+            cordoned: false,
         }
     }
 
@@ -376,7 +389,9 @@ pub(crate) mod tests {
                 }
                 Action::DrainNode(_) => {
                     assert!(world.operations.insert(id, Operation::Drain).is_none());
+                    node.cordoned = true;
                 }
+                Action::Uncordon(_) => node.cordoned = false,
                 Action::Abandon(_) => {}
                 Action::RemoveDomain(_) => {
                     node.domain = None;
@@ -406,7 +421,10 @@ pub(crate) mod tests {
                     }
                 }
                 Operation::Init | Operation::Join => {}
-                Operation::Drain => node.registered = None,
+                Operation::Drain => {
+                    node.registered = None;
+                    node.cordoned = false;
+                }
             }
         }
         // An API that did not answer answers again between passes.
@@ -629,11 +647,23 @@ pub(crate) mod tests {
         let mut world = ready_world(2);
         world.operations.insert(NodeId::worker(1), Operation::Drain);
         assert!(plan(&spec(1), &world).is_empty());
-        // Scaled up again meanwhile: the drain is abandoned, the worker kept.
+        // Scaled up again meanwhile: the drain is abandoned, the worker kept and, once
+        // its cordon shows, made schedulable again.
         assert_eq!(
             plan(&spec(2), &world),
             vec![Action::Abandon(NodeId::worker(1))]
         );
+        world.nodes.get_mut(&NodeId::worker(1)).unwrap().cordoned = true;
+        assert_eq!(
+            plan(&spec(2), &world),
+            vec![
+                Action::Abandon(NodeId::worker(1)),
+                Action::Uncordon(NodeId::worker(1))
+            ]
+        );
+        world.cluster = GuestCluster::Unreachable("down".into());
+        assert!(!plan(&spec(2), &world).contains(&Action::Uncordon(NodeId::worker(1))));
+        world.cluster = GuestCluster::Reachable;
         world.operations.clear();
         world.nodes.get_mut(&NodeId::worker(1)).unwrap().registered = None;
         assert_eq!(
@@ -715,9 +745,10 @@ pub(crate) mod tests {
             any::<bool>(),
             prop::option::of(any::<bool>()),
             any::<bool>(),
+            any::<bool>(),
         )
             .prop_map(
-                |(domain, disk, seed, ip, registered, reachable)| ObservedNode {
+                |(domain, disk, seed, ip, registered, reachable, cordoned)| ObservedNode {
                     domain,
                     disk,
                     seed,
@@ -726,6 +757,7 @@ pub(crate) mod tests {
                     waiting_for_lease: None,
                     registered,
                     reachable,
+                    cordoned: cordoned && registered.is_some(),
                 },
             )
             .prop_filter("a node is observed through its domain or volumes", |n| {
@@ -802,6 +834,7 @@ pub(crate) mod tests {
             let actual: Vec<NodeId> = world.nodes.keys().copied().collect();
             prop_assert_eq!(actual, expected);
             prop_assert!(world.nodes.values().all(|n| n.registered == Some(true) || n.registered == Some(false)));
+            prop_assert!(world.nodes.values().all(|n| !n.cordoned), "a wanted node left cordoned: {:?}", world);
         }
 
         #[test]

@@ -41,6 +41,9 @@ pub struct ObservedNode {
     pub registered: Option<bool>,
     /// Whether this process has seen the node's current incarnation answer over SSH.
     pub reachable: bool,
+    /// Whether its Node is cordoned by a drain of this controller (one that may have
+    /// been abandoned since).
+    pub cordoned: bool,
 }
 
 /// A long guest operation running in the background for one node: a pass starts it and

@@ -23,6 +23,8 @@ pub const SECRET_MARKER: &str = "FAKE-SECRET-d41d8cd98f00";
 struct Cluster {
     /// Node name -> Ready.
     nodes: BTreeMap<String, bool>,
+    /// Nodes cordoned by a drain (`remove_node`) and not uncordoned since.
+    cordoned: BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +55,8 @@ pub struct FakeGuest {
     init_latency: Duration,
     /// Added to `kubeadm join` (on top of `step_latency`).
     join_latency: Duration,
+    /// How long a drain runs between cordoning the Node and deleting it.
+    drain_latency: Duration,
     pub inits: AtomicU64,
     /// Init calls, failed ones included.
     pub init_attempts: AtomicU64,
@@ -62,6 +66,7 @@ pub struct FakeGuest {
     pub inits_of_initialised: AtomicU64,
     pub joins: AtomicU64,
     pub removals: AtomicU64,
+    pub uncordons: AtomicU64,
     /// Calls to a guest cluster's API (list its Nodes, remove a Node), failed ones
     /// included.
     pub api_calls: AtomicU64,
@@ -83,8 +88,23 @@ impl FakeGuest {
             step_latency: self.step_latency,
             init_latency: self.init_latency,
             join_latency: self.join_latency,
+            drain_latency: self.drain_latency,
             ..Self::default()
         }
+    }
+
+    /// A drain waits `latency` between cordoning the Node and deleting it.
+    pub fn with_drain_latency(mut self, latency: Duration) -> Self {
+        self.drain_latency = latency;
+        self
+    }
+
+    /// Whether the Node is cordoned in the cluster of that control plane.
+    pub fn cordoned(&self, control_plane: &str, node: &str) -> bool {
+        self.state()
+            .clusters
+            .get(control_plane)
+            .is_some_and(|c| c.cordoned.contains(node))
     }
 
     /// `kubeadm init` takes `latency` longer.
@@ -282,8 +302,21 @@ impl Guest for FakeGuest {
             .map(|(name, ready)| ClusterNode {
                 name: name.clone(),
                 ready: *ready,
+                cordoned_for_removal: cluster.cordoned.contains(name),
             })
             .collect())
+    }
+
+    async fn uncordon(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
+        self.called("uncordon", node_name);
+        self.api_calls.fetch_add(1, Ordering::Relaxed);
+        let cp = control_plane_of(kubeconfig)
+            .ok_or_else(|| GuestError::Api("unparsable fake kubeconfig".into()))?;
+        if let Some(cluster) = self.state().clusters.get_mut(&cp) {
+            cluster.cordoned.remove(node_name);
+        }
+        self.uncordons.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn remove_node(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
@@ -292,8 +325,17 @@ impl Guest for FakeGuest {
         self.latency().await;
         let cp = control_plane_of(kubeconfig)
             .ok_or_else(|| GuestError::Api("unparsable fake kubeconfig".into()))?;
+        let cordon = |state: &mut State| {
+            state.clusters.get_mut(&cp).map(|cluster| {
+                cluster.cordoned.insert(node_name.to_owned());
+            })
+        };
+        if cordon(&mut self.state()).is_some() {
+            self.sleep(self.drain_latency).await;
+        }
         if let Some(cluster) = self.state().clusters.get_mut(&cp) {
             cluster.nodes.remove(node_name);
+            cluster.cordoned.remove(node_name);
         }
         self.removals.fetch_add(1, Ordering::Relaxed);
         Ok(())

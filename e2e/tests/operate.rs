@@ -75,6 +75,14 @@ impl Guest for SharedGuest {
         self.0.cluster_nodes(kubeconfig).await
     }
 
+    async fn uncordon(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+    ) -> benchcluster_controller::guest::Result<()> {
+        self.0.uncordon(kubeconfig, node_name).await
+    }
+
     async fn remove_node(
         &self,
         kubeconfig: &AdminKubeconfig,

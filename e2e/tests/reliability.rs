@@ -588,6 +588,54 @@ async fn a_guest_node_deleted_from_the_cluster_rejoins() -> Result<()> {
     Ok(())
 }
 
+/// A scale-down reverted while the drain runs: the drain is abandoned, the worker
+/// kept, and the Node it cordoned is made schedulable again (a benchmark would
+/// otherwise see a Ready node that takes no pods).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_abandoned_by_scaling_back_up_leaves_the_node_schedulable() -> Result<()> {
+    let f = Fixture::new("uncordon").await?;
+    let guest = FakeGuest::default().with_drain_latency(Duration::from_secs(30));
+    let controller = RunningController::start_with(
+        f.client.clone(),
+        Some(&f.namespace),
+        testbed::hypervisor(),
+        guest.sharing(),
+        testbed::fast_settings(),
+    );
+    f.create("uc", 2).await?;
+    f.wait_ready("uc", 2).await?;
+    let before = domains(&f.namespace, "uc");
+    f.set_replicas("uc", 1).await?;
+    wait::until("uc-w-1 cordoned by its drain", CONVERGE, POLL, || async {
+        guest.cordoned("uc-cp-0", "uc-w-1").then_some(())
+    })
+    .await?;
+    f.set_replicas("uc", 2).await?;
+    wait::until("uc-w-1 schedulable again", CONVERGE, POLL, || async {
+        (!guest.cordoned("uc-cp-0", "uc-w-1")).then_some(())
+    })
+    .await?;
+    let bc = f.wait_ready("uc", 2).await?;
+    assert_eq!(bc.status.unwrap_or_default().ready_workers, 2);
+    let ctx_guest = &controller.ctx.guest;
+    assert_eq!(ctx_guest.uncordons.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        ctx_guest.removals.load(Ordering::Relaxed),
+        0,
+        "no drain finished"
+    );
+    assert!(guest.nodes("uc-cp-0").contains(&"uc-w-1".to_owned()));
+    assert!(
+        !guest.cordoned("uc-cp-0", "uc-w-0"),
+        "the other worker untouched"
+    );
+    assert_eq!(domains(&f.namespace, "uc"), before, "the same VMs");
+    assert_eq!(ctx_guest.calls("join", "uc-w-1"), 1, "never rejoined");
+    delete_and_check_empty(&f, "uc").await?;
+    controller.stop().await;
+    Ok(())
+}
+
 /// The Ready condition's reason and message.
 fn ready_condition(bc: &BenchCluster) -> (String, String) {
     bc.status

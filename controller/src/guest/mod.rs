@@ -67,11 +67,18 @@ pub struct InitConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminKubeconfig(pub Sensitive);
 
+/// Annotation the controller puts on a Node it cordons to remove it, so that it
+/// uncordons only Nodes it cordoned itself (never one a user cordoned on purpose).
+pub const CORDONED_FOR_REMOVAL: &str = "benchcluster.dev/cordoned-for-removal";
+
 /// A Node of the guest cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterNode {
     pub name: String,
     pub ready: bool,
+    /// Unschedulable with [`CORDONED_FOR_REMOVAL`]: cordoned by a drain of this
+    /// controller.
+    pub cordoned_for_removal: bool,
 }
 
 /// Failures of the guest edge.
@@ -150,7 +157,16 @@ pub trait Guest: Send + Sync + 'static {
         kubeconfig: &AdminKubeconfig,
     ) -> impl Future<Output = Result<Vec<ClusterNode>>> + Send;
 
-    /// Cordons and drains the Node (eviction API, bounded) and deletes it.
+    /// Makes schedulable again a Node this controller cordoned for a removal that was
+    /// abandoned (the worker is wanted again).
+    fn uncordon(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Cordons the Node (marked [`CORDONED_FOR_REMOVAL`]), drains it (eviction API,
+    /// bounded) and deletes it.
     fn remove_node(
         &self,
         kubeconfig: &AdminKubeconfig,

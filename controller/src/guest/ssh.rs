@@ -30,8 +30,8 @@ use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use super::{
-    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig, Result,
-    Sensitive,
+    AdminKubeconfig, CORDONED_FOR_REMOVAL, ClusterNode, Credentials, Guest, GuestError, GuestNode,
+    InitConfig, Result, Sensitive,
 };
 
 const INIT_CONFIG: &str = "/etc/benchcluster/kubeadm-init.yaml";
@@ -393,6 +393,16 @@ impl Guest for SshGuest {
             .items
             .into_iter()
             .filter_map(|node| {
+                let cordoned_for_removal = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.unschedulable)
+                    .unwrap_or(false)
+                    && node
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.contains_key(CORDONED_FOR_REMOVAL));
                 let name = node.metadata.name?;
                 let ready = node
                     .status
@@ -400,16 +410,39 @@ impl Guest for SshGuest {
                     .unwrap_or_default()
                     .iter()
                     .any(|c| c.type_ == "Ready" && c.status == "True");
-                Some(ClusterNode { name, ready })
+                Some(ClusterNode {
+                    name,
+                    ready,
+                    cordoned_for_removal,
+                })
             })
             .collect())
+    }
+
+    async fn uncordon(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
+        let client = self.client(kubeconfig).await?;
+        let uncordon = serde_json::json!({
+            "metadata": {"annotations": {CORDONED_FOR_REMOVAL: null}},
+            "spec": {"unschedulable": false},
+        });
+        match Api::<Node>::all(client)
+            .patch(node_name, &PatchParams::default(), &Patch::Merge(&uncordon))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            Err(e) => Err(self.api_error(kubeconfig, e)),
+        }
     }
 
     async fn remove_node(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
         let client = self.client(kubeconfig).await?;
         let nodes: Api<Node> = Api::all(client.clone());
         let api_error = |e: kube::Error| self.api_error(kubeconfig, e);
-        let cordon = serde_json::json!({"spec": {"unschedulable": true}});
+        let cordon = serde_json::json!({
+            "metadata": {"annotations": {CORDONED_FOR_REMOVAL: "true"}},
+            "spec": {"unschedulable": true},
+        });
         match nodes
             .patch(node_name, &PatchParams::default(), &Patch::Merge(&cordon))
             .await

@@ -141,8 +141,14 @@ impl Guest for ProbeOnlyGuest {
             .map(|name| ClusterNode {
                 name: name.clone(),
                 ready: true,
+                cordoned_for_removal: false,
             })
             .collect())
+    }
+
+    /// Nothing to do: this guest's nodes are never cordoned (removal forgets them).
+    async fn uncordon(&self, _kubeconfig: &AdminKubeconfig, _node_name: &str) -> GuestResult<()> {
+        Ok(())
     }
 
     async fn remove_node(&self, _kubeconfig: &AdminKubeconfig, node_name: &str) -> GuestResult<()> {
