@@ -52,8 +52,14 @@ pub const MAX_NAME_LEN: usize = 40;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(NODE_CIDRS_RULE).field_path(".workers.replicas").message(Message::Expression(NODE_CIDRS_MESSAGE.into())))]
 pub struct BenchClusterSpec {
-    /// The single control-plane VM. Immutable: a different size or image needs a new BenchCluster.
-    #[x_kube(validation = Rule::new("self == oldSelf").message("controlPlane is immutable; create a new BenchCluster to change it"))]
+    /// The single control-plane VM, at least 2 cpus and 2Gi of memory (kubeadm init's
+    /// preflight refuses fewer than 2 CPUs or less than 1700 MB seen by the guest).
+    /// Immutable: a different size or image needs a new BenchCluster.
+    #[x_kube(
+        validation = Rule::new("self == oldSelf").message("controlPlane is immutable; create a new BenchCluster to change it"),
+        validation = Rule::new("self.cpus >= 2").field_path(".cpus").message("controlPlane.cpus must be at least 2: kubeadm init's preflight refuses a control plane with fewer CPUs"),
+        validation = Rule::new("!isQuantity(self.memory) || quantity(self.memory).compareTo(quantity('2Gi')) >= 0").field_path(".memory").message("controlPlane.memory must be at least 2Gi: kubeadm init's preflight refuses a control plane whose guest sees less than 1700 MB"),
+    )]
     pub control_plane: NodeTemplate,
     /// The worker VMs. `replicas` may change at any time (scale by edit, or
     /// `kubectl scale bc/<name> --replicas=N`); the rest is immutable.
@@ -77,9 +83,8 @@ pub struct BenchClusterSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeTemplate {
-    /// Virtual CPUs, 1 to 255 (QEMU's limit without an interrupt-remapping IOMMU). On
-    /// the control plane, kubeadm init's preflight needs at least 2 and 1700 MiB of
-    /// memory seen by the guest.
+    /// Virtual CPUs, 1 to 255 (QEMU's limit without an interrupt-remapping IOMMU); at
+    /// least 2 on the control plane.
     #[schemars(range(min = 1, max = 255))]
     pub cpus: u32,
     /// Memory as a Kubernetes quantity, for example `4Gi`. At least 256Mi.

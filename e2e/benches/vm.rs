@@ -115,8 +115,11 @@ async fn phases(bed: &Bed, image: &str) -> Result<()> {
     println!();
     println!("vm: 1+{WORKERS} BenchCluster, time from apply to each VM's first SSH command");
     println!(
-        "  (qemu TCG on {} host cores, 1 vCPU and {} per VM; controller polls every {:?})",
+        "  (qemu TCG on {} host cores; control plane {} vCPUs and {}, workers 1 vCPU and {}; \
+         controller polls every {:?})",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        vm_support::CONTROL_PLANE_CPUS,
+        vm_support::CONTROL_PLANE_MEMORY,
         vm_support::MEMORY,
         vm_support::settings().poll_interval,
     );

@@ -647,6 +647,26 @@ async fn more_than_255_cpus_are_rejected() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_control_plane_kubeadm_preflight_would_refuse_is_rejected() -> anyhow::Result<()> {
+    with_env("crd-small-control-plane", |env| async move {
+        // kubeadm init's preflight: at least 2 CPUs and 1700 MB seen by the guest.
+        let one_cpu = with(minimal("x"), "/spec/controlPlane/cpus", json!(1));
+        expect_create_rejected(&env, one_cpu, "spec.controlPlane.cpus", "at least 2").await?;
+        let small = with(minimal("x"), "/spec/controlPlane/memory", json!("1536Mi"));
+        expect_create_rejected(&env, small, "spec.controlPlane.memory", "at least 2Gi").await?;
+        // Workers have no such preflight check: one CPU and 1Gi are fine there.
+        let worker = with(minimal("w"), "/spec/workers/cpus", json!(1));
+        let worker = with(worker, "/spec/workers/memory", json!("1Gi"));
+        let smallest = with(worker, "/spec/controlPlane/memory", json!("2Gi"));
+        env.create(with(smallest, "/spec/controlPlane/cpus", json!(2)))
+            .await
+            .context("2 cpus and 2Gi on the control plane, 1 and 1Gi on workers")?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
 async fn quantities_in_any_form_the_schema_accepts_are_read_as_the_server_reads_them()
 -> anyhow::Result<()> {
     with_env("crd-quantity-forms", |env| async move {

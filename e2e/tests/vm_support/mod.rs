@@ -38,6 +38,10 @@ pub const USER: &str = "bench";
 pub const SSH_SECRET: &str = "vm-ssh-key";
 /// Enough for the minimal Debian guest (it idles at about 100 MiB).
 pub const MEMORY: &str = "512Mi";
+/// The least the schema accepts for a control plane (kubeadm's preflight minimum),
+/// although this tier runs no kubeadm.
+pub const CONTROL_PLANE_CPUS: u32 = 2;
+pub const CONTROL_PLANE_MEMORY: &str = "2Gi";
 pub const DISK: &str = "4Gi";
 pub const POLL: Duration = Duration::from_millis(500);
 /// Bound on one request to the controller's HTTP endpoint (its checks take at most
@@ -196,7 +200,7 @@ pub fn benchcluster(
         "kind": "BenchCluster",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
-            "controlPlane": {"cpus": 1, "memory": MEMORY, "disk": DISK,
+            "controlPlane": {"cpus": CONTROL_PLANE_CPUS, "memory": CONTROL_PLANE_MEMORY, "disk": DISK,
                               "image": {"volume": image_volume, "firmware": "bios"}},
             "workers": {"replicas": workers, "cpus": 1, "memory": MEMORY, "disk": DISK,
                         "image": {"volume": image_volume, "firmware": "bios"}},
