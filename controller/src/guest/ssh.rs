@@ -40,6 +40,15 @@ const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 /// The cluster CA a joined node trusts (written by kubeadm).
 const NODE_CA: &str = "/etc/kubernetes/pki/ca.crt";
+/// Files kubeadm writes from its first phases on (certificates, kubeconfigs, the
+/// kubelet's configuration); a clean image has none of them.
+const KUBEADM_STATE: [&str; 5] = [
+    "/etc/kubernetes/pki/ca.crt",
+    ADMIN_CONF,
+    KUBELET_CONF,
+    "/etc/kubernetes/bootstrap-kubelet.conf",
+    "/var/lib/kubelet/config.yaml",
+];
 /// Completion markers, written by the controller right after `kubeadm init` or `kubeadm
 /// join` returned success (kubeadm leaves no such record itself). They tell an init or
 /// join that completed, which is never reset, from one that died half-way, which is.
@@ -509,15 +518,13 @@ impl SshGuest {
             }
             return Ok(kubeconfig);
         }
-        if self
-            .exists(session, node, "test admin.conf", ADMIN_CONF)
-            .await?
-        {
+        if self.kubeadm_state_present(session, node).await? {
             // No marker: no init returned success here, unless this controller died
             // right after it did and before it wrote the marker. A serving API tells
-            // that case apart; anything else is an init that died half-way, whose
-            // files make the next one fail. An init still running (its session cut)
-            // serves an API too, but is neither: it is waited for.
+            // that case apart; anything else is an init that died half-way (at any
+            // phase: certificates, manifests, kubelet), whose files make the next one
+            // fail its preflight. An init still running (its session cut) serves an
+            // API too, but is neither: it is waited for.
             self.kubeadm_idle(session, node).await?;
             let healthy = self
                 .succeeds(
@@ -613,6 +620,20 @@ impl SshGuest {
         self.run(session, node, label, &argv, None, timeout)
             .await
             .map_err(|error| busy_if_locked(node, error))
+    }
+
+    /// Whether any file kubeadm init or join writes exists on the node: a node without
+    /// a completion marker but with one of them is an init or join that died half-way.
+    async fn kubeadm_state_present(&self, session: &Session, node: &GuestNode) -> Result<bool> {
+        let mut argv = vec!["sudo", "-n", "test"];
+        for (i, path) in KUBEADM_STATE.iter().enumerate() {
+            if i > 0 {
+                argv.push("-o");
+            }
+            argv.extend(["-e", path]);
+        }
+        self.succeeds(session, node, "look for kubeadm's files", &argv)
+            .await
     }
 
     /// Whether a file exists on the node (checked as root).
@@ -790,10 +811,14 @@ impl SshGuest {
                     .await;
             }
             warn!(node = %worker.name, "resetting a worker joined to an earlier cluster (its CA is not the control plane's)");
-        } else if kubelet_conf {
+        } else if joined {
+            warn!(node = %worker.name, "resetting a worker whose kubelet.conf is gone since its join (reset by hand?)");
+        }
+        let half_joined = !joined && self.kubeadm_state_present(worker_session, worker).await?;
+        if half_joined {
             warn!(node = %worker.name, "resetting a worker whose kubeadm join died half-way");
         }
-        if joined || kubelet_conf {
+        if joined || half_joined {
             // The marker goes first: a reset cut short must not look like a join done.
             self.run(
                 worker_session,
