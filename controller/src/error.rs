@@ -103,14 +103,50 @@ impl Error {
     }
 }
 
-/// Any error and its causes on one line, `outer: cause: root cause`.
+/// Any error and its causes on one line, `outer: cause: root cause`. A cause that an
+/// error's own message already ends with (kube's finalizer errors print their source
+/// and return it too) is not repeated.
 pub fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_its_errors_message_is_not_repeated() {
+        let silent = Error::GuestApiSilent {
+            since: "2026-12-01T19:01:37Z".into(),
+            reason: "connection refused".into(),
+        };
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
+            silent,
+        )));
+        assert_eq!(
+            wrapped.chain(),
+            "finalizer: failed to apply object: guest cluster API unreachable since \
+             2026-12-01T19:01:37Z: connection refused"
+        );
+        let steps = Error::Steps {
+            failed: 1,
+            step: "JoinWorker".into(),
+            first: Box::new(Error::Guest(GuestError::Busy { node: "w-0".into() })),
+        };
+        assert_eq!(
+            steps.chain(),
+            "1 step(s) failed, first JoinWorker: guest: an earlier kubeadm still runs on w-0; \
+             waiting for it to end"
+        );
+    }
 }
