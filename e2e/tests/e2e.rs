@@ -14,6 +14,9 @@
 //!    stopped inside the control plane for more than a minute, many poll intervals and
 //!    backoffs): the conditions say so, nothing is reset or initialised, and once it
 //!    answers again the same Nodes (same uids) are Ready (RELIABILITY.md 26).
+//!    Then the worker's Node is deleted behind the controller's back: its join
+//!    completed into this cluster, so its kubelet is restarted and registers it again
+//!    (same VM, new Node uid), nothing reset (RELIABILITY.md 7).
 //! 3. `spec.workers.replicas` edited to 2: the new worker joins, three Nodes Ready. The
 //!    first join token the controller mints is deleted on the control plane before the
 //!    worker can use it: a fresh one is minted and the worker joins (RELIABILITY.md 14).
@@ -445,6 +448,52 @@ async fn steps(bed: &Bed, log: &LogCapture) -> anyhow::Result<()> {
     );
     report.push(("API outage (in status)", outage));
     report.push(("Ready after the API", recovered));
+
+    // 2b. The worker's Node deleted behind the controller's back: its join completed
+    // into this cluster, so its kubelet registers it again; nothing is reset.
+    let step = Instant::now();
+    let bc = bed.api.get(NAME).await?;
+    let kubeconfig = bed.guest_kubeconfig(&bc).await?;
+    let before = bed.node_uids(&kubeconfig).await?;
+    let domains = bed.domains().await?;
+    bed.guest_kubectl(&kubeconfig, &["delete", "node", &w(0)])
+        .await?;
+    let reregistered = wait::until(
+        "the deleted Node registered again",
+        SCALE_UP_DEADLINE,
+        POLL,
+        || async {
+            let uids = bed.node_uids(&kubeconfig).await?;
+            Ok::<_, anyhow::Error>(
+                uids.get(&w(0))
+                    .is_some_and(|uid| Some(uid) != before.get(&w(0)))
+                    .then_some(uids),
+            )
+        },
+    )
+    .await?;
+    bed.wait_ready("Ready with the Node back", 1, SCALE_UP_DEADLINE)
+        .await?;
+    let back = step.elapsed();
+    eprintln!(
+        "step 2b: {} deleted, registered again and Ready in {back:.1?}",
+        w(0)
+    );
+    ensure!(
+        reregistered.get(&cp) == before.get(&cp),
+        "the control plane's Node changed: {before:?} -> {reregistered:?}"
+    );
+    ensure!(bed.domains().await? == domains, "the VMs changed");
+    // The controller restarts the kubelet unless the kubelet re-registered by itself
+    // before the controller's join step looked; at most once either way.
+    let restarts = log.count(&["restarting kubelet to register it again", &w(0)]);
+    ensure!(
+        restarts <= 1,
+        "kubelet restarted {restarts} times:\n{}",
+        log.matching(&w(0))
+    );
+    eprintln!("  kubelet restarted by the controller: {restarts} time(s)");
+    report.push(("deleted Node back", back));
 
     // 3. replicas 1 -> 2: one more VM, joined, Ready; its first join token deleted.
     let step = Instant::now();
