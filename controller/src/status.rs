@@ -468,6 +468,56 @@ mod tests {
         })
     }
 
+    #[test]
+    fn a_silent_api_says_since_when_in_whole_seconds_and_the_last_error() {
+        let mut world = ready_world(1);
+        world.cluster = GuestCluster::Unreachable("client error (Connect)".into());
+        for node in world.nodes.values_mut() {
+            node.registered = None;
+        }
+        let names = ClusterNames {
+            namespace: "ns".into(),
+            name: "c".into(),
+            uid: "uid".into(),
+        };
+        let since = Time("2026-12-01T19:01:37.654321Z".parse().unwrap());
+        let computed = compute(&Inputs {
+            spec: &spec(1),
+            generation: Some(1),
+            names: &names,
+            world: &world,
+            outcome: &Outcome::default(),
+            previous: &BenchClusterStatus::default(),
+            timelines: &BTreeMap::new(),
+            settings: &Settings::default(),
+            api_silent_since: Some(&since),
+            now: Time(Timestamp::now()),
+        });
+        let condition = |t: &str| {
+            computed
+                .conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .cloned()
+                .unwrap()
+        };
+        for t in ["Ready", "ControlPlaneReady"] {
+            let c = condition(t);
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", "GuestApiUnreachable")
+            );
+            assert!(
+                c.message
+                    .starts_with("guest cluster API unreachable since 2026-12-01T19:01:37Z: client error (Connect)"),
+                "{t}: {}",
+                c.message
+            );
+        }
+        // The kubeconfig Secret stays named: the cluster is initialised, only silent.
+        assert_eq!(computed.kubeconfig_secret.as_deref(), Some("c-kubeconfig"));
+    }
+
     fn worker_timings(status: &BenchClusterStatus) -> PhaseTimings {
         status
             .nodes
