@@ -175,6 +175,12 @@ impl FakeGuest {
         }
     }
 
+    /// Loses the whole cluster of `control_plane`, as when its disk is deleted: its
+    /// API stops answering and nothing of it is left for a new init.
+    pub fn lose_cluster(&self, control_plane: &str) {
+        self.state().clusters.remove(control_plane);
+    }
+
     /// Deletes a Node behind the controller's back.
     pub fn delete_node(&self, control_plane: &str, node: &str) {
         if let Some(cluster) = self.state().clusters.get_mut(control_plane) {

@@ -228,6 +228,18 @@ impl Fixture {
         })
     }
 
+    /// A controller watching this fixture's namespace with `guest`, on the test
+    /// hypervisor with [`fast_settings`].
+    pub fn controller(&self, guest: FakeGuest) -> RunningController {
+        RunningController::start_with(
+            self.client.clone(),
+            Some(&self.namespace),
+            hypervisor(),
+            guest,
+            fast_settings(),
+        )
+    }
+
     pub fn cluster(&self, name: &str, workers: i32) -> anyhow::Result<BenchCluster> {
         benchcluster(&self.namespace, name, workers)
     }

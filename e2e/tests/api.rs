@@ -618,13 +618,7 @@ async fn other_nodes_progress_and_are_timed_while_kubeadm_runs() -> Result<()> {
     let guest = FakeGuest::default()
         .with_init_latency(SLOW_INIT)
         .with_join_latency(Duration::from_secs(1));
-    let controller = RunningController::start_with(
-        f.client.clone(),
-        Some(&f.namespace),
-        testbed::hypervisor(),
-        guest,
-        testbed::fast_settings(),
-    );
+    let controller = f.controller(guest);
     let created = std::time::Instant::now();
     f.create("bg", 1).await?;
 
@@ -690,13 +684,7 @@ async fn deleting_while_init_runs_aborts_it_and_leaves_nothing() -> Result<()> {
     let f = Fixture::new("delinit").await?;
     // Far longer than the test: only an abort ends it.
     let init = Duration::from_secs(120);
-    let controller = RunningController::start_with(
-        f.client.clone(),
-        Some(&f.namespace),
-        testbed::hypervisor(),
-        FakeGuest::default().with_init_latency(init),
-        testbed::fast_settings(),
-    );
+    let controller = f.controller(FakeGuest::default().with_init_latency(init));
     let bc = f.create("di", 1).await?;
     let uid = bc.uid().unwrap();
     wait::until("init in flight", CONVERGE, POLL, || async {
@@ -737,13 +725,7 @@ async fn deleting_while_init_runs_aborts_it_and_leaves_nothing() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_controller_aborts_its_operations_and_the_next_one_finishes() -> Result<()> {
     let f = Fixture::new("stopinit").await?;
-    let controller = RunningController::start_with(
-        f.client.clone(),
-        Some(&f.namespace),
-        testbed::hypervisor(),
-        FakeGuest::default().with_init_latency(Duration::from_secs(120)),
-        testbed::fast_settings(),
-    );
+    let controller = f.controller(FakeGuest::default().with_init_latency(Duration::from_secs(120)));
     let bc = f.create("si", 1).await?;
     let uid = bc.uid().unwrap();
     wait::until("init in flight", CONVERGE, POLL, || async {

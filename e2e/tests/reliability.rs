@@ -138,13 +138,7 @@ async fn finalizer_removed_while_down_is_restored_and_cleanup_still_runs() -> Re
         "the finalizer was removed by hand"
     );
 
-    let controller = RunningController::start_with(
-        f.client.clone(),
-        Some(&f.namespace),
-        testbed::hypervisor(),
-        guest,
-        testbed::fast_settings(),
-    );
+    let controller = f.controller(guest);
     wait::until("the finalizer restored", CONVERGE, POLL, || async {
         let bc = f.api.get("fin").await?;
         anyhow::Ok(bc.finalizers().iter().any(|f| f == FINALIZER).then_some(()))
@@ -588,6 +582,70 @@ async fn a_guest_node_deleted_from_the_cluster_rejoins() -> Result<()> {
     Ok(())
 }
 
+/// The control plane's disk deleted behind the controller's back: the cluster went
+/// with it. Until the controller sees the disk gone, the silent API is waited for (no
+/// init); then the old kubeconfig is forgotten, the rebuilt control plane initialised
+/// anew, and the worker joins the new cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_rebuilt_on_a_fresh_disk_forms_a_new_cluster() -> Result<()> {
+    let f = Fixture::new("rebuild").await?;
+    let guest = FakeGuest::default();
+    let controller = f.controller(guest.sharing());
+    let bc = f.create("rb", 1).await?;
+    f.wait_ready("rb", 1).await?;
+    let names = names_of(&bc);
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.namespace);
+    let first = secrets.get("rb-kubeconfig").await?.uid();
+    let ctx_guest = &controller.ctx.guest;
+    assert_eq!(ctx_guest.calls("init", "rb-cp-0"), 1);
+
+    guest.lose_cluster("rb-cp-0");
+    controller
+        .ctx
+        .hypervisor
+        .delete_volume(&names.disk_volume(NodeId::CONTROL_PLANE))
+        .await?;
+    wait::until("a second kubeconfig Secret", CONVERGE, POLL, || async {
+        let uid = secrets
+            .get_opt("rb-kubeconfig")
+            .await?
+            .and_then(|s| s.uid());
+        Ok::<_, anyhow::Error>(uid.filter(|uid| Some(uid) != first.as_ref()).map(drop))
+    })
+    .await?;
+    wait::until("the worker in the new cluster", CONVERGE, POLL, || async {
+        guest
+            .nodes("rb-cp-0")
+            .contains(&"rb-w-0".to_owned())
+            .then_some(())
+    })
+    .await?;
+    f.wait_ready("rb", 1).await?;
+    assert_eq!(
+        ctx_guest.calls("init", "rb-cp-0"),
+        2,
+        "initialised once more"
+    );
+    assert_eq!(
+        ctx_guest.calls("join", "rb-w-0"),
+        2,
+        "the worker joined the new cluster"
+    );
+    assert_eq!(
+        ctx_guest.inits_of_initialised.load(Ordering::Relaxed),
+        0,
+        "no init ran on a cluster that still existed"
+    );
+    assert_eq!(
+        volumes(&f.namespace, "rb"),
+        desired_volumes(&names, 1),
+        "a fresh disk, nothing duplicated"
+    );
+    delete_and_check_empty(&f, "rb").await?;
+    controller.stop().await;
+    Ok(())
+}
+
 /// A scale-down reverted while the drain runs: the drain is abandoned, the worker
 /// kept, and the Node it cordoned is made schedulable again (a benchmark would
 /// otherwise see a Ready node that takes no pods).
@@ -595,13 +653,7 @@ async fn a_guest_node_deleted_from_the_cluster_rejoins() -> Result<()> {
 async fn a_drain_abandoned_by_scaling_back_up_leaves_the_node_schedulable() -> Result<()> {
     let f = Fixture::new("uncordon").await?;
     let guest = FakeGuest::default().with_drain_latency(Duration::from_secs(30));
-    let controller = RunningController::start_with(
-        f.client.clone(),
-        Some(&f.namespace),
-        testbed::hypervisor(),
-        guest.sharing(),
-        testbed::fast_settings(),
-    );
+    let controller = f.controller(guest.sharing());
     f.create("uc", 2).await?;
     f.wait_ready("uc", 2).await?;
     let before = domains(&f.namespace, "uc");
@@ -652,13 +704,7 @@ fn ready_condition(bc: &BenchCluster) -> (String, String) {
 async fn a_silent_guest_api_is_waited_for_never_initialised_again() -> Result<()> {
     let f = Fixture::new("silent").await?;
     let guest = FakeGuest::default();
-    let controller = RunningController::start_with(
-        f.client.clone(),
-        Some(&f.namespace),
-        testbed::hypervisor(),
-        guest.sharing(),
-        testbed::fast_settings(),
-    );
+    let controller = f.controller(guest.sharing());
     f.create("sa", 2).await?;
     f.wait_ready("sa", 2).await?;
     let before = domains(&f.namespace, "sa");
@@ -697,13 +743,7 @@ async fn a_silent_guest_api_is_waited_for_never_initialised_again() -> Result<()
     // wanted: still nothing but waiting while the API is silent. The window spans many
     // poll intervals (200 ms) and backoffs (capped at 2 s).
     controller.kill();
-    let controller = RunningController::start_with(
-        f.client.clone(),
-        Some(&f.namespace),
-        testbed::hypervisor(),
-        guest.sharing(),
-        testbed::fast_settings(),
-    );
+    let controller = f.controller(guest.sharing());
     f.set_replicas("sa", 3).await?;
     let window = Instant::now();
     let mut passes_seen = 0;
