@@ -43,7 +43,7 @@ const NODE_CA: &str = "/etc/kubernetes/pki/ca.crt";
 /// Files kubeadm writes from its first phases on (certificates, kubeconfigs, the
 /// kubelet's configuration); a clean image has none of them.
 const KUBEADM_STATE: [&str; 5] = [
-    "/etc/kubernetes/pki/ca.crt",
+    NODE_CA,
     ADMIN_CONF,
     KUBELET_CONF,
     "/etc/kubernetes/bootstrap-kubelet.conf",
@@ -793,10 +793,13 @@ impl SshGuest {
         let joined = self
             .exists(worker_session, worker, "test join marker", JOIN_DONE)
             .await?;
-        let kubelet_conf = self
-            .exists(worker_session, worker, "test kubelet.conf", KUBELET_CONF)
-            .await?;
-        if joined && kubelet_conf {
+        // Only a completed join's kubelet.conf matters on its own; without a marker any
+        // of kubeadm's files (kubelet.conf among them) means a join that died half-way.
+        let kubelet_conf = joined
+            && self
+                .exists(worker_session, worker, "test kubelet.conf", KUBELET_CONF)
+                .await?;
+        if kubelet_conf {
             if self
                 .trusts_cluster_ca(worker_session, worker, kubeconfig)
                 .await?
