@@ -2,13 +2,14 @@
 //! in-memory provisioning timelines behind the phase timings.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use benchcluster_crd::PhaseTimings;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
+use parking_lot::Mutex;
 
 use crate::guest::Guest;
 use crate::hypervisor::Hypervisor;
@@ -164,12 +165,6 @@ impl Timeline {
 
 /// Locks `mutex`, also after a panic while it was held: every map behind these locks
 /// stays consistent between statements, so a poisoned lock holds nothing half-written.
-pub(crate) fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 pub struct Context<H, G> {
     pub client: Client,
     pub hypervisor: H,
@@ -218,7 +213,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
     /// Runs `f` on the node's timeline (created empty on first use). Each phase `f`
     /// completes is observed in the phase histogram here, once.
     pub fn timeline<T>(&self, uid: &str, node: NodeId, f: impl FnOnce(&mut Timeline) -> T) -> T {
-        let mut map = locked(&self.timelines);
+        let mut map = self.timelines.lock();
         let timeline = map.entry((uid.to_owned(), node)).or_default();
         let result = f(timeline);
         for (phase, duration) in timeline.completed.drain(..) {
@@ -238,25 +233,25 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
 
     /// A copy of the node's timeline, if this process has one.
     pub fn timeline_snapshot(&self, uid: &str, node: NodeId) -> Option<Timeline> {
-        let map = locked(&self.timelines);
+        let map = self.timelines.lock();
         map.get(&(uid.to_owned(), node)).cloned()
     }
 
     /// Drops the timelines of nodes that no longer exist.
     pub fn forget(&self, uid: &str, keep: impl Fn(NodeId) -> bool) {
-        let mut map = locked(&self.timelines);
+        let mut map = self.timelines.lock();
         map.retain(|(u, node), _| u != uid || keep(*node));
     }
 
     /// Drops everything this process remembers of a deleted BenchCluster.
     pub fn forget_cluster(&self, uid: &str) {
         self.forget(uid, |_| false);
-        locked(&self.outages).remove(uid);
+        self.outages.lock().remove(uid);
     }
 
     /// Records a failed reconcile and returns the backoff before the next attempt.
     pub fn backoff(&self, uid: &str) -> Duration {
-        let mut map = locked(&self.failures);
+        let mut map = self.failures.lock();
         let n = map.entry(uid.to_owned()).or_default();
         *n = n.saturating_add(1);
         let factor = 1u32 << (*n - 1).min(16);
@@ -269,7 +264,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
     /// Records whether the BenchCluster's guest API answered in this pass, and returns
     /// since when it has not (the first pass that found it silent), while it does not.
     pub fn guest_api_outage(&self, uid: &str, answering: bool) -> Option<SystemTime> {
-        let mut map = locked(&self.outages);
+        let mut map = self.outages.lock();
         if answering {
             map.remove(uid);
             None
@@ -280,7 +275,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
 
     /// Clears the failure count after a successful reconcile.
     pub fn succeeded(&self, uid: &str) {
-        let mut map = locked(&self.failures);
+        let mut map = self.failures.lock();
         map.remove(uid);
     }
 }

@@ -99,25 +99,8 @@ impl Error {
     /// The error and its causes, one line, for conditions and Warning events. Sources
     /// never carry secrets: guest output is trimmed and redacted before it becomes one.
     pub fn chain(&self) -> String {
-        chain(self)
+        crate::util::chain(self)
     }
-}
-
-/// Any error and its causes on one line, `outer: cause: root cause`. A cause that an
-/// error's own message already ends with (kube's finalizer errors print their source
-/// and return it too) is not repeated.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

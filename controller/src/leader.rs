@@ -367,7 +367,7 @@ async fn monitor(
                     debug!("the Lease was released: competing for it now");
                     match competition.manager().await {
                         Ok(fresh) => manager = fresh,
-                        Err(error) => debug!(error = %crate::error::chain(&error), "cannot restart the lease manager"),
+                        Err(error) => debug!(error = %crate::util::chain(&error), "cannot restart the lease manager"),
                     }
                 }
             }
@@ -439,7 +439,7 @@ async fn release(manager: Manager) {
     match tokio::time::timeout(RELEASE_TIMEOUT, task).await {
         Ok(Ok(Ok(_))) => info!("released the leader Lease"),
         Ok(Ok(Err(error))) => {
-            warn!(error = %crate::error::chain(&error), "cannot release the leader Lease")
+            warn!(error = %crate::util::chain(&error), "cannot release the leader Lease")
         }
         Ok(Err(error)) => warn!(%error, "the leader election task failed"),
         Err(_) => warn!("releasing the leader Lease timed out"),

@@ -22,6 +22,7 @@ pub mod reconcile;
 pub mod seed;
 pub mod status;
 pub mod telemetry;
+pub mod util;
 pub mod world;
 
 pub use context::{Context, Settings};

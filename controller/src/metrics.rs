@@ -1,11 +1,11 @@
-//! Prometheus metrics, served as OpenMetrics text on `/metrics` (see [`crate::http`]).
+//! Prometheus metrics, served as OpenMetrics text on `/metrics` by the `http` module.
 //!
 //! Every series has a small, fixed label set (error kind, role, state, phase,
 //! operation): no namespace, name or UID labels, so the cost of a scrape does not grow
 //! with the number of BenchClusters.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+
 use std::time::Duration;
 
 use benchcluster_crd::{NodeState, Role};
@@ -16,12 +16,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::context::locked;
 use crate::error::Error;
 use crate::hypervisor::{
     DomainInfo, DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
     Result as HvResult,
 };
+use parking_lot::Mutex;
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "benchcluster";
@@ -301,7 +301,7 @@ impl Metrics {
                 .entry((role_label(role), state_label(state)))
                 .or_default() += 1;
         }
-        let mut all = locked(&self.vm_counts);
+        let mut all = self.vm_counts.lock();
         let previous = if next.is_empty() {
             all.remove(uid).unwrap_or_default()
         } else {

@@ -13,18 +13,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use benchcluster_crd::BenchCluster;
 use futures::Stream;
 use kube::runtime::reflector::ObjectRef;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::context::locked;
 use crate::guest::{self, AdminKubeconfig};
 use crate::names::NodeId;
 use crate::world::Operation;
@@ -91,12 +90,12 @@ impl Default for Operations {
 }
 
 impl Operations {
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Running>> {
-        locked(&self.running)
+    fn running(&self) -> MutexGuard<'_, HashMap<Key, Running>> {
+        self.running.lock()
     }
 
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<Key, String>> {
-        locked(&self.failures)
+    fn failures(&self) -> MutexGuard<'_, HashMap<Key, String>> {
+        self.failures.lock()
     }
 
     /// Starts `work` for the node unless an operation of the node is in flight already

@@ -16,7 +16,6 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use parking_lot::{Mutex, MutexGuard};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
@@ -335,10 +335,8 @@ impl SshGuest {
         GuestError::Api(error.to_string())
     }
 
-    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Client>> {
-        self.clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock_clients(&self) -> MutexGuard<'_, HashMap<[u8; 32], Client>> {
+        self.clients.lock()
     }
 }
 
@@ -1206,14 +1204,14 @@ fn local_error(what: &str, error: &std::io::Error) -> GuestError {
 fn remote_error(node: &GuestNode, error: &openssh::Error) -> GuestError {
     GuestError::Unreachable {
         node: node.name.clone(),
-        reason: crate::error::chain(error),
+        reason: crate::util::chain(error),
     }
 }
 
 /// A refused host key is a different failure from "not up yet": it must stop the
 /// controller from running anything and say so. ssh reports it only as text.
 fn classify_connect_error(node: &str, error: &openssh::Error) -> GuestError {
-    let text = crate::error::chain(error);
+    let text = crate::util::chain(error);
     if text.contains("Host key verification failed")
         || text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
         || text.contains("No ED25519 host key is known")

@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -114,8 +116,7 @@ struct Slot {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Slot> {
-        // The slot holds no invariant a panicking holder could break.
-        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+        self.slot.lock()
     }
 
     /// The shared connection (a new reference to it) and its generation, opening one
@@ -145,8 +146,7 @@ impl Shared {
     }
 
     fn lock_nics(&self) -> MutexGuard<'_, HashMap<String, Arc<[Nic]>>> {
-        // A cache: whatever a panicking holder left is still usable.
-        self.nics.lock().unwrap_or_else(PoisonError::into_inner)
+        self.nics.lock()
     }
 
     /// The network interfaces of a running domain, from the cache or its XML; `None`
