@@ -84,6 +84,20 @@ impl Error {
         }
     }
 
+    /// The reason a condition shows for a permanent error (see [`Error::is_permanent`]):
+    /// what the user has to fix, in the edge's terms; `Failed` for any other.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::SshKeySecret { .. } => "SshKeySecretInvalid",
+            Error::Hypervisor(HypervisorError::ImageMissing { .. }) => "ImageNotFound",
+            Error::Hypervisor(HypervisorError::PoolMissing { .. }) => "PoolNotFound",
+            Error::Hypervisor(HypervisorError::NameConflict { .. }) => "NameConflict",
+            Error::Guest(GuestError::HostKeyMismatch { .. }) => "HostKeyMismatch",
+            Error::Steps { first, .. } => first.reason(),
+            _ => "Failed",
+        }
+    }
+
     /// Errors that retrying cannot fix until the user or the host changes something.
     pub fn is_permanent(&self) -> bool {
         match self {

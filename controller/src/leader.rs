@@ -26,11 +26,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::context::Context;
 use crate::guest::Guest;
 use crate::hypervisor::Hypervisor;
 use crate::metrics::Metrics;
 use crate::reconcile;
+use crate::reconcile::context::Context;
 
 /// Default name of the Lease.
 pub const DEFAULT_LEASE_NAME: &str = "benchcluster-controller";
@@ -203,7 +203,7 @@ impl Elector {
         let params = LeaseParams::new(config.identity.clone(), duration, duration - renew)
             .with_field_manager(format!(
                 "{}-{}",
-                crate::context::FIELD_MANAGER,
+                crate::reconcile::context::FIELD_MANAGER,
                 config.identity
             ));
         let competition = Competition {

@@ -6,8 +6,6 @@
 //! executes them through the [`hypervisor`] and [`guest`] edges; [`status`] derives the
 //! status written back (only when it changed).
 
-pub mod act;
-pub mod context;
 pub mod error;
 pub mod guest;
 pub mod http;
@@ -15,15 +13,10 @@ pub mod hypervisor;
 pub mod leader;
 pub mod metrics;
 pub mod names;
-pub mod observe;
-pub mod operations;
-pub mod plan;
 pub mod reconcile;
 pub mod seed;
-pub mod status;
 pub mod telemetry;
 pub mod util;
-pub mod world;
 
-pub use context::{Context, Settings};
 pub use error::{Error, Result};
+pub use reconcile::{Context, Settings};

@@ -2,8 +2,8 @@
 //! owner would make it (`ssh-keygen -t ed25519`), and the Secret holding it.
 
 use anyhow::Context as _;
-use benchcluster_controller::act::{SSH_PRIVATE_KEY, SSH_PUBLIC_KEY};
 use benchcluster_controller::guest::{Credentials, Sensitive};
+use benchcluster_controller::reconcile::act::{SSH_PRIVATE_KEY, SSH_PUBLIC_KEY};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, PostParams};

@@ -24,9 +24,9 @@ use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
+use super::world::Operation;
 use crate::guest::{self, AdminKubeconfig};
 use crate::names::NodeId;
-use crate::world::Operation;
 
 /// Wakes buffered for the controller; more are dropped (lagging), and the requeue poll
 /// still collects their results.

@@ -11,8 +11,8 @@
 
 use benchcluster_crd::{BenchClusterSpec, Role};
 
+use super::world::{GuestCluster, NetworkState, ObservedNode, Operation, VmState, World};
 use crate::names::NodeId;
-use crate::world::{GuestCluster, NetworkState, ObservedNode, Operation, VmState, World};
 
 /// One step the act stage can take. Steps of one node run in the order planned; steps
 /// of different nodes are independent and may run concurrently.

@@ -1,54 +1,61 @@
-//! State shared by every reconcile: clients, the two edges, settings, and the
-//! in-memory provisioning timelines behind the phase timings.
+//! When each node of a BenchCluster got how far, as seen by this process: the source of
+//! the phase timings in the status and of the phase histogram.
+//!
+//! The stages never write timelines. They say what happened as [`Stamp`]s (observe: a
+//! lease or a Ready Node seen; act: a disk created, a domain defined and started, SSH
+//! answering, kubeadm done, a domain removed), carried in the pass's
+//! [`Outcome`](super::Outcome), and the driver applies them once per pass, in the order
+//! they happened, through [`Context::record`](super::Context::record): the one place a
+//! timeline changes and a phase is observed in the histogram.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use benchcluster_crd::PhaseTimings;
-use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
-use parking_lot::Mutex;
 
-use crate::guest::Guest;
-use crate::hypervisor::Hypervisor;
-use crate::metrics::{Metrics, Phase};
+use crate::metrics::Phase;
 use crate::names::NodeId;
-use crate::operations::Operations;
 
-/// Field manager of every server-side apply this controller makes.
-pub const FIELD_MANAGER: &str = "benchcluster-controller";
-
-/// Timeouts and limits, in one place.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// How long a running VM may go without a DHCP lease before the status says so.
-    pub lease_timeout: Duration,
-    /// Requeue interval while something is on its way (boot, lease, SSH).
-    pub poll_interval: Duration,
-    /// Requeue interval once converged, to notice drift behind the controller's back.
-    pub resync_interval: Duration,
-    /// Steps of different nodes of one cluster that run at once.
-    pub max_parallel_steps: usize,
-    /// BenchClusters reconciled at once; the others queue.
-    pub max_concurrent_reconciles: u16,
-    /// Backoff after a failed reconcile: doubled per consecutive failure up to the cap.
-    pub backoff_base: Duration,
-    pub backoff_cap: Duration,
+/// Something that happened to a node in a pass, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub node: NodeId,
+    pub at: Instant,
+    pub event: Event,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            lease_timeout: Duration::from_secs(300),
-            poll_interval: Duration::from_secs(2),
-            resync_interval: Duration::from_secs(300),
-            max_parallel_steps: 64,
-            max_concurrent_reconciles: 32,
-            backoff_base: Duration::from_secs(2),
-            backoff_cap: Duration::from_secs(300),
-        }
+/// What a [`Stamp`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Its disk is about to be created: a new node begins.
+    CreateStarted,
+    /// Its domain is about to be (re)defined.
+    DefineStarted,
+    Defined,
+    /// Its domain was started; `at` is when it was running.
+    Booted {
+        started: Instant,
+    },
+    /// Observe found its lease.
+    Leased,
+    /// It answered over SSH.
+    Reachable,
+    /// `kubeadm init` returned on it.
+    Initialised {
+        began: Instant,
+    },
+    /// `kubeadm join` returned on it.
+    Joined {
+        began: Instant,
+    },
+    /// Observe found its Node Ready.
+    NodeReady,
+    /// Its domain was removed: its timeline goes with it.
+    Removed,
+}
+
+impl Stamp {
+    pub fn new(node: NodeId, at: Instant, event: Event) -> Self {
+        Self { node, at, event }
     }
 }
 
@@ -61,7 +68,7 @@ pub struct Timeline {
     pub reachable: Option<Instant>,
     pub kubeadm_done: Option<Instant>,
     pub timings: PhaseTimings,
-    /// Phases completed since [`Context::timeline`] last took them for the metrics.
+    /// Phases completed since [`Timeline::take_completed`] last took them.
     completed: Vec<(Phase, Duration)>,
 }
 
@@ -163,120 +170,27 @@ impl Timeline {
     }
 }
 
-/// Locks `mutex`, also after a panic while it was held: every map behind these locks
-/// stays consistent between statements, so a poisoned lock holds nothing half-written.
-pub struct Context<H, G> {
-    pub client: Client,
-    pub hypervisor: H,
-    /// Shared with the background operations that run guest steps.
-    pub guest: Arc<G>,
-    pub recorder: Recorder,
-    pub settings: Settings,
-    pub metrics: Arc<Metrics>,
-    timelines: Mutex<HashMap<(String, NodeId), Timeline>>,
-    /// Long guest operations in flight (kubeadm init and join, drains).
-    pub operations: Operations,
-    failures: Mutex<HashMap<String, u32>>,
-    /// Since when each BenchCluster's guest API has not answered, while it does not.
-    outages: Mutex<HashMap<String, SystemTime>>,
-    /// Whether the controller's watch has listed every BenchCluster once.
-    synced: AtomicBool,
-}
-
-impl<H: Hypervisor, G: Guest> Context<H, G> {
-    pub fn new(client: Client, hypervisor: H, guest: G, settings: Settings) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            hypervisor,
-            guest: Arc::new(guest),
-            settings,
-            metrics: Arc::new(Metrics::new()),
-            timelines: Mutex::new(HashMap::new()),
-            operations: Operations::default(),
-            failures: Mutex::new(HashMap::new()),
-            outages: Mutex::new(HashMap::new()),
-            synced: AtomicBool::new(false),
+impl Timeline {
+    /// Applies one stamp (not [`Event::Removed`], which drops the whole timeline).
+    pub fn apply(&mut self, stamp: &Stamp) {
+        let now = stamp.at;
+        match stamp.event {
+            Event::CreateStarted => self.create_started(now),
+            Event::DefineStarted => self.define_started(now),
+            Event::Defined => self.defined(now),
+            Event::Booted { started } => self.booted(started, now),
+            Event::Leased => self.leased(now),
+            Event::Reachable => self.reachable(now),
+            Event::Initialised { began } => self.initialised(began, now),
+            Event::Joined { began } => self.joined(began, now),
+            Event::NodeReady => self.node_ready(now),
+            Event::Removed => {}
         }
     }
 
-    /// Replaces the metrics (to share one registry with something built before).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
-        self
-    }
-
-    /// Runs `f` on the node's timeline (created empty on first use). Each phase `f`
-    /// completes is observed in the phase histogram here, once.
-    pub fn timeline<T>(&self, uid: &str, node: NodeId, f: impl FnOnce(&mut Timeline) -> T) -> T {
-        let mut map = self.timelines.lock();
-        let timeline = map.entry((uid.to_owned(), node)).or_default();
-        let result = f(timeline);
-        for (phase, duration) in timeline.completed.drain(..) {
-            self.metrics.phase(phase, duration);
-        }
-        result
-    }
-
-    /// Whether the controller's watch has synced (for readiness).
-    pub fn watch_synced(&self) -> bool {
-        self.synced.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn set_watch_synced(&self, synced: bool) {
-        self.synced.store(synced, Ordering::Release);
-    }
-
-    /// A copy of the node's timeline, if this process has one.
-    pub fn timeline_snapshot(&self, uid: &str, node: NodeId) -> Option<Timeline> {
-        let map = self.timelines.lock();
-        map.get(&(uid.to_owned(), node)).cloned()
-    }
-
-    /// Drops the timelines of nodes that no longer exist.
-    pub fn forget(&self, uid: &str, keep: impl Fn(NodeId) -> bool) {
-        let mut map = self.timelines.lock();
-        map.retain(|(u, node), _| u != uid || keep(*node));
-    }
-
-    /// Drops everything this process remembers of a deleted BenchCluster.
-    pub fn forget_cluster(&self, uid: &str) {
-        self.forget(uid, |_| false);
-        self.outages.lock().remove(uid);
-    }
-
-    /// Records a failed reconcile and returns the backoff before the next attempt.
-    pub fn backoff(&self, uid: &str) -> Duration {
-        let mut map = self.failures.lock();
-        let n = map.entry(uid.to_owned()).or_default();
-        *n = n.saturating_add(1);
-        let factor = 1u32 << (*n - 1).min(16);
-        self.settings
-            .backoff_base
-            .saturating_mul(factor)
-            .min(self.settings.backoff_cap)
-    }
-
-    /// Records whether the BenchCluster's guest API answered in this pass, and returns
-    /// since when it has not (the first pass that found it silent), while it does not.
-    pub fn guest_api_outage(&self, uid: &str, answering: bool) -> Option<SystemTime> {
-        let mut map = self.outages.lock();
-        if answering {
-            map.remove(uid);
-            None
-        } else {
-            Some(*map.entry(uid.to_owned()).or_insert_with(SystemTime::now))
-        }
-    }
-
-    /// Clears the failure count after a successful reconcile.
-    pub fn succeeded(&self, uid: &str) {
-        let mut map = self.failures.lock();
-        map.remove(uid);
+    /// Phases completed since the last call, for the phase histogram.
+    pub fn take_completed(&mut self) -> Vec<(Phase, Duration)> {
+        std::mem::take(&mut self.completed)
     }
 }
 

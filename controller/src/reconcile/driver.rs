@@ -1,4 +1,5 @@
-//! The reconcile loop: finalizer, then observe, plan, act, status.
+//! The driver: the finalizer, then a pass (observe, plan, act, status) or the cleanup;
+//! and the controller's run loop.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,16 +17,17 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::act::{act, collect, delete_kubeconfig, publish};
-use crate::context::{Context, FIELD_MANAGER, Timeline};
+use super::act::{act, collect, delete_kubeconfig, publish};
+use super::context::{Context, FIELD_MANAGER};
+use super::observe::{GuestApi, observe};
+use super::plan::{defer_retries, plan, plan_teardown};
+use super::status;
+use super::timeline::Timeline;
+use super::world::GuestCluster;
 use crate::error::{Error, Result};
 use crate::guest::Guest;
 use crate::hypervisor::Hypervisor;
 use crate::names::{ClusterNames, NodeId};
-use crate::observe::{GuestApi, observe};
-use crate::plan::{defer_retries, plan, plan_teardown};
-use crate::status;
-use crate::world::GuestCluster;
 
 /// Reconciles one BenchCluster. The only top-level call is the finalizer, which
 /// dispatches to [`apply`] or [`cleanup`].
@@ -128,22 +130,16 @@ async fn apply<H: Hypervisor, G: Guest>(
 ) -> Result<Action> {
     let names = cluster_names(bc)?;
     // Results of operations that ended first, so observe sees what they did.
-    let collected = collect(bc, &names, ctx).await;
-    let observation = observe(bc, &names, ctx, GuestApi::Ask).await?;
+    let mut collected = collect(bc, &names, ctx).await;
+    ctx.record(&names.uid, std::mem::take(&mut collected.stamps));
+    let mut observation = observe(bc, &names, ctx, GuestApi::Ask).await?;
+    ctx.record(&names.uid, std::mem::take(&mut observation.stamps));
     let failed: Vec<NodeId> = collected.failures.iter().map(|(a, _)| a.node()).collect();
     let actions = defer_retries(plan(&bc.spec, &observation.world), &failed);
     debug!(?actions, "planned");
     let mut outcome = act(bc, &names, &observation, actions.clone(), ctx).await;
+    ctx.record(&names.uid, std::mem::take(&mut outcome.stamps));
     outcome.absorb(collected);
-    outcome.retrying = ctx
-        .operations
-        .in_flight(&names.uid)
-        .into_iter()
-        .filter_map(|(id, operation)| {
-            let message = ctx.operations.last_failure(&names.uid, id)?;
-            Some((crate::plan::Action::starting(operation, id), message))
-        })
-        .collect();
 
     // A cluster that was initialised (its kubeconfig is stored) but whose API does not
     // answer is waited for, never initialised again; the status says since when.
@@ -161,7 +157,7 @@ async fn apply<H: Hypervisor, G: Guest>(
         .nodes
         .keys()
         .chain(
-            crate::plan::desired_nodes(&bc.spec)
+            super::plan::desired_nodes(&bc.spec)
                 .collect::<Vec<_>>()
                 .iter(),
         )
@@ -267,7 +263,8 @@ async fn cleanup<H: Hypervisor, G: Guest>(
     // Workers go in the first pass, the control plane in the second; a third finds
     // nothing unless something failed or appeared meanwhile.
     for _ in 0..3 {
-        let observation = observe(bc, &names, ctx, GuestApi::Skip).await?;
+        let mut observation = observe(bc, &names, ctx, GuestApi::Skip).await?;
+        ctx.record(&names.uid, std::mem::take(&mut observation.stamps));
         ctx.metrics.set_cluster_vms(
             &names.uid,
             observation
@@ -293,7 +290,8 @@ async fn cleanup<H: Hypervisor, G: Guest>(
             .await;
             return Ok(Action::await_change());
         }
-        let outcome = act(bc, &names, &observation, actions, ctx).await;
+        let mut outcome = act(bc, &names, &observation, actions, ctx).await;
+        ctx.record(&names.uid, std::mem::take(&mut outcome.stamps));
         if let Some(error) = outcome.into_error() {
             return Err(error);
         }

@@ -7,12 +7,13 @@ use benchcluster_crd::BenchCluster;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
-use crate::context::Context;
+use super::context::Context;
+use super::timeline::{Event, Stamp};
+use super::world::{GuestCluster, NetworkState, ObservedNode, VmState, World};
 use crate::error::{Error, Result};
 use crate::guest::{AdminKubeconfig, Guest, Sensitive};
 use crate::hypervisor::{DomainState, Hypervisor, Lease};
 use crate::names::{ClusterNames, NodeId, VolumeKind};
-use crate::world::{GuestCluster, NetworkState, ObservedNode, VmState, World};
 
 /// Key of the admin kubeconfig in the `<name>-kubeconfig` Secret.
 pub const KUBECONFIG_KEY: &str = "value";
@@ -24,6 +25,8 @@ pub struct Observation {
     pub kubeconfig: Option<AdminKubeconfig>,
     /// Pinned SSH host public key of each domain, from its metadata.
     pub host_keys: BTreeMap<NodeId, String>,
+    /// Leases and Ready Nodes seen, for the nodes' timelines.
+    pub stamps: Vec<Stamp>,
 }
 
 /// Whether a pass reads the guest cluster through its API.
@@ -109,19 +112,21 @@ pub async fn observe<H: Hypervisor, G: Guest>(
         ),
     };
 
+    // What this process saw of each node's progress is read here and stamped for the
+    // driver to record: observe writes nothing.
     let now = Instant::now();
+    let mut stamps = Vec::new();
     for (id, node) in nodes.iter_mut() {
-        ctx.timeline(&names.uid, *id, |t| {
-            if node.ip.is_some() {
-                t.leased(now);
-            } else if node.domain == Some(VmState::Running) {
-                node.waiting_for_lease = t.lease_wait(now);
-            }
-            if node.registered == Some(true) {
-                t.node_ready(now);
-            }
-            node.reachable = t.reachable.is_some();
-        });
+        let timeline = ctx.timeline_snapshot(&names.uid, *id).unwrap_or_default();
+        if node.ip.is_some() {
+            stamps.push(Stamp::new(*id, now, Event::Leased));
+        } else if node.domain == Some(VmState::Running) {
+            node.waiting_for_lease = timeline.lease_wait(now);
+        }
+        if node.registered == Some(true) {
+            stamps.push(Stamp::new(*id, now, Event::NodeReady));
+        }
+        node.reachable = timeline.reachable.is_some();
     }
 
     Ok(Observation {
@@ -133,6 +138,7 @@ pub async fn observe<H: Hypervisor, G: Guest>(
         },
         kubeconfig,
         host_keys,
+        stamps,
     })
 }
 

@@ -9,11 +9,12 @@ use benchcluster_crd::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::act::Outcome;
-use crate::context::{Settings, Timeline};
+use super::context::Settings;
+use super::outcome::{Outcome, failure_message};
+use super::plan::desired_nodes;
+use super::timeline::Timeline;
+use super::world::{GuestCluster, NetworkState, Operation, VmState, World};
 use crate::names::{ClusterNames, NodeId};
-use crate::plan::desired_nodes;
-use crate::world::{GuestCluster, NetworkState, Operation, VmState, World};
 
 /// Everything the status is computed from.
 pub struct Inputs<'a> {
@@ -319,27 +320,7 @@ fn stall(inputs: &Inputs<'_>) -> (bool, String, String) {
         .iter()
         .find(|(_, e)| e.is_permanent())
     {
-        let reason = match error {
-            crate::error::Error::SshKeySecret { .. } => "SshKeySecretInvalid",
-            crate::error::Error::Hypervisor(crate::hypervisor::HypervisorError::ImageMissing {
-                ..
-            }) => "ImageNotFound",
-            crate::error::Error::Hypervisor(crate::hypervisor::HypervisorError::PoolMissing {
-                ..
-            }) => "PoolNotFound",
-            crate::error::Error::Hypervisor(crate::hypervisor::HypervisorError::NameConflict {
-                ..
-            }) => "NameConflict",
-            crate::error::Error::Guest(crate::guest::GuestError::HostKeyMismatch { .. }) => {
-                "HostKeyMismatch"
-            }
-            _ => "Failed",
-        };
-        return (
-            true,
-            reason.into(),
-            format!("{action:?}: {}", error.chain()),
-        );
+        return (true, error.reason().into(), failure_message(*action, error));
     }
     let timeout = inputs.settings.lease_timeout;
     if let Some(id) = inputs
@@ -366,10 +347,7 @@ fn stall(inputs: &Inputs<'_>) -> (bool, String, String) {
 /// Reason and message of the current step towards the spec.
 fn progress(inputs: &Inputs<'_>, nodes: &[NodeStatus]) -> (String, String) {
     if let Some((action, error)) = inputs.outcome.failures.first() {
-        return (
-            "StepFailed".into(),
-            crate::act::failure_message(*action, error),
-        );
+        return ("StepFailed".into(), failure_message(*action, error));
     }
     // The same message as when it failed, so a retry in flight rewrites nothing.
     if let Some((_, message)) = inputs.outcome.retrying.first() {
@@ -441,8 +419,8 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
-    use crate::plan::tests::{ready_world, spec};
-    use crate::world::ObservedNode;
+    use crate::reconcile::plan::tests::{ready_world, spec};
+    use crate::reconcile::world::ObservedNode;
 
     fn status(
         world: &World,

@@ -1,0 +1,345 @@
+//! One function per planned action. Each is idempotent: run again after a pass died
+//! half-way, it finds what it did and goes on.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use benchcluster_crd::quantity::parse_bytes;
+use benchcluster_crd::{BenchCluster, Role};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use tracing::info;
+
+use super::super::context::Context;
+use super::super::observe::Observation;
+use super::super::operations::Output;
+use super::super::plan::Action;
+use super::super::timeline::{Event, Stamp};
+use super::super::world::Operation;
+use super::{publish, secrets};
+use crate::error::{Error, Result};
+use crate::guest::{Credentials, Guest, GuestError, GuestNode, InitConfig};
+use crate::hypervisor::{DomainOwner, DomainSpec, Hypervisor, HypervisorError, OverlaySpec, Owner};
+use crate::names::{ClusterNames, NodeId};
+use crate::seed::{self, HostKey, Identity};
+
+pub(super) enum StepResult {
+    Done,
+    WaitingForSsh,
+    /// A background operation started (or runs already): the node's further steps
+    /// wait for its result.
+    Started,
+}
+
+/// What every step of one pass reads.
+pub(super) struct Steps<'a, H, G> {
+    pub bc: &'a BenchCluster,
+    pub names: &'a ClusterNames,
+    pub observation: &'a Observation,
+    /// Loaded when a step of the pass needs them.
+    pub credentials: Option<&'a Credentials>,
+    pub ctx: &'a Context<H, G>,
+}
+
+impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
+    /// Runs one action; what it did to the node's timeline goes into `stamps`.
+    pub async fn run(&self, action: Action, stamps: &mut Vec<Stamp>) -> Result<StepResult> {
+        match action {
+            Action::CreateDisk(id) => self.create_disk(id, stamps).await,
+            Action::DefineDomain(id) => self.define_domain(id, stamps).await,
+            Action::StartDomain(id) => self.start_domain(id, stamps).await,
+            Action::ProbeSsh(id) => self.probe_ssh(id, stamps).await,
+            Action::ForgetCluster => self.forget_cluster().await,
+            Action::InitControlPlane => self.init_control_plane(),
+            Action::JoinWorker(id) => self.join_worker(id),
+            Action::DrainNode(id) => self.drain_node(id),
+            Action::Uncordon(id) => self.uncordon(id).await,
+            Action::Abandon(id) => Ok(self.abandon(id)),
+            Action::RemoveDomain(id) => self.remove_domain(id, stamps).await,
+            Action::DeleteVolumes(id) => self.delete_volumes(id).await,
+        }
+    }
+
+    async fn create_disk(&self, id: NodeId, stamps: &mut Vec<Stamp>) -> Result<StepResult> {
+        let spec = &self.bc.spec;
+        stamps.push(Stamp::new(id, Instant::now(), Event::CreateStarted));
+        let (template_disk, image) = match id.role {
+            Role::ControlPlane => (&spec.control_plane.disk, &spec.control_plane.image),
+            Role::Worker => (&spec.workers.template.disk, &spec.workers.template.image),
+        };
+        let capacity_bytes = parse_bytes(template_disk).map_err(|source| Error::Quantity {
+            field: "disk",
+            source,
+        })?;
+        self.ctx
+            .hypervisor
+            .create_overlay(&OverlaySpec {
+                name: self.names.disk_volume(id),
+                base_image: image.volume.clone(),
+                capacity_bytes,
+            })
+            .await?;
+        Ok(StepResult::Done)
+    }
+
+    async fn define_domain(&self, id: NodeId, stamps: &mut Vec<Stamp>) -> Result<StepResult> {
+        let (names, hv) = (self.names, &self.ctx.hypervisor);
+        let started = Instant::now();
+        let (cpus, memory, image) = match id.role {
+            Role::ControlPlane => {
+                let t = &self.bc.spec.control_plane;
+                (t.cpus, &t.memory, &t.image)
+            }
+            Role::Worker => {
+                let t = &self.bc.spec.workers.template;
+                (t.cpus, &t.memory, &t.image)
+            }
+        };
+        let memory_bytes = parse_bytes(memory).map_err(|source| Error::Quantity {
+            field: "memory",
+            source,
+        })?;
+        let domain = names.domain(id);
+        match hv.domain_owner(&domain).await? {
+            // Defined by a pass whose status write did not land, or seen late: its
+            // seed holds the host key pinned in its metadata; keep both.
+            DomainOwner::Owned(owner) if owner.uid == names.uid => {
+                return Ok(StepResult::Done);
+            }
+            DomainOwner::Owned(_) | DomainOwner::Foreign => {
+                return Err(HypervisorError::NameConflict { name: domain }.into());
+            }
+            DomainOwner::Absent => {}
+        }
+        stamps.push(Stamp::new(id, started, Event::DefineStarted));
+        let credentials = self.credentials.ok_or(Error::NotReady {
+            action: "write a node's identity seed",
+            requirement: "the SSH key Secret is loaded",
+        })?;
+        // A fresh host key per VM incarnation: its private half only ever exists in
+        // the seed; the public half is pinned in the domain's metadata.
+        let host_key = HostKey::generate()?;
+        let hostname = names.node(id);
+        let instance_id = format!("{}-{id}-{}", names.uid, host_key.fingerprint());
+        let seed_image = seed::build(&Identity {
+            hostname: &hostname,
+            instance_id: &instance_id,
+            user: &credentials.user,
+            authorized_key: &credentials.public_key,
+            host_key: &host_key,
+        })?;
+        hv.create_seed(&names.seed_volume(id), &seed_image).await?;
+        hv.define_domain(&DomainSpec {
+            name: domain,
+            owner: Owner {
+                uid: names.uid.clone(),
+                namespace: names.namespace.clone(),
+                name: names.name.clone(),
+                role: id.role,
+                index: id.index,
+                host_key: Some(host_key.public_openssh.clone()),
+            },
+            vcpus: cpus,
+            memory_bytes,
+            disk_volume: names.disk_volume(id),
+            seed_volume: Some(names.seed_volume(id)),
+            mac: names.mac(id),
+            network: self.bc.spec.network.name.clone(),
+            firmware: image.firmware,
+        })
+        .await?;
+        stamps.push(Stamp::new(id, Instant::now(), Event::Defined));
+        Ok(StepResult::Done)
+    }
+
+    async fn start_domain(&self, id: NodeId, stamps: &mut Vec<Stamp>) -> Result<StepResult> {
+        let started = Instant::now();
+        let domain = self.names.domain(id);
+        self.ctx.hypervisor.start_domain(&domain).await?;
+        stamps.push(Stamp::new(id, Instant::now(), Event::Booted { started }));
+        info!(%domain, "VM started");
+        publish(
+            self.bc,
+            self.ctx,
+            EventType::Normal,
+            "VmStarted",
+            "StartDomain",
+            domain,
+        )
+        .await;
+        Ok(StepResult::Done)
+    }
+
+    /// Proves the node answers over SSH; one that does not yet is still booting.
+    async fn probe_ssh(&self, id: NodeId, stamps: &mut Vec<Stamp>) -> Result<StepResult> {
+        let node = self.guest_node(id)?;
+        let credentials = self.credentials.ok_or(Error::NotReady {
+            action: "probe a node over SSH",
+            requirement: "SSH credentials are loaded",
+        })?;
+        match self.ctx.guest.probe(&node, credentials).await {
+            Ok(()) => {
+                stamps.push(Stamp::new(id, Instant::now(), Event::Reachable));
+                Ok(StepResult::Done)
+            }
+            Err(GuestError::Unreachable { .. }) => Ok(StepResult::WaitingForSsh),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn forget_cluster(&self) -> Result<StepResult> {
+        secrets::delete_kubeconfig(self.names, self.ctx).await?;
+        info!(
+            node = %self.names.node(NodeId::CONTROL_PLANE),
+            "control-plane disk gone: its cluster is forgotten and initialised anew"
+        );
+        Ok(StepResult::Done)
+    }
+
+    fn init_control_plane(&self) -> Result<StepResult> {
+        let node = self.guest_node(NodeId::CONTROL_PLANE)?;
+        let credentials = self
+            .credentials
+            .ok_or(Error::NotReady {
+                action: "initialise the control plane",
+                requirement: "SSH credentials are loaded",
+            })?
+            .clone();
+        let config = InitConfig {
+            pod_subnet: self.bc.spec.kubernetes.pod_subnet.clone(),
+            service_subnet: self.bc.spec.kubernetes.service_subnet.clone(),
+        };
+        let guest = Arc::clone(&self.ctx.guest);
+        Ok(
+            self.start_operation(NodeId::CONTROL_PLANE, Operation::Init, async move {
+                guest
+                    .init_control_plane(&node, &credentials, &config)
+                    .await
+                    .map(Output::Initialised)
+            }),
+        )
+    }
+
+    fn join_worker(&self, id: NodeId) -> Result<StepResult> {
+        let control_plane = self.guest_node(NodeId::CONTROL_PLANE)?;
+        let worker = self.guest_node(id)?;
+        let kubeconfig = self.kubeconfig("join a worker")?;
+        let credentials = self
+            .credentials
+            .ok_or(Error::NotReady {
+                action: "join a worker",
+                requirement: "SSH credentials are loaded",
+            })?
+            .clone();
+        let guest = Arc::clone(&self.ctx.guest);
+        Ok(self.start_operation(id, Operation::Join, async move {
+            guest
+                .join_worker(&control_plane, &worker, &credentials, &kubeconfig)
+                .await
+                .map(|()| Output::Joined)
+        }))
+    }
+
+    fn drain_node(&self, id: NodeId) -> Result<StepResult> {
+        let kubeconfig = self.kubeconfig("drain a Node")?;
+        let node = self.names.node(id);
+        let guest = Arc::clone(&self.ctx.guest);
+        Ok(self.start_operation(id, Operation::Drain, async move {
+            guest
+                .remove_node(&kubeconfig, &node)
+                .await
+                .map(|()| Output::Drained)
+        }))
+    }
+
+    async fn uncordon(&self, id: NodeId) -> Result<StepResult> {
+        let kubeconfig = self.kubeconfig("uncordon a Node")?;
+        let node = self.names.node(id);
+        self.ctx.guest.uncordon(&kubeconfig, &node).await?;
+        info!(%node, "uncordoned: its removal was abandoned");
+        Ok(StepResult::Done)
+    }
+
+    fn abandon(&self, id: NodeId) -> StepResult {
+        if let Some(operation) = self.ctx.operations.abort(&self.names.uid, id) {
+            info!(node = %self.names.node(id), operation = operation.as_str(), "abandoned");
+        }
+        StepResult::Done
+    }
+
+    async fn remove_domain(&self, id: NodeId, stamps: &mut Vec<Stamp>) -> Result<StepResult> {
+        // Nothing may run on a VM that is going away.
+        self.ctx.operations.abort(&self.names.uid, id);
+        let domain = self.names.domain(id);
+        self.ctx.hypervisor.remove_domain(&domain).await?;
+        stamps.push(Stamp::new(id, Instant::now(), Event::Removed));
+        info!(%domain, "VM removed");
+        publish(
+            self.bc,
+            self.ctx,
+            EventType::Normal,
+            "VmRemoved",
+            "RemoveDomain",
+            domain,
+        )
+        .await;
+        Ok(StepResult::Done)
+    }
+
+    async fn delete_volumes(&self, id: NodeId) -> Result<StepResult> {
+        let hv = &self.ctx.hypervisor;
+        hv.delete_volume(&self.names.disk_volume(id)).await?;
+        hv.delete_volume(&self.names.seed_volume(id)).await?;
+        Ok(StepResult::Done)
+    }
+
+    /// Starts a background operation of the node; one already in flight is left alone.
+    fn start_operation<F>(&self, id: NodeId, operation: Operation, work: F) -> StepResult
+    where
+        F: std::future::Future<Output = crate::guest::Result<Output>> + Send + 'static,
+    {
+        let started = self.ctx.operations.start(
+            &self.names.uid,
+            id,
+            operation,
+            ObjectRef::from_obj(self.bc),
+            work,
+        );
+        if started {
+            info!(node = %self.names.node(id), operation = operation.as_str(), "started");
+        }
+        StepResult::Started
+    }
+
+    fn kubeconfig(&self, action: &'static str) -> Result<crate::guest::AdminKubeconfig> {
+        self.observation.kubeconfig.clone().ok_or(Error::NotReady {
+            action,
+            requirement: "the admin kubeconfig is stored",
+        })
+    }
+
+    fn guest_node(&self, id: NodeId) -> Result<GuestNode> {
+        let observation = self.observation;
+        let ip = observation
+            .world
+            .node(id)
+            .and_then(|n| n.ip)
+            .ok_or(Error::NotReady {
+                action: "reach a node over SSH",
+                requirement: "it has a DHCP lease",
+            })?;
+        let host_key = observation
+            .host_keys
+            .get(&id)
+            .cloned()
+            .ok_or(Error::NotReady {
+                action: "trust a node's SSH host key",
+                requirement: "its domain records the pinned key",
+            })?;
+        Ok(GuestNode {
+            name: self.names.node(id),
+            ip,
+            host_key,
+        })
+    }
+}

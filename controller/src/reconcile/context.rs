@@ -1,0 +1,169 @@
+//! State shared by every reconcile: clients, the two edges, settings, the background
+//! operations, and what this process remembers between passes (timelines, failure
+//! counts, guest API outages).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use parking_lot::Mutex;
+
+use super::operations::Operations;
+use super::timeline::{Event, Stamp, Timeline};
+use crate::guest::Guest;
+use crate::hypervisor::Hypervisor;
+use crate::metrics::Metrics;
+use crate::names::NodeId;
+
+/// Field manager of every server-side apply this controller makes.
+pub const FIELD_MANAGER: &str = "benchcluster-controller";
+
+/// Timeouts and limits, in one place.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a running VM may go without a DHCP lease before the status says so.
+    pub lease_timeout: Duration,
+    /// Requeue interval while something is on its way (boot, lease, SSH).
+    pub poll_interval: Duration,
+    /// Requeue interval once converged, to notice drift behind the controller's back.
+    pub resync_interval: Duration,
+    /// Steps of different nodes of one cluster that run at once.
+    pub max_parallel_steps: usize,
+    /// BenchClusters reconciled at once; the others queue.
+    pub max_concurrent_reconciles: u16,
+    /// Backoff after a failed reconcile: doubled per consecutive failure up to the cap.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lease_timeout: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(2),
+            resync_interval: Duration::from_secs(300),
+            max_parallel_steps: 64,
+            max_concurrent_reconciles: 32,
+            backoff_base: Duration::from_secs(2),
+            backoff_cap: Duration::from_secs(300),
+        }
+    }
+}
+
+pub struct Context<H, G> {
+    pub client: Client,
+    pub hypervisor: H,
+    /// Shared with the background operations that run guest steps.
+    pub guest: Arc<G>,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    timelines: Mutex<HashMap<(String, NodeId), Timeline>>,
+    /// Long guest operations in flight (kubeadm init and join, drains).
+    pub operations: Operations,
+    failures: Mutex<HashMap<String, u32>>,
+    /// Since when each BenchCluster's guest API has not answered, while it does not.
+    outages: Mutex<HashMap<String, SystemTime>>,
+    /// Whether the controller's watch has listed every BenchCluster once.
+    synced: AtomicBool,
+}
+
+impl<H: Hypervisor, G: Guest> Context<H, G> {
+    pub fn new(client: Client, hypervisor: H, guest: G, settings: Settings) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            hypervisor,
+            guest: Arc::new(guest),
+            settings,
+            metrics: Arc::new(Metrics::new()),
+            timelines: Mutex::new(HashMap::new()),
+            operations: Operations::default(),
+            failures: Mutex::new(HashMap::new()),
+            outages: Mutex::new(HashMap::new()),
+            synced: AtomicBool::new(false),
+        }
+    }
+
+    /// Replaces the metrics (to share one registry with something built before).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Applies a pass's stamps to the cluster's timelines, in order, and observes each
+    /// phase they complete in the phase histogram, once: the one place timelines change.
+    pub fn record(&self, uid: &str, stamps: impl IntoIterator<Item = Stamp>) {
+        let mut map = self.timelines.lock();
+        for stamp in stamps {
+            let key = (uid.to_owned(), stamp.node);
+            if stamp.event == Event::Removed {
+                map.remove(&key);
+                continue;
+            }
+            let timeline = map.entry(key).or_default();
+            timeline.apply(&stamp);
+            for (phase, duration) in timeline.take_completed() {
+                self.metrics.phase(phase, duration);
+            }
+        }
+    }
+
+    /// Whether the controller's watch has synced (for readiness).
+    pub fn watch_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_watch_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::Release);
+    }
+
+    /// A copy of the node's timeline, if this process has one.
+    pub fn timeline_snapshot(&self, uid: &str, node: NodeId) -> Option<Timeline> {
+        let map = self.timelines.lock();
+        map.get(&(uid.to_owned(), node)).cloned()
+    }
+
+    /// Drops everything this process remembers of a deleted BenchCluster.
+    pub fn forget_cluster(&self, uid: &str) {
+        self.timelines.lock().retain(|(u, _), _| u != uid);
+        self.outages.lock().remove(uid);
+    }
+
+    /// Records a failed reconcile and returns the backoff before the next attempt.
+    pub fn backoff(&self, uid: &str) -> Duration {
+        let mut map = self.failures.lock();
+        let n = map.entry(uid.to_owned()).or_default();
+        *n = n.saturating_add(1);
+        let factor = 1u32 << (*n - 1).min(16);
+        self.settings
+            .backoff_base
+            .saturating_mul(factor)
+            .min(self.settings.backoff_cap)
+    }
+
+    /// Records whether the BenchCluster's guest API answered in this pass, and returns
+    /// since when it has not (the first pass that found it silent), while it does not.
+    pub fn guest_api_outage(&self, uid: &str, answering: bool) -> Option<SystemTime> {
+        let mut map = self.outages.lock();
+        if answering {
+            map.remove(uid);
+            None
+        } else {
+            Some(*map.entry(uid.to_owned()).or_insert_with(SystemTime::now))
+        }
+    }
+
+    /// Clears the failure count after a successful reconcile.
+    pub fn succeeded(&self, uid: &str) {
+        let mut map = self.failures.lock();
+        map.remove(uid);
+    }
+}
