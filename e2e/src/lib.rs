@@ -10,7 +10,6 @@
 //!   its own, for the vm and e2e tiers and `cargo xtask up`.
 
 pub mod apiserver;
-pub mod fakes;
 pub mod keys;
 pub mod logs;
 pub mod namespace;

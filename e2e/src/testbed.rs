@@ -14,8 +14,8 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::fakes::{FakeGuest, Instrumented, RecordedSeeds, SECRET_MARKER};
 use crate::{TestApiServer, create_namespace, keys, wait};
+use benchcluster_testkit::{FakeGuest, Instrumented, RecordedSeeds, SECRET_MARKER};
 
 pub const URI: &str = "test:///default";
 pub const POOL: &str = "default-pool";

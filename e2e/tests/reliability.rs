@@ -15,9 +15,9 @@ use benchcluster_controller::hypervisor::{DomainOwner, Hypervisor, OverlaySpec};
 use benchcluster_controller::names::{ClusterNames, NodeId};
 use benchcluster_controller::reconcile::reconcile;
 use benchcluster_crd::{BenchCluster, FINALIZER};
-use benchcluster_e2e::fakes::{FakeGuest, RecordedSeeds};
 use benchcluster_e2e::testbed::{self, CONVERGE, Fixture, POLL, RunningController};
 use benchcluster_e2e::wait;
+use benchcluster_testkit::{FakeGuest, RecordedSeeds};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -232,7 +232,7 @@ async fn killed_between_define_and_start_converges() -> Result<()> {
 }
 
 type TestHypervisor =
-    benchcluster_e2e::fakes::Instrumented<benchcluster_controller::hypervisor::libvirt::Libvirt>;
+    benchcluster_testkit::Instrumented<benchcluster_controller::hypervisor::libvirt::Libvirt>;
 
 /// Two controllers without leader election, each with its own libvirt connection,
 /// sharing the guest VMs and the record of what each seed holds.

@@ -1,18 +1,17 @@
-//! Test doubles for the api tier: an in-memory guest that models kubeadm state, and a
-//! wrapper that instruments a hypervisor. Test code only; the controller never imports
-//! this crate.
+//! An in-memory guest that models kubeadm state: `kubeadm init` creates a cluster,
+//! `join` registers a worker in it, drains cordon and delete Nodes; failures, silent
+//! APIs and unreachable nodes are set by the test.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use benchcluster_controller::guest::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig, Result,
     Sensitive,
-};
-use benchcluster_controller::hypervisor::{
-    DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
 };
 
 /// Marker in every fake kubeconfig and private key, so a scrape of logs, events and
@@ -38,6 +37,8 @@ struct State {
     /// Control planes whose API does not answer (a stopped kube-apiserver): the
     /// cluster is intact, only its API is silent.
     api_down: BTreeSet<String>,
+    /// Nodes whose drain fails after cordoning (its API calls time out).
+    failing_drains: BTreeSet<String>,
 }
 
 /// An in-memory guest: `kubeadm init` creates a cluster keyed by the control plane's
@@ -124,7 +125,6 @@ impl FakeGuest {
     pub fn calls(&self, call: &'static str, node: &str) -> u64 {
         self.calls
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&(call, node.to_owned()))
             .copied()
             .unwrap_or(0)
@@ -134,15 +134,12 @@ impl FakeGuest {
         *self
             .calls
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry((call, node.to_owned()))
             .or_default() += 1;
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Makes every `kubeadm init` on this node fail, or succeed again.
@@ -152,6 +149,17 @@ impl FakeGuest {
             state.fail_init.insert(node.to_owned());
         } else {
             state.fail_init.remove(node);
+        }
+    }
+
+    /// Makes every drain of this Node fail after cordoning it, as when the guest API's
+    /// eviction calls time out, or succeed again.
+    pub fn set_drain_failing(&self, node: &str, failing: bool) {
+        let mut state = self.state();
+        if failing {
+            state.failing_drains.insert(node.to_owned());
+        } else {
+            state.failing_drains.remove(node);
         }
     }
 
@@ -339,256 +347,16 @@ impl Guest for FakeGuest {
         if cordon(&mut self.state()).is_some() {
             self.sleep(self.drain_latency).await;
         }
+        if self.state().failing_drains.contains(node_name) {
+            return Err(GuestError::Api(format!(
+                "evict the pods of {node_name}: request timed out (fake)"
+            )));
+        }
         if let Some(cluster) = self.state().clusters.get_mut(&cp) {
             cluster.nodes.remove(node_name);
             cluster.cordoned.remove(node_name);
         }
         self.removals.fetch_add(1, Ordering::Relaxed);
         Ok(())
-    }
-}
-
-/// Wraps a hypervisor to count the mutations that reach it (the steady state must
-/// cause none) and to freeze a controller mid-pass (restart tests).
-pub struct Instrumented<H> {
-    pub inner: H,
-    /// Counts mutations that reached the hypervisor (define, start, remove...).
-    pub mutations: AtomicU64,
-    /// After this many domain definitions, every further one hangs forever: the process
-    /// "dies" mid-pass, for restart tests.
-    pub define_gate: Option<u64>,
-    defines: AtomicU64,
-    /// The same for domain starts: the process "dies" between define and start.
-    pub start_gate: Option<u64>,
-    starts: AtomicU64,
-    /// Set for libvirt's test driver, which cannot upload into volumes: seeds are then
-    /// created empty through libvirt in this pool, and their content kept here.
-    pub recorded_seeds: Option<RecordedSeeds>,
-    /// Added to every mutation, to model a real hypervisor's latency in benchmarks.
-    pub step_latency: Duration,
-    /// While set, every domain removal and volume deletion fails as libvirt would
-    /// (the call does not reach the hypervisor).
-    pub fail_removals: AtomicBool,
-    /// Domain removals and volume deletions asked for, failed ones included.
-    pub removal_attempts: AtomicU64,
-}
-
-/// Seeds of the test driver: volumes created through libvirt, content kept in memory.
-pub struct RecordedSeeds {
-    pub uri: String,
-    pub pool: String,
-    /// Seeds are 1 MiB each: kept only when asked, so benchmarks with hundreds of nodes
-    /// measure the controller, not this record.
-    keep: bool,
-    /// Shared by [`RecordedSeeds::sharing`] copies; held while a seed is written, so
-    /// the record is the content of the volume's last writer.
-    pub content: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
-    /// Seeds written, shared like `content`.
-    pub writes: Arc<AtomicU64>,
-}
-
-impl RecordedSeeds {
-    /// Creates the seed volumes; their content is dropped.
-    pub fn new(uri: &str, pool: &str) -> Self {
-        Self {
-            uri: uri.to_owned(),
-            pool: pool.to_owned(),
-            keep: false,
-            content: Arc::new(Mutex::new(BTreeMap::new())),
-            writes: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// The same record for another hypervisor instance on the same pool (a second
-    /// controller).
-    pub fn sharing(&self) -> Self {
-        Self {
-            uri: self.uri.clone(),
-            pool: self.pool.clone(),
-            keep: self.keep,
-            content: Arc::clone(&self.content),
-            writes: Arc::clone(&self.writes),
-        }
-    }
-
-    /// Creates the seed volumes and keeps their content for [`RecordedSeeds::get`].
-    pub fn keeping(uri: &str, pool: &str) -> Self {
-        Self {
-            keep: true,
-            ..Self::new(uri, pool)
-        }
-    }
-
-    /// The content of a seed the controller wrote.
-    pub fn get(&self, name: &str) -> Option<Vec<u8>> {
-        self.content
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
-            .cloned()
-    }
-
-    fn create(&self, name: &str, content: &[u8]) -> Result<(), String> {
-        let mut record = self
-            .content
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let conn = virt::connect::Connect::open(Some(&self.uri)).map_err(|e| e.to_string())?;
-        let pool = conn
-            .lookup_storage_pool_by_name(&self.pool)
-            .map_err(|e| e.to_string())?;
-        if let Ok(old) = pool.lookup_storage_vol_by_name(name) {
-            old.delete(0).map_err(|e| e.to_string())?;
-        }
-        let xml = format!(
-            "<volume><name>{name}</name><capacity unit='bytes'>{}</capacity>\
-             <allocation unit='bytes'>0</allocation><target><format type='raw'/></target></volume>",
-            content.len()
-        );
-        virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0).map_err(|e| e.to_string())?;
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        if self.keep {
-            record.insert(name.to_owned(), content.to_vec());
-        }
-        Ok(())
-    }
-}
-
-impl<H> Instrumented<H> {
-    pub fn new(inner: H) -> Self {
-        Self {
-            inner,
-            mutations: AtomicU64::new(0),
-            define_gate: None,
-            defines: AtomicU64::new(0),
-            start_gate: None,
-            starts: AtomicU64::new(0),
-            recorded_seeds: None,
-            step_latency: Duration::ZERO,
-            fail_removals: AtomicBool::new(false),
-            removal_attempts: AtomicU64::new(0),
-        }
-    }
-
-    /// Counts a removal and fails it while [`Instrumented::fail_removals`] is set.
-    fn removal(&self, operation: &'static str) -> benchcluster_controller::hypervisor::Result<()> {
-        self.removal_attempts.fetch_add(1, Ordering::Relaxed);
-        if !self.fail_removals.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        // A genuine libvirt error value: a fresh thread has no last error, so this is
-        // libvirt's own "internal error".
-        let source = std::thread::spawn(virt::error::Error::last_error)
-            .join()
-            .map_err(
-                |_| benchcluster_controller::hypervisor::HypervisorError::UploadStalled {
-                    volume: "injected failure".into(),
-                },
-            )?;
-        Err(benchcluster_controller::hypervisor::HypervisorError::Libvirt { operation, source })
-    }
-
-    async fn mutated(&self) {
-        self.mutations.fetch_add(1, Ordering::Relaxed);
-        if !self.step_latency.is_zero() {
-            tokio::time::sleep(self.step_latency).await;
-        }
-    }
-}
-
-impl<H: Hypervisor> Hypervisor for Instrumented<H> {
-    async fn list_domains(
-        &self,
-        name_prefix: &str,
-    ) -> benchcluster_controller::hypervisor::Result<
-        Vec<benchcluster_controller::hypervisor::DomainInfo>,
-    > {
-        self.inner.list_domains(name_prefix).await
-    }
-
-    async fn list_volumes(&self) -> benchcluster_controller::hypervisor::Result<Vec<String>> {
-        self.inner.list_volumes().await
-    }
-
-    async fn network(
-        &self,
-        name: &str,
-    ) -> benchcluster_controller::hypervisor::Result<Option<NetworkInfo>> {
-        self.inner.network(name).await
-    }
-
-    async fn leases(
-        &self,
-        network: &str,
-        domains: &[String],
-    ) -> benchcluster_controller::hypervisor::Result<Vec<Lease>> {
-        self.inner.leases(network, domains).await
-    }
-
-    async fn domain_owner(
-        &self,
-        name: &str,
-    ) -> benchcluster_controller::hypervisor::Result<DomainOwner> {
-        self.inner.domain_owner(name).await
-    }
-
-    async fn create_overlay(
-        &self,
-        spec: &OverlaySpec,
-    ) -> benchcluster_controller::hypervisor::Result<()> {
-        self.mutated().await;
-        self.inner.create_overlay(spec).await
-    }
-
-    async fn define_domain(
-        &self,
-        spec: &DomainSpec,
-    ) -> benchcluster_controller::hypervisor::Result<()> {
-        let n = self.defines.fetch_add(1, Ordering::SeqCst);
-        if self.define_gate.is_some_and(|gate| n >= gate) {
-            std::future::pending::<()>().await;
-        }
-        self.mutated().await;
-        self.inner.define_domain(spec).await
-    }
-
-    async fn start_domain(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
-        let n = self.starts.fetch_add(1, Ordering::SeqCst);
-        if self.start_gate.is_some_and(|gate| n >= gate) {
-            std::future::pending::<()>().await;
-        }
-        self.mutated().await;
-        self.inner.start_domain(name).await
-    }
-
-    async fn remove_domain(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
-        self.removal("undefine domain (injected failure)")?;
-        self.mutated().await;
-        self.inner.remove_domain(name).await
-    }
-
-    async fn create_seed(
-        &self,
-        name: &str,
-        content: &[u8],
-    ) -> benchcluster_controller::hypervisor::Result<()> {
-        self.mutated().await;
-        match &self.recorded_seeds {
-            None => self.inner.create_seed(name, content).await,
-            Some(seeds) => {
-                // Test-only names from the controller's own naming scheme; no user input.
-                seeds.create(name, content).map_err(|reason| {
-                    benchcluster_controller::hypervisor::HypervisorError::UploadStalled {
-                        volume: format!("{name}: {reason}"),
-                    }
-                })
-            }
-        }
-    }
-
-    async fn delete_volume(&self, name: &str) -> benchcluster_controller::hypervisor::Result<()> {
-        self.removal("delete volume (injected failure)")?;
-        self.mutated().await;
-        self.inner.delete_volume(name).await
     }
 }

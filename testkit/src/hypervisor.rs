@@ -1,0 +1,356 @@
+//! An in-memory hypervisor: base images, overlay and seed volumes, domains with their
+//! owner metadata, networks, and a DHCP server that leases an address to each started
+//! domain's MAC. Tests make any call fail ([`FakeHypervisor::fail`]) or hang forever
+//! ([`FakeHypervisor::hang`], a controller dying mid-pass), and read back what exists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use benchcluster_controller::hypervisor::{
+    DomainInfo, DomainOwner, DomainSpec, DomainState, Hypervisor, HypervisorError, Lease,
+    NetworkInfo, OverlaySpec, Result,
+};
+use parking_lot::{Mutex, MutexGuard};
+
+/// A call of the [`Hypervisor`] trait, for fault injection and counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Call {
+    ListDomains,
+    ListVolumes,
+    Network,
+    Leases,
+    DomainOwner,
+    CreateOverlay,
+    DefineDomain,
+    StartDomain,
+    RemoveDomain,
+    CreateSeed,
+    DeleteVolume,
+}
+
+impl Call {
+    /// Whether the call changes something.
+    pub fn mutates(self) -> bool {
+        matches!(
+            self,
+            Call::CreateOverlay
+                | Call::DefineDomain
+                | Call::StartDomain
+                | Call::RemoveDomain
+                | Call::CreateSeed
+                | Call::DeleteVolume
+        )
+    }
+}
+
+/// A defined domain.
+#[derive(Debug, Clone)]
+pub struct FakeDomain {
+    pub spec: DomainSpec,
+    pub running: bool,
+    /// Defined without owner metadata (someone else's VM).
+    pub foreign: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    images: BTreeSet<String>,
+    /// Node-pool volumes, with the content of seeds.
+    volumes: BTreeMap<String, Vec<u8>>,
+    domains: BTreeMap<String, FakeDomain>,
+    networks: BTreeMap<String, NetworkInfo>,
+    /// MAC -> leased address.
+    leases: BTreeMap<String, Ipv4Addr>,
+    next_host: u32,
+    /// Calls that fail until healed.
+    failing: BTreeSet<Call>,
+    /// Calls that never return until healed (only calls started after `hang`).
+    hanging: BTreeSet<Call>,
+    /// Whether a started domain gets a lease at once.
+    no_dhcp_answers: bool,
+    calls: BTreeMap<Call, u64>,
+}
+
+/// The in-memory hypervisor. Clones share one host (a restarted controller sees the
+/// same VMs).
+#[derive(Debug, Clone, Default)]
+pub struct FakeHypervisor {
+    state: Arc<Mutex<State>>,
+}
+
+/// Name of the storage pool that [`HypervisorError::ImageMissing`] names.
+pub const IMAGE_POOL: &str = "fake-images";
+
+impl FakeHypervisor {
+    /// A host with the named network (active, with DHCP) and base images.
+    pub fn new(network: &str, images: &[&str]) -> Self {
+        let hv = Self::default();
+        {
+            let mut state = hv.state();
+            state.networks.insert(
+                network.to_owned(),
+                NetworkInfo {
+                    active: true,
+                    dhcp: true,
+                },
+            );
+            state.images = images.iter().map(|i| (*i).to_owned()).collect();
+        }
+        hv
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
+    }
+
+    /// Makes every `call` fail as libvirt would, until [`FakeHypervisor::heal`].
+    pub fn fail(&self, call: Call) {
+        self.state().failing.insert(call);
+    }
+
+    /// Makes every `call` started from now on hang forever, until healed.
+    pub fn hang(&self, call: Call) {
+        self.state().hanging.insert(call);
+    }
+
+    /// Lets `call` succeed again.
+    pub fn heal(&self, call: Call) {
+        let mut state = self.state();
+        state.failing.remove(&call);
+        state.hanging.remove(&call);
+    }
+
+    /// Whether started domains get a DHCP lease (they do by default).
+    pub fn set_dhcp_answering(&self, answering: bool) {
+        self.state().no_dhcp_answers = !answering;
+    }
+
+    /// Replaces (or removes) a network.
+    pub fn set_network(&self, name: &str, network: Option<NetworkInfo>) {
+        let mut state = self.state();
+        match network {
+            Some(n) => state.networks.insert(name.to_owned(), n),
+            None => state.networks.remove(name),
+        };
+    }
+
+    /// Defines a domain without owner metadata under `name`, as another tool would.
+    pub fn add_foreign_domain(&self, spec: DomainSpec) {
+        self.state().domains.insert(
+            spec.name.clone(),
+            FakeDomain {
+                spec,
+                running: false,
+                foreign: true,
+            },
+        );
+    }
+
+    /// Stops a domain behind the controller's back.
+    pub fn stop(&self, name: &str) {
+        if let Some(domain) = self.state().domains.get_mut(name) {
+            domain.running = false;
+        }
+    }
+
+    /// Every defined domain, by name.
+    pub fn domains(&self) -> BTreeMap<String, FakeDomain> {
+        self.state().domains.clone()
+    }
+
+    pub fn domain(&self, name: &str) -> Option<FakeDomain> {
+        self.state().domains.get(name).cloned()
+    }
+
+    /// Names of the node pool's volumes.
+    pub fn volumes(&self) -> Vec<String> {
+        self.state().volumes.keys().cloned().collect()
+    }
+
+    /// What a seed volume holds.
+    pub fn volume_content(&self, name: &str) -> Option<Vec<u8>> {
+        self.state().volumes.get(name).cloned()
+    }
+
+    /// How many times `call` was made, failed and hanging ones included.
+    pub fn calls(&self, call: Call) -> u64 {
+        self.state().calls.get(&call).copied().unwrap_or(0)
+    }
+
+    /// Calls that changed (or tried to change) something.
+    pub fn mutations(&self) -> u64 {
+        self.state()
+            .calls
+            .iter()
+            .filter(|(call, _)| call.mutates())
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Counts the call, then fails or hangs it when told to.
+    async fn enter(&self, call: Call, operation: &'static str) -> Result<()> {
+        let (fail, hang) = {
+            let mut state = self.state();
+            *state.calls.entry(call).or_default() += 1;
+            (state.failing.contains(&call), state.hanging.contains(&call))
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        if fail {
+            return Err(libvirt_error(operation));
+        }
+        Ok(())
+    }
+}
+
+/// A libvirt error as the `virt` crate returns them, built through its one safe
+/// constructor (no libvirt call is made): what a failing call on a real host gives.
+pub fn libvirt_error(operation: &'static str) -> HypervisorError {
+    match std::ffi::CString::new(b"injected\0failure".to_vec()) {
+        Err(nul) => HypervisorError::Libvirt {
+            operation,
+            source: virt::error::Error::from(nul),
+        },
+        // Not reached: the string has an interior NUL.
+        Ok(_) => HypervisorError::UploadStalled {
+            volume: format!("{operation} (injected failure)"),
+        },
+    }
+}
+
+impl Hypervisor for FakeHypervisor {
+    async fn list_domains(&self, name_prefix: &str) -> Result<Vec<DomainInfo>> {
+        self.enter(Call::ListDomains, "list domains").await?;
+        Ok(self
+            .state()
+            .domains
+            .iter()
+            .filter(|(name, d)| name.starts_with(name_prefix) && !d.foreign)
+            .map(|(name, d)| DomainInfo {
+                name: name.clone(),
+                owner: d.spec.owner.clone(),
+                state: if d.running {
+                    DomainState::Running
+                } else {
+                    DomainState::Stopped
+                },
+                mac: Some(d.spec.mac.to_ascii_lowercase()),
+            })
+            .collect())
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<String>> {
+        self.enter(Call::ListVolumes, "list volumes").await?;
+        Ok(self.volumes())
+    }
+
+    async fn network(&self, name: &str) -> Result<Option<NetworkInfo>> {
+        self.enter(Call::Network, "look up network").await?;
+        Ok(self.state().networks.get(name).cloned())
+    }
+
+    async fn leases(&self, network: &str, domains: &[String]) -> Result<Vec<Lease>> {
+        self.enter(Call::Leases, "read DHCP leases").await?;
+        let state = self.state();
+        Ok(domains
+            .iter()
+            .filter_map(|name| state.domains.get(name))
+            .filter(|d| d.spec.network == network)
+            .filter_map(|d| {
+                let mac = d.spec.mac.to_ascii_lowercase();
+                state.leases.get(&mac).map(|ip| Lease {
+                    mac,
+                    ip: *ip,
+                    expiry_unix: 0,
+                })
+            })
+            .collect())
+    }
+
+    async fn domain_owner(&self, name: &str) -> Result<DomainOwner> {
+        self.enter(Call::DomainOwner, "look up domain").await?;
+        Ok(match self.state().domains.get(name) {
+            None => DomainOwner::Absent,
+            Some(d) if d.foreign => DomainOwner::Foreign,
+            Some(d) => DomainOwner::Owned(d.spec.owner.clone()),
+        })
+    }
+
+    async fn create_overlay(&self, spec: &OverlaySpec) -> Result<()> {
+        self.enter(Call::CreateOverlay, "create volume").await?;
+        let mut state = self.state();
+        if !state.images.contains(&spec.base_image) {
+            return Err(HypervisorError::ImageMissing {
+                pool: IMAGE_POOL.into(),
+                volume: spec.base_image.clone(),
+            });
+        }
+        state.volumes.entry(spec.name.clone()).or_default();
+        Ok(())
+    }
+
+    async fn define_domain(&self, spec: &DomainSpec) -> Result<()> {
+        self.enter(Call::DefineDomain, "define domain").await?;
+        let mut state = self.state();
+        match state.domains.get(&spec.name) {
+            Some(d) if !d.foreign && d.spec.owner == spec.owner => Ok(()),
+            Some(_) => Err(HypervisorError::NameConflict {
+                name: spec.name.clone(),
+            }),
+            None => {
+                state.domains.insert(
+                    spec.name.clone(),
+                    FakeDomain {
+                        spec: spec.clone(),
+                        running: false,
+                        foreign: false,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    async fn start_domain(&self, name: &str) -> Result<()> {
+        self.enter(Call::StartDomain, "start domain").await?;
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let Some(domain) = state.domains.get_mut(name) else {
+            return Err(libvirt_error("start domain (no such domain)"));
+        };
+        domain.running = true;
+        let mac = domain.spec.mac.to_ascii_lowercase();
+        if !state.no_dhcp_answers && !state.leases.contains_key(&mac) {
+            // Addresses are data only here: nothing is ever sent to them.
+            state.next_host += 1;
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 1)) + state.next_host);
+            state.leases.insert(mac, ip);
+        }
+        Ok(())
+    }
+
+    async fn remove_domain(&self, name: &str) -> Result<()> {
+        self.enter(Call::RemoveDomain, "undefine domain").await?;
+        let mut state = self.state();
+        if let Some(domain) = state.domains.remove(name) {
+            state.leases.remove(&domain.spec.mac.to_ascii_lowercase());
+        }
+        Ok(())
+    }
+
+    async fn create_seed(&self, name: &str, content: &[u8]) -> Result<()> {
+        self.enter(Call::CreateSeed, "upload volume").await?;
+        self.state()
+            .volumes
+            .insert(name.to_owned(), content.to_vec());
+        Ok(())
+    }
+
+    async fn delete_volume(&self, name: &str) -> Result<()> {
+        self.enter(Call::DeleteVolume, "delete volume").await?;
+        self.state().volumes.remove(name);
+        Ok(())
+    }
+}
