@@ -1,11 +1,22 @@
 //! The guest edge: what the controller needs from inside the VMs (SSH + kubeadm) and
 //! from the guest cluster's API, as a trait. It knows nothing of libvirt; the act stage
 //! hands it addresses found in DHCP leases.
+//!
+//! The real implementation, `ssh::SshGuest`, is split by concern: `ssh` (sessions,
+//! commands, the kubeadm lock), `pinning` (host keys, local state files), `redact`
+//! (command output shown to users), `kubeadm` (kubeadm's files, markers and
+//! configuration documents), `bootstrap` (init and join) and `api` (the guest cluster's
+//! API: Nodes, drain, registration).
 
 use std::fmt;
 use std::future::Future;
 use std::net::Ipv4Addr;
 
+mod api;
+mod bootstrap;
+mod kubeadm;
+mod pinning;
+mod redact;
 pub mod ssh;
 
 /// A string that must never be printed: private keys, join tokens, kubeconfigs.
