@@ -10,6 +10,7 @@ use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use parking_lot::MutexGuard;
+use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
@@ -21,11 +22,11 @@ const REGISTRATION_POLL: Duration = Duration::from_secs(2);
 
 impl SshGuest {
     async fn client(&self, kubeconfig: &AdminKubeconfig) -> Result<Client> {
-        let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose().as_bytes()).into();
+        let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose_secret().as_bytes()).into();
         if let Some(client) = self.lock_clients().get(&digest) {
             return Ok(client.clone());
         }
-        let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose())
+        let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose_secret())
             .map_err(|_| GuestError::Api("the stored admin kubeconfig does not parse".into()))?;
         let mut config = Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
             .await
@@ -42,7 +43,7 @@ impl SshGuest {
     /// opens a fresh connection instead of waiting on a dead pooled one.
     fn api_error(&self, kubeconfig: &AdminKubeconfig, error: kube::Error) -> GuestError {
         if !matches!(error, kube::Error::Api(_)) {
-            let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose().as_bytes()).into();
+            let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose_secret().as_bytes()).into();
             self.lock_clients().remove(&digest);
         }
         GuestError::Api(error.to_string())

@@ -4,6 +4,7 @@
 //! and join tokens are minted just in time and revoked after use.
 
 use openssh::Session;
+use secrecy::{ExposeSecret, SecretString};
 use tracing::{debug, info, warn};
 
 use super::kubeadm::{
@@ -11,7 +12,7 @@ use super::kubeadm::{
     KUBELET_CONF, NODE_CA, cluster_ca, init_configuration, join_configuration, parse_join_command,
 };
 use super::ssh::{SshGuest, close};
-use super::{AdminKubeconfig, Credentials, GuestError, GuestNode, InitConfig, Result, Sensitive};
+use super::{AdminKubeconfig, Credentials, GuestError, GuestNode, InitConfig, Result};
 
 impl SshGuest {
     pub(super) async fn init_on(
@@ -180,7 +181,7 @@ impl SshGuest {
             exit_code: Some(0),
             output: "admin.conf is not UTF-8".into(),
         })?;
-        Ok(AdminKubeconfig(Sensitive::new(text)))
+        Ok(AdminKubeconfig(SecretString::from(text)))
     }
 
     pub(super) async fn join_on(
@@ -245,7 +246,7 @@ impl SshGuest {
                 worker_session,
                 worker,
                 JOIN_CONFIG,
-                document.expose().as_bytes(),
+                document.expose_secret().as_bytes(),
             )
             .await?;
             self.kubeadm(
@@ -323,7 +324,7 @@ impl SshGuest {
         };
         let token_id = ticket
             .token
-            .expose()
+            .expose_secret()
             .split('.')
             .next()
             .unwrap_or_default()

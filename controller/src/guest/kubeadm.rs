@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use kube::config::Kubeconfig;
+use secrecy::{ExposeSecret, SecretString};
 
-use super::{AdminKubeconfig, GuestNode, InitConfig, Sensitive};
+use super::{AdminKubeconfig, GuestNode, InitConfig};
 
 pub(super) const INIT_CONFIG: &str = "/etc/benchcluster/kubeadm-init.yaml";
 pub(super) const JOIN_CONFIG: &str = "/etc/benchcluster/kubeadm-join.yaml";
@@ -36,14 +37,14 @@ pub(super) const SKIPPED_INIT_PHASES: [&str; 2] = ["addon/coredns", "addon/kube-
 /// A freshly minted join credential.
 pub(super) struct JoinTicket {
     pub(super) endpoint: String,
-    pub(super) token: Sensitive,
+    pub(super) token: SecretString,
     pub(super) ca_cert_hash: String,
 }
 
 /// The PEM of the CA the kubeconfig's (first) cluster is verified with.
 pub(super) fn cluster_ca(kubeconfig: &AdminKubeconfig) -> Option<Vec<u8>> {
     use base64::Engine as _;
-    let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose()).ok()?;
+    let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose_secret()).ok()?;
     let data = parsed
         .clusters
         .into_iter()
@@ -80,7 +81,7 @@ pub(super) fn parse_join_command(text: &str) -> Option<JoinTicket> {
     }
     Some(JoinTicket {
         endpoint,
-        token: Sensitive::new(token),
+        token: SecretString::from(token),
         ca_cert_hash,
     })
 }
@@ -146,7 +147,7 @@ pub(super) fn join_configuration(
     control_plane: &GuestNode,
     worker: &GuestNode,
     ticket: &JoinTicket,
-) -> Sensitive {
+) -> SecretString {
     let ip = worker.ip.to_string();
     let join = serde_json::json!({
         "apiVersion": "kubeadm.k8s.io/v1beta4",
@@ -154,7 +155,7 @@ pub(super) fn join_configuration(
         "discovery": {
             "bootstrapToken": {
                 "apiServerEndpoint": ticket.endpoint,
-                "token": ticket.token.expose(),
+                "token": ticket.token.expose_secret(),
                 // Discovery always pins the CA: never unsafeSkipCAVerification.
                 "caCertHashes": [ticket.ca_cert_hash],
             },
@@ -174,7 +175,7 @@ pub(super) fn join_configuration(
         },
     });
     let _ = control_plane;
-    Sensitive::new(format!("{join}\n"))
+    SecretString::from(format!("{join}\n"))
 }
 
 #[cfg(test)]
@@ -188,7 +189,7 @@ mod tests {
         let text = "kubeadm join 192.168.222.101:6443 --token abcdef.0123456789abcdef --discovery-token-ca-cert-hash sha256:1234abcd \n";
         let ticket = parse_join_command(text).unwrap();
         assert_eq!(ticket.endpoint, "192.168.222.101:6443");
-        assert_eq!(ticket.token.expose(), "abcdef.0123456789abcdef");
+        assert_eq!(ticket.token.expose_secret(), "abcdef.0123456789abcdef");
         assert_eq!(ticket.ca_cert_hash, "sha256:1234abcd");
         assert!(
             parse_join_command(
@@ -241,11 +242,11 @@ mod tests {
     fn join_configuration_pins_the_ca() {
         let ticket = JoinTicket {
             endpoint: "192.168.222.101:6443".into(),
-            token: Sensitive::new("abcdef.0123456789abcdef"),
+            token: SecretString::from("abcdef.0123456789abcdef"),
             ca_cert_hash: "sha256:ff".into(),
         };
         let text = join_configuration(&node("x-cp-0"), &node("x-w-0"), &ticket);
-        let doc: serde_json::Value = serde_json::from_str(text.expose()).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(text.expose_secret()).unwrap();
         assert_eq!(
             doc["discovery"]["bootstrapToken"]["caCertHashes"][0],
             "sha256:ff"
@@ -255,7 +256,7 @@ mod tests {
                 .get("unsafeSkipCAVerification")
                 .is_none()
         );
-        assert_eq!(format!("{text:?}"), "Sensitive(<redacted>)");
+        assert_eq!(format!("{text:?}"), "SecretBox<str>([REDACTED])");
     }
 
     #[test]
@@ -264,7 +265,7 @@ mod tests {
         let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
         let data = base64::engine::general_purpose::STANDARD.encode(pem);
         let kubeconfig = |cluster: &str| {
-            AdminKubeconfig(Sensitive::new(format!(
+            AdminKubeconfig(SecretString::from(format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: kubernetes\n  cluster:\n{cluster}\n\
                  contexts: []\nusers: []\n"
             )))
@@ -275,6 +276,6 @@ mod tests {
         assert_eq!(cluster_ca(&with_ca).as_deref(), Some(pem.as_bytes()));
         let without = kubeconfig("    server: https://192.168.222.10:6443");
         assert_eq!(cluster_ca(&without), None);
-        assert_eq!(cluster_ca(&AdminKubeconfig(Sensitive::new("{"))), None);
+        assert_eq!(cluster_ca(&AdminKubeconfig(SecretString::from("{"))), None);
     }
 }

@@ -8,6 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use super::ssh::{SshGuest, local_error};
@@ -26,9 +27,9 @@ impl SshGuest {
 
     /// Writes the private key to a 0600 file named by its hash (written once).
     pub(super) fn key_file(&self, credentials: &Credentials) -> Result<PathBuf> {
-        let digest = Sha256::digest(credentials.private_key.expose().as_bytes());
+        let digest = Sha256::digest(credentials.private_key.expose_secret().as_bytes());
         let path = self.dir("keys")?.join(hex(&digest[..12]));
-        let mut key = credentials.private_key.expose().to_owned();
+        let mut key = credentials.private_key.expose_secret().to_owned();
         if !key.ends_with('\n') {
             key.push('\n'); // ssh refuses a key without its final newline
         }
