@@ -9,7 +9,7 @@ use std::io::{Cursor, Write};
 use ssh_key::rand_core::OsRng;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
-use crate::guest::Sensitive;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Size of the seed disk; FAT12 needs a little room for its tables, the files are tiny.
 const SEED_BYTES: usize = 1024 * 1024;
@@ -28,7 +28,7 @@ pub enum SeedError {
 
 /// A VM's SSH host key pair. The private half only ever goes into the seed disk.
 pub struct HostKey {
-    pub private_openssh: Sensitive,
+    pub private_openssh: SecretString,
     /// `ssh-ed25519 AAAA...`: what the controller pins.
     pub public_openssh: String,
     fingerprint: String,
@@ -45,7 +45,7 @@ impl HostKey {
         let private = key.to_openssh(LineEnding::LF).map_err(SeedError::HostKey)?;
         let public = key.public_key().to_openssh().map_err(SeedError::HostKey)?;
         Ok(Self {
-            private_openssh: Sensitive::new(private.as_str()),
+            private_openssh: SecretString::from(private.as_str()),
             public_openssh: public,
             fingerprint: key.fingerprint(ssh_key::HashAlg::Sha256).to_string(),
         })
@@ -90,7 +90,7 @@ pub fn build(identity: &Identity<'_>) -> Result<Vec<u8>, SeedError> {
         yaml_string(identity.instance_id),
         yaml_string(identity.hostname)
     );
-    let private = identity.host_key.private_openssh.expose();
+    let private = identity.host_key.private_openssh.expose_secret();
     let indented: String = private.lines().map(|l| format!("    {l}\n")).collect();
     let user_data = format!(
         "#cloud-config\nhostname: {host}\nfqdn: {host}\nssh_pwauth: false\nssh_deletekeys: true\n\
@@ -130,7 +130,7 @@ fn write_files<T: fatfs::ReadWriteSeek>(
     identity: &Identity<'_>,
     authorized_key: &str,
 ) -> Result<(), SeedError> {
-    let private = identity.host_key.private_openssh.expose();
+    let private = identity.host_key.private_openssh.expose_secret();
     {
         let files: [(&str, &[u8]); 2] = [
             ("meta-data", meta_data.as_bytes()),
@@ -201,7 +201,7 @@ mod tests {
         );
         assert_eq!(
             read(&image, "benchcluster/ssh_host_ed25519_key"),
-            key.private_openssh.expose()
+            key.private_openssh.expose_secret()
         );
         assert!(read(&image, "meta-data").contains("local-hostname: \"small-w-3\""));
         let user_data = read(&image, "user-data");

@@ -2,11 +2,12 @@
 //! owner would make it (`ssh-keygen -t ed25519`), and the Secret holding it.
 
 use anyhow::Context as _;
-use benchcluster_controller::guest::{Credentials, Sensitive};
+use benchcluster_controller::guest::Credentials;
 use benchcluster_controller::reconcile::act::{SSH_PRIVATE_KEY, SSH_PUBLIC_KEY};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, PostParams};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
 /// A fresh ed25519 key pair for `user`; `comment` ends the public key's line.
@@ -18,7 +19,7 @@ pub fn client_credentials(user: &str, comment: &str) -> anyhow::Result<Credentia
     public.set_comment(comment);
     Ok(Credentials {
         user: user.to_owned(),
-        private_key: Sensitive::new(private.as_str()),
+        private_key: SecretString::from(private.as_str()),
         public_key: public.to_openssh()?,
     })
 }
@@ -36,7 +37,7 @@ pub async fn create_ssh_secret(
         "metadata": {"name": name, "namespace": namespace},
         "type": "kubernetes.io/ssh-auth",
         "stringData": {
-            SSH_PRIVATE_KEY: credentials.private_key.expose(),
+            SSH_PRIVATE_KEY: credentials.private_key.expose_secret(),
             SSH_PUBLIC_KEY: credentials.public_key,
         }
     }))?;

@@ -6,12 +6,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
-use benchcluster_controller::guest::{Credentials, Sensitive};
+use benchcluster_controller::guest::Credentials;
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
 use benchcluster_controller::{Context, Settings, reconcile};
 use benchcluster_crd::BenchCluster;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use secrecy::SecretString;
 use serde_json::json;
 
 use crate::{TestApiServer, create_namespace, keys, wait};
@@ -160,7 +161,7 @@ impl RunningController {
 pub async fn create_ssh_secret(client: &Client, namespace: &str) -> anyhow::Result<()> {
     let credentials = Credentials {
         user: "bench".into(),
-        private_key: Sensitive::new(format!(
+        private_key: SecretString::from(format!(
             "-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET_MARKER}\n-----END OPENSSH PRIVATE KEY-----\n"
         )),
         public_key:

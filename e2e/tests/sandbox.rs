@@ -23,6 +23,7 @@ use benchcluster_e2e::sandbox::{
     IMAGE_POOL, NETWORK, NODE_POOL, Sandbox, SandboxOptions, vm_tests_enabled,
 };
 use benchcluster_e2e::wait;
+use secrecy::ExposeSecret;
 
 const USER: &str = "bench";
 /// Generous: two guests share two host cores under emulation.
@@ -137,7 +138,7 @@ fn alive(pid: &str) -> bool {
 async fn scenario(sandbox: &Sandbox, guests: &[Guest]) -> anyhow::Result<()> {
     let client_key = HostKey::generate()?;
     let client_key_file = sandbox.dir().join("id_ed25519");
-    std::fs::write(&client_key_file, client_key.private_openssh.expose())?;
+    std::fs::write(&client_key_file, client_key.private_openssh.expose_secret())?;
     std::fs::set_permissions(&client_key_file, std::fs::Permissions::from_mode(0o600))?;
 
     let image_path = sandbox

@@ -11,8 +11,8 @@ use parking_lot::{Mutex, MutexGuard};
 
 use benchcluster_controller::guest::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig, Result,
-    Sensitive,
 };
+use secrecy::{ExposeSecret, SecretString};
 
 /// Marker in every fake kubeconfig and private key, so a scrape of logs, events and
 /// status can prove none of them leaked.
@@ -227,7 +227,7 @@ impl FakeGuest {
 }
 
 fn kubeconfig_for(control_plane: &str) -> AdminKubeconfig {
-    AdminKubeconfig(Sensitive::new(format!(
+    AdminKubeconfig(SecretString::from(format!(
         "# {SECRET_MARKER}\ncontrol-plane: {control_plane}\n"
     )))
 }
@@ -235,7 +235,7 @@ fn kubeconfig_for(control_plane: &str) -> AdminKubeconfig {
 fn control_plane_of(kubeconfig: &AdminKubeconfig) -> Option<String> {
     kubeconfig
         .0
-        .expose()
+        .expose_secret()
         .lines()
         .find_map(|l| l.strip_prefix("control-plane: "))
         .map(str::to_owned)

@@ -1,47 +1,31 @@
 //! The guest edge: what the controller needs from inside the VMs (SSH + kubeadm) and
 //! from the guest cluster's API, as a trait. It knows nothing of libvirt; the act stage
 //! hands it addresses found in DHCP leases.
+//!
+//! The real implementation, `ssh::SshGuest`, is split by concern: `ssh` (sessions,
+//! commands, the kubeadm lock), `pinning` (host keys, local state files), `redact`
+//! (command output shown to users), `kubeadm` (kubeadm's files, markers and
+//! configuration documents), `bootstrap` (init and join) and `api` (the guest cluster's
+//! API: Nodes, drain, registration).
 
-use std::fmt;
 use std::future::Future;
 use std::net::Ipv4Addr;
 
+use secrecy::SecretString;
+
+mod api;
+mod bootstrap;
+mod kubeadm;
+mod pinning;
+mod redact;
 pub mod ssh;
 
-/// A string that must never be printed: private keys, join tokens, kubeconfigs.
-/// `Debug` and `Display` show only a placeholder.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Sensitive(String);
-
-impl Sensitive {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself, for the one place that must send or store it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Sensitive {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Sensitive(<redacted>)")
-    }
-}
-
-impl fmt::Display for Sensitive {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
 /// How to log in to a VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Credentials {
     pub user: String,
-    /// OpenSSH private key.
-    pub private_key: Sensitive,
+    /// OpenSSH private key (its `Debug` prints a placeholder).
+    pub private_key: SecretString,
     /// Its public key, `ssh-ed25519 AAAA... comment`: authorized in every VM's seed.
     pub public_key: String,
 }
@@ -63,9 +47,10 @@ pub struct InitConfig {
     pub service_subnet: String,
 }
 
-/// The admin kubeconfig of a guest cluster, with its server set to the control plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminKubeconfig(pub Sensitive);
+/// The admin kubeconfig of a guest cluster, with its server set to the control plane
+/// (its `Debug` prints a placeholder).
+#[derive(Debug, Clone)]
+pub struct AdminKubeconfig(pub SecretString);
 
 /// Annotation the controller puts on a Node it cordons to remove it, so that it
 /// uncordons only Nodes it cordoned itself (never one a user cordoned on purpose).
@@ -172,4 +157,23 @@ pub trait Guest: Send + Sync + 'static {
         kubeconfig: &AdminKubeconfig,
         node_name: &str,
     ) -> impl Future<Output = Result<()>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_a_secret() {
+        let credentials = Credentials {
+            user: "bench".into(),
+            private_key: SecretString::from("-----BEGIN OPENSSH PRIVATE KEY-----\nsecret-key"),
+            public_key: "ssh-ed25519 AAAA".into(),
+        };
+        let kubeconfig = AdminKubeconfig(SecretString::from("client-key-data: secret-kubeconfig"));
+        let shown = format!("{credentials:?} {kubeconfig:?}");
+        assert!(!shown.contains("secret-key"), "{shown}");
+        assert!(!shown.contains("secret-kubeconfig"), "{shown}");
+        assert!(shown.contains("[REDACTED]"), "{shown}");
+    }
 }

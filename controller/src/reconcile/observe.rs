@@ -6,12 +6,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use benchcluster_crd::BenchCluster;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
+use secrecy::SecretString;
 
 use super::context::Context;
 use super::timeline::{Event, Stamp};
 use super::world::{GuestCluster, NetworkState, ObservedNode, VmState, World};
 use crate::error::{Error, Result};
-use crate::guest::{AdminKubeconfig, Guest, Sensitive};
+use crate::guest::{AdminKubeconfig, Guest};
 use crate::hypervisor::{DomainState, Hypervisor, Lease};
 use crate::names::{ClusterNames, NodeId, VolumeKind};
 
@@ -173,7 +174,7 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
         .and_then(|s| s.data)
         .and_then(|mut d| d.remove(KUBECONFIG_KEY))
         .and_then(|bytes| String::from_utf8(bytes.0).ok())
-        .map(|text| AdminKubeconfig(Sensitive::new(text)))
+        .map(|text| AdminKubeconfig(SecretString::from(text)))
     else {
         return Ok((GuestCluster::Uninitialised, None));
     };

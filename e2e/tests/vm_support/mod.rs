@@ -19,7 +19,6 @@ use anyhow::Context as _;
 use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
 use benchcluster_controller::guest::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, Result as GuestResult,
-    Sensitive,
 };
 use benchcluster_controller::http::{self, Readiness};
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
@@ -29,6 +28,7 @@ use benchcluster_e2e::sandbox::{self, IMAGE_POOL, NETWORK, NODE_POOL};
 use benchcluster_e2e::{TestApiServer, create_namespace, keys, wait};
 use kube::Client;
 use kube::api::{Api, PostParams};
+use secrecy::SecretString;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -122,7 +122,7 @@ impl Guest for ProbeOnlyGuest {
         _config: &InitConfig,
     ) -> GuestResult<AdminKubeconfig> {
         self.identify(node, credentials).await?;
-        Ok(AdminKubeconfig(Sensitive::new(format!(
+        Ok(AdminKubeconfig(SecretString::from(format!(
             "# not a kubeconfig: the vm tier runs no kubeadm ({})\n",
             node.name
         ))))

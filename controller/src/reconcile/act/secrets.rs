@@ -6,11 +6,12 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
+use secrecy::{ExposeSecret, SecretString};
 
 use super::super::context::{Context, FIELD_MANAGER};
 use super::super::observe::KUBECONFIG_KEY;
 use crate::error::{Error, Result};
-use crate::guest::{AdminKubeconfig, Credentials, Guest, Sensitive};
+use crate::guest::{AdminKubeconfig, Credentials, Guest};
 use crate::hypervisor::Hypervisor;
 use crate::names::ClusterNames;
 
@@ -56,7 +57,7 @@ pub(super) async fn ssh_credentials<H: Hypervisor, G: Guest>(
         })?;
     Ok(Credentials {
         user: bc.spec.ssh.user.clone(),
-        private_key: Sensitive::new(key),
+        private_key: SecretString::from(key),
         public_key,
     })
 }
@@ -90,7 +91,7 @@ pub(super) async fn store_kubeconfig<H: Hypervisor, G: Guest>(
         data: Some(
             [(
                 KUBECONFIG_KEY.to_owned(),
-                ByteString(kubeconfig.0.expose().as_bytes().to_vec()),
+                ByteString(kubeconfig.0.expose_secret().as_bytes().to_vec()),
             )]
             .into(),
         ),

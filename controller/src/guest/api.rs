@@ -1,0 +1,236 @@
+//! The guest cluster's API, through a kube client on its admin kubeconfig (cached by
+//! the kubeconfig's hash): listing Nodes, cordon and uncordon, the drain (eviction API,
+//! bounded) and Node deletion, and the bounded wait for a kubelet to register its Node.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use parking_lot::MutexGuard;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+use tracing::{debug, warn};
+
+use super::ssh::SshGuest;
+use super::{AdminKubeconfig, CORDONED_FOR_REMOVAL, ClusterNode, GuestError, GuestNode, Result};
+
+/// How often a registration is polled while a kubelet registers its Node.
+const REGISTRATION_POLL: Duration = Duration::from_secs(2);
+
+impl SshGuest {
+    async fn client(&self, kubeconfig: &AdminKubeconfig) -> Result<Client> {
+        let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose_secret().as_bytes()).into();
+        if let Some(client) = self.lock_clients().get(&digest) {
+            return Ok(client.clone());
+        }
+        let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose_secret())
+            .map_err(|_| GuestError::Api("the stored admin kubeconfig does not parse".into()))?;
+        let mut config = Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
+            .await
+            .map_err(|_| GuestError::Api("the stored admin kubeconfig is unusable".into()))?;
+        config.connect_timeout = Some(self.config.connect_timeout);
+        config.read_timeout = Some(self.config.api_timeout);
+        let client = Client::try_from(config).map_err(|e| GuestError::Api(e.to_string()))?;
+        self.lock_clients().insert(digest, client.clone());
+        Ok(client)
+    }
+
+    /// Maps a failed request to the guest cluster. A failure below HTTP (timeout,
+    /// refused or reset connection) also drops the cached client, so the next request
+    /// opens a fresh connection instead of waiting on a dead pooled one.
+    fn api_error(&self, kubeconfig: &AdminKubeconfig, error: kube::Error) -> GuestError {
+        if !matches!(error, kube::Error::Api(_)) {
+            let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose_secret().as_bytes()).into();
+            self.lock_clients().remove(&digest);
+        }
+        GuestError::Api(error.to_string())
+    }
+
+    fn lock_clients(&self) -> MutexGuard<'_, HashMap<[u8; 32], Client>> {
+        self.clients.lock()
+    }
+
+    /// The Nodes of the guest cluster (see [`Guest::cluster_nodes`](super::Guest::cluster_nodes)).
+    pub(super) async fn list_nodes(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+    ) -> Result<Vec<ClusterNode>> {
+        let client = self.client(kubeconfig).await?;
+        let nodes = Api::<Node>::all(client)
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| self.api_error(kubeconfig, e))?;
+        Ok(nodes
+            .items
+            .into_iter()
+            .filter_map(|node| {
+                let cordoned_for_removal = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.unschedulable)
+                    .unwrap_or(false)
+                    && node
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.contains_key(CORDONED_FOR_REMOVAL));
+                let name = node.metadata.name?;
+                let ready = node
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                Some(ClusterNode {
+                    name,
+                    ready,
+                    cordoned_for_removal,
+                })
+            })
+            .collect())
+    }
+
+    /// Uncordons a Node this controller cordoned (see [`Guest::uncordon`](super::Guest::uncordon)).
+    pub(super) async fn uncordon_node(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+    ) -> Result<()> {
+        let client = self.client(kubeconfig).await?;
+        let uncordon = serde_json::json!({
+            "metadata": {"annotations": {CORDONED_FOR_REMOVAL: null}},
+            "spec": {"unschedulable": false},
+        });
+        match Api::<Node>::all(client)
+            .patch(node_name, &PatchParams::default(), &Patch::Merge(&uncordon))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            Err(e) => Err(self.api_error(kubeconfig, e)),
+        }
+    }
+
+    /// Cordons, drains and deletes a Node (see [`Guest::remove_node`](super::Guest::remove_node)).
+    pub(super) async fn cordon_drain_delete(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+    ) -> Result<()> {
+        let client = self.client(kubeconfig).await?;
+        let nodes: Api<Node> = Api::all(client.clone());
+        let api_error = |e: kube::Error| self.api_error(kubeconfig, e);
+        let cordon = serde_json::json!({
+            "metadata": {"annotations": {CORDONED_FOR_REMOVAL: "true"}},
+            "spec": {"unschedulable": true},
+        });
+        match nodes
+            .patch(node_name, &PatchParams::default(), &Patch::Merge(&cordon))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.is_not_found() => return Ok(()),
+            Err(e) => return Err(api_error(e)),
+        }
+        drain(&client, node_name, self.config.drain_timeout)
+            .await
+            .map_err(&api_error)?;
+        match nodes.delete(node_name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    /// Whether the guest cluster has the Node; an API error is returned as such, never
+    /// read as "absent".
+    pub(super) async fn node_registered(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        name: &str,
+    ) -> Result<bool> {
+        let client = self.client(kubeconfig).await?;
+        Api::<Node>::all(client)
+            .get_opt(name)
+            .await
+            .map(|node| node.is_some())
+            .map_err(|e| self.api_error(kubeconfig, e))
+    }
+
+    /// Waits, bounded, until the node's kubelet has registered its Node. Requests that
+    /// fail on the way (a busy API) are retried until the bound.
+    pub(super) async fn await_registration(
+        &self,
+        node: &GuestNode,
+        kubeconfig: &AdminKubeconfig,
+    ) -> Result<()> {
+        let bound = self.config.registration_timeout;
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            match self.node_registered(kubeconfig, &node.name).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(error) => debug!(node = %node.name, %error, "waiting for the Node"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GuestError::Timeout {
+                    node: node.name.clone(),
+                    step: "Node registration",
+                    seconds: bound.as_secs(),
+                });
+            }
+            tokio::time::sleep(REGISTRATION_POLL).await;
+        }
+    }
+}
+
+/// Evicts every pod but DaemonSet and mirror pods, then waits (bounded) for them to go.
+async fn drain(client: &Client, node_name: &str, bound: Duration) -> Result<(), kube::Error> {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let on_node = ListParams::default().fields(&format!("spec.nodeName={node_name}"));
+    let evictable = |pod: &Pod| {
+        let daemon = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "DaemonSet");
+        let mirror = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+        !daemon && !mirror
+    };
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let list = pods.list(&on_node).await?;
+        let remaining: Vec<&Pod> = list.items.iter().filter(|p| evictable(p)).collect();
+        if remaining.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                node = node_name,
+                pods = remaining.len(),
+                "drain bound reached; deleting the Node anyway"
+            );
+            return Ok(());
+        }
+        for pod in remaining {
+            let (Some(name), Some(namespace)) = (&pod.metadata.name, &pod.metadata.namespace)
+            else {
+                continue;
+            };
+            let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+            // 429 means a PodDisruptionBudget says "not now": the loop retries.
+            if let Err(error) = api.evict(name, &EvictParams::default()).await {
+                debug!(%error, pod = %name, "eviction refused for now");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2).min(bound)).await;
+    }
+}

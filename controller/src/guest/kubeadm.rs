@@ -1,0 +1,281 @@
+//! kubeadm's side of a node: where its files and the controller's completion markers
+//! live, the Init/Join configuration documents sent to it on stdin (JSON, so no value
+//! can change a document's structure), the join command `kubeadm token create` prints,
+//! and the cluster CA an admin kubeconfig names.
+
+use std::time::Duration;
+
+use kube::config::Kubeconfig;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{AdminKubeconfig, GuestNode, InitConfig};
+
+pub(super) const INIT_CONFIG: &str = "/etc/benchcluster/kubeadm-init.yaml";
+pub(super) const JOIN_CONFIG: &str = "/etc/benchcluster/kubeadm-join.yaml";
+pub(super) const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
+pub(super) const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
+/// The cluster CA a joined node trusts (written by kubeadm).
+pub(super) const NODE_CA: &str = "/etc/kubernetes/pki/ca.crt";
+/// Files kubeadm writes from its first phases on (certificates, kubeconfigs, the
+/// kubelet's configuration); a clean image has none of them.
+pub(super) const KUBEADM_STATE: [&str; 5] = [
+    NODE_CA,
+    ADMIN_CONF,
+    KUBELET_CONF,
+    "/etc/kubernetes/bootstrap-kubelet.conf",
+    "/var/lib/kubelet/config.yaml",
+];
+/// Completion markers, written by the controller right after `kubeadm init` or `kubeadm
+/// join` returned success (kubeadm leaves no such record itself). They tell an init or
+/// join that completed, which is never reset, from one that died half-way, which is.
+pub(super) const INIT_DONE: &str = "/var/lib/benchcluster/kubeadm-init.done";
+pub(super) const JOIN_DONE: &str = "/var/lib/benchcluster/kubeadm-join.done";
+pub(super) const CRI_SOCKET: &str = "unix:///run/containerd/containerd.sock";
+/// kubeadm init phases not run: the kube-proxy and CoreDNS addons.
+pub(super) const SKIPPED_INIT_PHASES: [&str; 2] = ["addon/coredns", "addon/kube-proxy"];
+
+/// A freshly minted join credential.
+pub(super) struct JoinTicket {
+    pub(super) endpoint: String,
+    pub(super) token: SecretString,
+    pub(super) ca_cert_hash: String,
+}
+
+/// The PEM of the CA the kubeconfig's (first) cluster is verified with.
+pub(super) fn cluster_ca(kubeconfig: &AdminKubeconfig) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose_secret()).ok()?;
+    let data = parsed
+        .clusters
+        .into_iter()
+        .find_map(|c| c.cluster?.certificate_authority_data)?;
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .ok()
+}
+
+/// Parses `kubeadm join <endpoint> --token <t> --discovery-token-ca-cert-hash sha256:<h>`.
+pub(super) fn parse_join_command(text: &str) -> Option<JoinTicket> {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("kubeadm join"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let endpoint = (*words.get(2)?).to_owned();
+    let after = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1))
+            .map(|w| (*w).to_owned())
+    };
+    let token = after("--token")?;
+    let ca_cert_hash = after("--discovery-token-ca-cert-hash")?;
+    let valid_token = token.len() == 23
+        && token.as_bytes()[6] == b'.'
+        && token
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| i == 6 || b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !valid_token || !ca_cert_hash.starts_with("sha256:") || !endpoint.ends_with(":6443") {
+        return None;
+    }
+    Some(JoinTicket {
+        endpoint,
+        token: SecretString::from(token),
+        ca_cert_hash,
+    })
+}
+
+/// kubeadm's InitConfiguration + ClusterConfiguration + KubeletConfiguration, as JSON
+/// documents (JSON is YAML), so no value can change the document's structure.
+pub(super) fn init_configuration(
+    node: &GuestNode,
+    config: &InitConfig,
+    version: &str,
+    token_ttl: Duration,
+) -> String {
+    let ip = node.ip.to_string();
+    let timeouts = serde_json::json!({
+        "controlPlaneComponentHealthCheck": "15m0s",
+        "kubeletHealthCheck": "15m0s",
+        "kubernetesAPICall": "5m0s",
+        "tlsBootstrap": "15m0s",
+    });
+    let init = serde_json::json!({
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "InitConfiguration",
+        // The default token lives 24 h; ours only until the first joins are done.
+        "bootstrapTokens": [{
+            "ttl": format!("{}s", token_ttl.as_secs()),
+            "groups": ["system:bootstrappers:kubeadm:default-node-token"],
+            "usages": ["signing", "authentication"],
+        }],
+        "localAPIEndpoint": {"advertiseAddress": ip, "bindPort": 6443},
+        // A scheduler benchmark cluster needs neither a service proxy nor cluster DNS,
+        // and images carry neither (docs/image-contract.md); Nodes turn Ready without
+        // them. kubeadm then also leaves their images out of its preflight pull check.
+        "skipPhases": SKIPPED_INIT_PHASES,
+        "nodeRegistration": {
+            "name": node.name,
+            "criSocket": CRI_SOCKET,
+            "kubeletExtraArgs": [{"name": "node-ip", "value": ip}],
+        },
+        "timeouts": timeouts,
+    });
+    let cluster = serde_json::json!({
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "ClusterConfiguration",
+        "kubernetesVersion": version,
+        "networking": {"podSubnet": config.pod_subnet, "serviceSubnet": config.service_subnet},
+        "apiServer": {"certSANs": [ip]},
+        // One control-plane node, so no one to elect. With leader election on, a
+        // slow control plane (software emulation, a busy host) misses the 5 s lease
+        // renewals, and kube-controller-manager and kube-scheduler exit and restart
+        // over and over: no podCIDR gets allocated, no Node turns Ready.
+        "controllerManager": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
+        "scheduler": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
+    });
+    let kubelet = serde_json::json!({
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "cgroupDriver": "systemd",
+    });
+    format!("{init}\n---\n{cluster}\n---\n{kubelet}\n")
+}
+
+pub(super) fn join_configuration(
+    control_plane: &GuestNode,
+    worker: &GuestNode,
+    ticket: &JoinTicket,
+) -> SecretString {
+    let ip = worker.ip.to_string();
+    let join = serde_json::json!({
+        "apiVersion": "kubeadm.k8s.io/v1beta4",
+        "kind": "JoinConfiguration",
+        "discovery": {
+            "bootstrapToken": {
+                "apiServerEndpoint": ticket.endpoint,
+                "token": ticket.token.expose_secret(),
+                // Discovery always pins the CA: never unsafeSkipCAVerification.
+                "caCertHashes": [ticket.ca_cert_hash],
+            },
+        },
+        "nodeRegistration": {
+            "name": worker.name,
+            "criSocket": CRI_SOCKET,
+            "kubeletExtraArgs": [{"name": "node-ip", "value": ip}],
+        },
+        "timeouts": {
+            // Discovery against a control plane that just minted the token takes
+            // seconds; kubeadm retries a token it cannot find (deleted, expired)
+            // until this bound, and the next attempt mints a fresh one.
+            "discovery": "1m30s",
+            "tlsBootstrap": "15m0s",
+            "kubernetesAPICall": "5m0s",
+        },
+    });
+    let _ = control_plane;
+    SecretString::from(format!("{join}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::guest::ssh::tests::node;
+
+    #[test]
+    fn parses_the_join_command() {
+        let text = "kubeadm join 192.168.222.101:6443 --token abcdef.0123456789abcdef --discovery-token-ca-cert-hash sha256:1234abcd \n";
+        let ticket = parse_join_command(text).unwrap();
+        assert_eq!(ticket.endpoint, "192.168.222.101:6443");
+        assert_eq!(ticket.token.expose_secret(), "abcdef.0123456789abcdef");
+        assert_eq!(ticket.ca_cert_hash, "sha256:1234abcd");
+        assert!(
+            parse_join_command(
+                "kubeadm join x:6443 --token bad --discovery-token-ca-cert-hash sha256:1"
+            )
+            .is_none()
+        );
+        assert!(parse_join_command("error: something").is_none());
+    }
+
+    #[test]
+    fn kubeadm_documents_keep_hostile_values_as_strings() {
+        let config = InitConfig {
+            pod_subnet: "10.244.0.0/16\"\n---\nkind: Evil".into(),
+            service_subnet: "10.96.0.0/12".into(),
+        };
+        let text = init_configuration(
+            &node("x-cp-0"),
+            &config,
+            "v1.35.4",
+            Duration::from_secs(600),
+        );
+        let documents: Vec<&str> = text.split("\n---\n").collect();
+        assert_eq!(documents.len(), 3);
+        let cluster: serde_json::Value = serde_json::from_str(documents[1]).unwrap();
+        assert_eq!(
+            cluster["networking"]["podSubnet"],
+            "10.244.0.0/16\"\n---\nkind: Evil"
+        );
+        assert_eq!(cluster["kubernetesVersion"], "v1.35.4");
+        for component in ["controllerManager", "scheduler"] {
+            assert_eq!(
+                cluster[component]["extraArgs"],
+                serde_json::json!([{"name": "leader-elect", "value": "false"}])
+            );
+        }
+        let init: serde_json::Value = serde_json::from_str(documents[0]).unwrap();
+        assert_eq!(init["nodeRegistration"]["name"], "x-cp-0");
+        assert_eq!(
+            init["localAPIEndpoint"]["advertiseAddress"],
+            "192.168.222.101"
+        );
+        assert_eq!(
+            init["skipPhases"],
+            serde_json::json!(["addon/coredns", "addon/kube-proxy"])
+        );
+    }
+
+    #[test]
+    fn join_configuration_pins_the_ca() {
+        let ticket = JoinTicket {
+            endpoint: "192.168.222.101:6443".into(),
+            token: SecretString::from("abcdef.0123456789abcdef"),
+            ca_cert_hash: "sha256:ff".into(),
+        };
+        let text = join_configuration(&node("x-cp-0"), &node("x-w-0"), &ticket);
+        let doc: serde_json::Value = serde_json::from_str(text.expose_secret()).unwrap();
+        assert_eq!(
+            doc["discovery"]["bootstrapToken"]["caCertHashes"][0],
+            "sha256:ff"
+        );
+        assert!(
+            doc["discovery"]["bootstrapToken"]
+                .get("unsafeSkipCAVerification")
+                .is_none()
+        );
+        assert_eq!(format!("{text:?}"), "SecretBox<str>([REDACTED])");
+    }
+
+    #[test]
+    fn the_cluster_ca_is_read_from_the_kubeconfig() {
+        use base64::Engine as _;
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let data = base64::engine::general_purpose::STANDARD.encode(pem);
+        let kubeconfig = |cluster: &str| {
+            AdminKubeconfig(SecretString::from(format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: kubernetes\n  cluster:\n{cluster}\n\
+                 contexts: []\nusers: []\n"
+            )))
+        };
+        let with_ca = kubeconfig(&format!(
+            "    server: https://192.168.222.10:6443\n    certificate-authority-data: {data}"
+        ));
+        assert_eq!(cluster_ca(&with_ca).as_deref(), Some(pem.as_bytes()));
+        let without = kubeconfig("    server: https://192.168.222.10:6443");
+        assert_eq!(cluster_ca(&without), None);
+        assert_eq!(cluster_ca(&AdminKubeconfig(SecretString::from("{"))), None);
+    }
+}
