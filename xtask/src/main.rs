@@ -295,6 +295,11 @@ fn test_unit(root: &Path) -> anyhow::Result<()> {
     let mut unit = cargo(root);
     unit.args(["test", "--workspace", "--lib", "--bins"]);
     step(unit)?;
+    // The controller's stage tests (controller/tests): whole passes and single stages on
+    // the testkit's in-memory hypervisor, guest and API.
+    let mut stages = cargo(root);
+    stages.args(["test", "-p", "benchcluster-controller", "--test", "*"]);
+    step(stages)?;
     let mut doc = cargo(root);
     doc.args([
         "test",

@@ -113,6 +113,21 @@ impl Bed {
         }
     }
 
+    /// A second controller with fresh memory on the same host, API and guest VMs: what
+    /// a restart finds.
+    pub fn restarted(&self) -> Self {
+        let (api, hv) = (self.api.clone(), self.hv.clone());
+        let guest = self.ctx.guest.sharing();
+        let ctx = Arc::new(Context::new(api.client(), hv.clone(), guest, settings()));
+        let wakes = tokio::sync::Mutex::new(ctx.operations.wakes().boxed());
+        Self {
+            api,
+            hv,
+            ctx,
+            wakes,
+        }
+    }
+
     pub fn guest(&self) -> &FakeGuest {
         &self.ctx.guest
     }

@@ -1,0 +1,269 @@
+//! Unit tests of whole passes (the driver: finalizer, apply, cleanup, error policy) on
+//! the testkit's in-memory hypervisor, guest and API, on tokio's paused clock.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use benchcluster_controller::names::NodeId;
+use benchcluster_controller::reconcile::error_policy;
+use benchcluster_crd::{BenchCluster, FINALIZER, NodeState};
+use benchcluster_testkit::{Call, Method};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action as Requeue;
+use support::{Bed, NAME, NAMESPACE, benchcluster, settings};
+
+fn status_patches(bed: &Bed) -> usize {
+    bed.api.count(&Method::PATCH, "/benchclusters/bench/status")
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_pass_adds_the_finalizer_and_creates_nothing() {
+    let bed = Bed::new(1);
+    bed.api.put(&benchcluster(1));
+    let requeue = bed.pass().await.unwrap();
+    assert_eq!(requeue, Requeue::await_change());
+    assert_eq!(
+        bed.bc().metadata.finalizers,
+        Some(vec![FINALIZER.to_owned()])
+    );
+    assert_eq!(bed.hv.mutations(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn passes_converge_to_ready_then_rest_without_writes() {
+    let bed = Bed::new(2);
+    let passes = bed.converge(30).await;
+    let status = bed.bc().status.unwrap();
+    assert_eq!(status.nodes.len(), 3);
+    assert!(
+        status.nodes.iter().all(|n| n.state == NodeState::Ready),
+        "{:?}",
+        status.nodes
+    );
+    assert_eq!(bed.hv.domains().len(), 3);
+    assert_eq!(bed.hv.volumes().len(), 6, "a disk and a seed per node");
+    assert_eq!(bed.guest().inits.load(Ordering::Relaxed), 1);
+    assert_eq!(bed.guest().joins.load(Ordering::Relaxed), 2);
+    assert!(
+        bed.api
+            .get::<Secret>(NAMESPACE, "bench-kubeconfig")
+            .is_some()
+    );
+    let ready_events = bed.events().iter().filter(|r| *r == "Ready").count();
+    assert_eq!(ready_events, 1);
+    assert!(passes <= 12, "{passes} passes");
+
+    // At rest: a pass writes nothing anywhere and waits for the resync.
+    let (patches, mutations) = (status_patches(&bed), bed.hv.mutations());
+    let requeue = bed.pass().await.unwrap();
+    assert_eq!(requeue, Requeue::requeue(settings().resync_interval));
+    assert_eq!(status_patches(&bed), patches);
+    assert_eq!(bed.hv.mutations(), mutations);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pass_that_dies_half_way_is_resumed_without_duplicates() {
+    let bed = Bed::new(1);
+    bed.hv.hang(Call::DefineDomain);
+    // The pass hangs in the middle of defining domains; dropping it is the process dying.
+    let died = tokio::time::timeout(Duration::from_secs(30), bed.pass()).await;
+    assert!(died.is_err(), "the pass was cut");
+    assert_eq!(bed.hv.calls(Call::CreateOverlay), 2, "both disks were made");
+    assert!(bed.hv.domains().is_empty());
+
+    bed.hv.heal(Call::DefineDomain);
+    bed.converge(30).await;
+    assert_eq!(bed.hv.calls(Call::CreateOverlay), 2, "no disk made twice");
+    assert_eq!(bed.hv.domains().len(), 2);
+    assert_eq!(bed.hv.volumes().len(), 4);
+    assert_eq!(bed.guest().inits.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_controller_restarted_mid_provisioning_adopts_what_exists() {
+    let bed = Bed::new(1);
+    bed.hv.hang(Call::StartDomain);
+    let _ = tokio::time::timeout(Duration::from_secs(30), bed.pass()).await;
+    assert_eq!(bed.hv.domains().len(), 2);
+    bed.hv.heal(Call::StartDomain);
+    let keys: Vec<_> = bed
+        .hv
+        .domains()
+        .values()
+        .map(|d| d.spec.owner.host_key.clone())
+        .collect();
+
+    // A new controller (fresh memory) on the same host and API.
+    let restarted = bed.restarted();
+    restarted.converge(30).await;
+    assert_eq!(
+        restarted.hv.calls(Call::DefineDomain),
+        2,
+        "defined once each, before"
+    );
+    let after: Vec<_> = restarted
+        .hv
+        .domains()
+        .values()
+        .map(|d| d.spec.owner.host_key.clone())
+        .collect();
+    assert_eq!(after, keys, "the pinned host keys are kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cleanup_when_apply_never_ran_only_removes_the_finalizer() {
+    let bed = Bed::new(2);
+    let mut bc: BenchCluster = bed.bc();
+    bc.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    bed.api.put(&bc);
+    let requeue = bed.pass().await.unwrap();
+    assert_eq!(requeue, Requeue::await_change());
+    assert!(
+        bed.api.get::<BenchCluster>(NAMESPACE, NAME).is_none(),
+        "deleted"
+    );
+    assert_eq!(bed.hv.mutations(), 0);
+    assert!(bed.events().contains(&"Deleted".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn cleanup_of_a_formed_cluster_leaves_nothing() {
+    let bed = Bed::new(1);
+    bed.converge(30).await;
+    let mut bc = bed.bc();
+    bc.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    bed.api.put(&bc);
+    bed.pass().await.unwrap();
+    assert!(bed.hv.domains().is_empty());
+    assert!(bed.hv.volumes().is_empty());
+    assert!(
+        bed.api
+            .get::<Secret>(NAMESPACE, "bench-kubeconfig")
+            .is_none()
+    );
+    assert!(bed.api.get::<BenchCluster>(NAMESPACE, NAME).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cleanup_that_cannot_remove_a_vm_keeps_the_finalizer() {
+    let bed = Bed::new(0);
+    bed.converge(30).await;
+    bed.hv.fail(Call::RemoveDomain);
+    let mut bc = bed.bc();
+    bc.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    bed.api.put(&bc);
+    let error = bed.pass().await.unwrap_err();
+    assert!(
+        error.chain().contains("undefine domain"),
+        "{}",
+        error.chain()
+    );
+    let bc = bed.api.get::<BenchCluster>(NAMESPACE, NAME).expect("kept");
+    assert_eq!(bc.metadata.finalizers, Some(vec![FINALIZER.to_owned()]));
+    bed.hv.heal(Call::RemoveDomain);
+    bed.pass().await.unwrap();
+    assert!(bed.api.get::<BenchCluster>(NAMESPACE, NAME).is_none());
+    assert!(bed.hv.domains().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_start_shows_in_the_status_and_recovers() {
+    let bed = Bed::new(0);
+    bed.hv.fail(Call::StartDomain);
+    let mut error = None;
+    for _ in 0..3 {
+        if let Err(e) = bed.pass().await {
+            error = Some(e);
+        }
+    }
+    let error = error.expect("a failed pass");
+    assert!(error.chain().contains("StartDomain"), "{}", error.chain());
+    let ready = bed.condition("Ready").unwrap();
+    assert_eq!(ready.status, "False");
+    assert!(bed.events().contains(&"StepFailed".to_owned()));
+    bed.hv.heal(Call::StartDomain);
+    bed.converge(30).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_kubeadm_init_is_reported_and_retried_until_it_succeeds() {
+    let bed = Bed::new(1);
+    let cp = bed.node(NodeId::CONTROL_PLANE);
+    bed.guest().set_init_failing(&cp, true);
+    for _ in 0..12 {
+        let _ = bed.pass().await;
+        bed.operations_end().await;
+        if bed.guest().init_attempts.load(Ordering::Relaxed) >= 2 {
+            break;
+        }
+    }
+    assert!(
+        bed.guest().init_attempts.load(Ordering::Relaxed) >= 2,
+        "retried"
+    );
+    let _ = bed.pass().await;
+    let status = bed.bc().status.unwrap();
+    let text = format!("{:?}", status.conditions);
+    assert!(text.contains("kubeadm init"), "{text}");
+    assert!(!bed.ready());
+    assert_eq!(
+        bed.guest().joins.load(Ordering::Relaxed),
+        0,
+        "no join before init"
+    );
+
+    bed.guest().set_init_failing(&cp, false);
+    bed.converge(30).await;
+    assert_eq!(bed.guest().inits.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_status_write_that_fails_is_made_by_the_next_pass() {
+    let bed = Bed::new(0);
+    bed.api.fail(Method::PATCH, "/status", 500);
+    let error = bed.pass().await.unwrap_err();
+    assert!(
+        error.chain().contains("patch the status"),
+        "{}",
+        error.chain()
+    );
+    assert!(bed.bc().status.is_none());
+    bed.api.heal();
+    bed.pass().await.unwrap();
+    assert!(bed.bc().status.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_passes_back_off_exponentially_to_the_cap_and_a_success_resets_it() {
+    let bed = Bed::new(0);
+    bed.hv.fail(Call::ListDomains);
+    let bc = Arc::new(bed.bc());
+    let mut delays = Vec::new();
+    for _ in 0..10 {
+        let error = bed.pass().await.unwrap_err();
+        delays.push(error_policy(Arc::clone(&bc), &error, Arc::clone(&bed.ctx)));
+    }
+    let base = settings().backoff_base;
+    let cap = settings().backoff_cap;
+    let expected: Vec<Requeue> = (0..10)
+        .map(|n| Requeue::requeue((base * 2u32.pow(n)).min(cap)))
+        .collect();
+    assert_eq!(delays, expected);
+
+    bed.hv.heal(Call::ListDomains);
+    bed.pass().await.unwrap();
+    bed.hv.fail(Call::ListDomains);
+    let error = bed.pass().await.unwrap_err();
+    assert_eq!(
+        error_policy(bc, &error, Arc::clone(&bed.ctx)),
+        Requeue::requeue(base),
+        "a success starts the backoff over"
+    );
+}
