@@ -241,29 +241,39 @@ async fn a_status_write_that_fails_is_made_by_the_next_pass() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn failed_passes_back_off_exponentially_to_the_cap_and_a_success_resets_it() {
+async fn failed_passes_back_off_exponentially_with_jitter_to_the_cap_and_a_success_resets_it() {
     let bed = Bed::new(0);
-    bed.hv.fail(Call::ListDomains);
-    let bc = Arc::new(bed.bc());
-    let mut delays = Vec::new();
-    for _ in 0..10 {
-        let error = bed.pass().await.unwrap_err();
-        delays.push(error_policy(Arc::clone(&bc), &error, Arc::clone(&bed.ctx)));
-    }
-    let base = settings().backoff_base;
-    let cap = settings().backoff_cap;
-    let expected: Vec<Requeue> = (0..10)
-        .map(|n| Requeue::requeue((base * 2u32.pow(n)).min(cap)))
-        .collect();
-    assert_eq!(delays, expected);
-
-    bed.hv.heal(Call::ListDomains);
-    bed.pass().await.unwrap();
+    let uid = bed.names().uid;
+    let (base, cap) = (settings().backoff_base, settings().backoff_cap);
     bed.hv.fail(Call::ListDomains);
     let error = bed.pass().await.unwrap_err();
-    assert_eq!(
-        error_policy(bc, &error, Arc::clone(&bed.ctx)),
-        Requeue::requeue(base),
-        "a success starts the backoff over"
+    // The policy requeues the failed object (it never waits for a change).
+    let requeue = error_policy(Arc::new(bed.bc()), &error, Arc::clone(&bed.ctx));
+    assert_ne!(requeue, Requeue::await_change());
+    // Its delays: each failure's in [base * 2^n, base * 2^(n+1)], never beyond the cap.
+    let mut delays = Vec::new();
+    for n in 1..13u32 {
+        let d = bed.ctx.backoff(&uid);
+        let floor = (base * 2u32.pow(n)).min(cap);
+        let ceiling = (base * 2u32.pow(n + 1)).min(cap);
+        assert!(
+            d >= floor && d <= ceiling,
+            "failure {n}: {d:?} outside {floor:?}..={ceiling:?}"
+        );
+        delays.push(d);
+    }
+    assert_eq!(delays.last(), Some(&cap), "the cap holds with jitter");
+    assert!(
+        delays[..5]
+            .iter()
+            .zip(1..)
+            .any(|(d, n)| *d != base * 2u32.pow(n)),
+        "jittered: {delays:?}"
     );
+
+    // A successful pass starts the backoff over.
+    bed.hv.heal(Call::ListDomains);
+    bed.pass().await.unwrap();
+    let d = bed.ctx.backoff(&uid);
+    assert!(d >= base && d <= base * 2, "{d:?}");
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use parking_lot::Mutex;
@@ -34,7 +35,8 @@ pub struct Settings {
     pub max_parallel_steps: usize,
     /// BenchClusters reconciled at once; the others queue.
     pub max_concurrent_reconciles: u16,
-    /// Backoff after a failed reconcile: doubled per consecutive failure up to the cap.
+    /// Backoff after a failed reconcile: doubled per consecutive failure (plus jitter)
+    /// up to the cap.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
 }
@@ -64,7 +66,8 @@ pub struct Context<H, G> {
     timelines: Mutex<HashMap<(String, NodeId), Timeline>>,
     /// Long guest operations in flight (kubeadm init and join, drains).
     pub operations: Operations,
-    failures: Mutex<HashMap<String, u32>>,
+    /// Backoff of each BenchCluster whose last pass failed.
+    failures: Mutex<HashMap<String, ExponentialBackoff>>,
     /// Since when each BenchCluster's guest API has not answered, while it does not.
     outages: Mutex<HashMap<String, SystemTime>>,
     /// Whether the controller's watch has listed every BenchCluster once.
@@ -137,16 +140,23 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
         self.outages.lock().remove(uid);
     }
 
-    /// Records a failed reconcile and returns the backoff before the next attempt.
+    /// Records a failed reconcile and returns the backoff before the next attempt:
+    /// `backoff_base` doubled per consecutive failure, with up to as much again of random
+    /// jitter (so clusters that failed together do not retry together), never beyond
+    /// `backoff_cap`.
     pub fn backoff(&self, uid: &str) -> Duration {
+        let (base, cap) = (self.settings.backoff_base, self.settings.backoff_cap);
         let mut map = self.failures.lock();
-        let n = map.entry(uid.to_owned()).or_default();
-        *n = n.saturating_add(1);
-        let factor = 1u32 << (*n - 1).min(16);
-        self.settings
-            .backoff_base
-            .saturating_mul(factor)
-            .min(self.settings.backoff_cap)
+        let backoff = map.entry(uid.to_owned()).or_insert_with(|| {
+            ExponentialBuilder::default()
+                .with_min_delay(base)
+                .with_max_delay(cap)
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        });
+        backoff.next().unwrap_or(cap).min(cap)
     }
 
     /// Records whether the BenchCluster's guest API answered in this pass, and returns
