@@ -306,4 +306,41 @@ mod tests {
         hv.remove_domain(&spec.name).await?;
         Ok(())
     }
+
+    /// The owner element as written today is also what libvirt's own metadata API
+    /// addresses by namespace (`virDomainGetMetadata`), so a later move to that API
+    /// would still read the domains defined by this version. `xml::parse_owner` says
+    /// why the controller does not use it.
+    #[tokio::test]
+    async fn owner_is_the_element_libvirts_metadata_api_addresses() -> TestResult {
+        let hv = hypervisor();
+        let mut spec = spec("mdapi", "uid-mdapi");
+        spec.owner.name = " spaced <name> & more ".to_owned();
+        hv.define_domain(&spec).await?;
+        let name = spec.name.clone();
+        let (ours, other) = hv
+            .run(move |conn, _| {
+                let domain = conn
+                    .lookup_domain_by_name(&name)
+                    .map_err(libvirt("look up domain"))?;
+                let kind = virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+                let ours = domain
+                    .metadata(kind, Some(xml::OWNER_NAMESPACE), 0)
+                    .map_err(libvirt("get metadata"))?;
+                let other = domain.metadata(kind, Some("https://example.com/not-ours"), 0);
+                Ok((ours, other.map_err(|e| e.code())))
+            })
+            .await?;
+        hv.remove_domain(&spec.name).await?;
+        assert!(ours.contains("uid-mdapi"), "{ours}");
+        assert!(
+            ours.contains("&lt;name&gt; &amp; more"),
+            "escaped and untrimmed: {ours}"
+        );
+        assert!(
+            matches!(&other, Err(code) if code.is(ErrorNumber::NoDomainMetadata)),
+            "{other:?}"
+        );
+        Ok(())
+    }
 }

@@ -169,6 +169,24 @@ impl OwnerFields {
 
 /// The owner recorded in a domain's XML (`/domain/metadata/owner` in
 /// [`OWNER_NAMESPACE`]), or `None` when the domain carries no such element.
+///
+/// Why our own reader and not libvirt's metadata API (`virDomainGetMetadata` /
+/// `virDomainSetMetadata` with `VIR_DOMAIN_METADATA_ELEMENT`, `Domain::metadata` and
+/// `set_metadata` in virt 0.5), evaluated for the layout issue: the API addresses this
+/// very element by namespace (it returns it as a namespace-free `<owner>`, all fields
+/// included; test `owner_is_the_element_libvirts_metadata_api_addresses`), so it covers
+/// the data, and domains written by this code would stay readable through it. It does
+/// not fit the calls, though:
+/// - listing needs the domain XML anyway (the MAC of the cluster interface), and the
+///   owner comes out of that same document here; through the API it is one more
+///   round trip per listed domain (today `GetXMLDesc` + `GetInfo` per domain, one
+///   `ListAllDomains` per pass: 1 + 2n calls would become 1 + 3n);
+/// - writing it through `SetMetadata` is a second call after `DefineXML`: a pass that
+///   died between the two would leave a domain without owner, which the next pass
+///   takes for someone else's (a permanent name conflict and a VM nobody removes),
+///   where the definition with the metadata inside is one atomic call;
+/// - reading only `domain_owner` through the API (same call count) would give two
+///   readers of one element that must never disagree about who owns a domain.
 pub fn parse_owner(xml: &str) -> Result<Option<Owner>> {
     let malformed = |source: quick_xml::Error| XmlError::Malformed {
         what: "domain",
