@@ -12,8 +12,9 @@ use anyhow::Context as _;
 use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
 use benchcluster_controller::http::{self, Readiness};
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
+use benchcluster_controller::hypervisor::metered::Metered;
 use benchcluster_controller::leader::{self, Elector, LeaseConfig, Stopped};
-use benchcluster_controller::metrics::{Metered, Metrics};
+use benchcluster_controller::metrics::Metrics;
 use benchcluster_controller::telemetry::{self, LogFormat};
 use benchcluster_controller::{Context, Settings};
 use clap::Parser;
@@ -139,10 +140,13 @@ async fn run(args: Args) -> anyhow::Result<Stopped> {
         ..Settings::default()
     };
     let metrics = Arc::new(Metrics::new());
+    let counted = Arc::clone(&metrics);
     let ctx = Arc::new(
         Context::new(
             client.clone(),
-            Metered::new(libvirt.clone(), Arc::clone(&metrics)),
+            Metered::new(libvirt.clone(), move |operation| {
+                counted.libvirt_mutation(operation)
+            }),
             guest,
             settings,
         )

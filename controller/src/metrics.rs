@@ -17,10 +17,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::error::Error;
-use crate::hypervisor::{
-    DomainInfo, DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
-    Result as HvResult,
-};
 use parking_lot::Mutex;
 
 /// Prefix of every metric name.
@@ -328,71 +324,6 @@ impl Metrics {
                 self.vms.get_or_create(&labels).inc_by(after - before);
             }
         }
-    }
-}
-
-/// A [`Hypervisor`] that counts the mutating calls reaching the inner one in
-/// [`Metrics`] (`benchcluster_libvirt_mutations_total`).
-pub struct Metered<H> {
-    pub inner: H,
-    metrics: std::sync::Arc<Metrics>,
-}
-
-impl<H> Metered<H> {
-    pub fn new(inner: H, metrics: std::sync::Arc<Metrics>) -> Self {
-        Self { inner, metrics }
-    }
-}
-
-impl<H: Hypervisor> Hypervisor for Metered<H> {
-    async fn list_domains(&self, name_prefix: &str) -> HvResult<Vec<DomainInfo>> {
-        self.inner.list_domains(name_prefix).await
-    }
-
-    async fn list_volumes(&self) -> HvResult<Vec<String>> {
-        self.inner.list_volumes().await
-    }
-
-    async fn network(&self, name: &str) -> HvResult<Option<NetworkInfo>> {
-        self.inner.network(name).await
-    }
-
-    async fn leases(&self, network: &str, domains: &[String]) -> HvResult<Vec<Lease>> {
-        self.inner.leases(network, domains).await
-    }
-
-    async fn domain_owner(&self, name: &str) -> HvResult<DomainOwner> {
-        self.inner.domain_owner(name).await
-    }
-
-    async fn create_overlay(&self, spec: &OverlaySpec) -> HvResult<()> {
-        self.metrics.libvirt_mutation("create_overlay");
-        self.inner.create_overlay(spec).await
-    }
-
-    async fn define_domain(&self, spec: &DomainSpec) -> HvResult<()> {
-        self.metrics.libvirt_mutation("define_domain");
-        self.inner.define_domain(spec).await
-    }
-
-    async fn start_domain(&self, name: &str) -> HvResult<()> {
-        self.metrics.libvirt_mutation("start_domain");
-        self.inner.start_domain(name).await
-    }
-
-    async fn remove_domain(&self, name: &str) -> HvResult<()> {
-        self.metrics.libvirt_mutation("remove_domain");
-        self.inner.remove_domain(name).await
-    }
-
-    async fn create_seed(&self, name: &str, content: &[u8]) -> HvResult<()> {
-        self.metrics.libvirt_mutation("create_seed");
-        self.inner.create_seed(name, content).await
-    }
-
-    async fn delete_volume(&self, name: &str) -> HvResult<()> {
-        self.metrics.libvirt_mutation("delete_volume");
-        self.inner.delete_volume(name).await
     }
 }
 

@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 use benchcluster_crd::{Firmware, Role};
 
 pub mod libvirt;
+pub mod metered;
 pub mod xml;
 
 /// Who owns a domain: written into the domain XML's metadata in our own namespace,
