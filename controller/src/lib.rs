@@ -1,10 +1,12 @@
 //! benchcluster controller: reconciles `BenchCluster` resources into libvirt VMs that
 //! form kubeadm clusters.
 //!
-//! A pass is four stages: [`observe`] reads the hypervisor and the guest cluster into a
-//! [`world::World`]; [`plan`] is a pure function from spec and world to actions; [`act`]
-//! executes them through the [`hypervisor`] and [`guest`] edges; [`status`] derives the
-//! status written back (only when it changed).
+//! [`reconcile`] holds the pass: observe reads the hypervisor and the guest cluster into
+//! a world; plan is a pure function from spec and world to actions; act executes them
+//! through the two edges, [`hypervisor`] (libvirt) and [`guest`] (SSH, kubeadm, the guest
+//! cluster's API); status derives what is written back. The rest is operating the
+//! controller ([`http`], [`leader`], [`metrics`], [`telemetry`]) and small shared parts
+//! ([`names`], [`seed`], [`error`], [`util`]).
 
 pub mod error;
 pub mod guest;
