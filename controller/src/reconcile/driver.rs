@@ -30,7 +30,7 @@ use crate::hypervisor::Hypervisor;
 use crate::names::{ClusterNames, NodeId};
 
 /// Reconciles one BenchCluster. The only top-level call is the finalizer, which
-/// dispatches to [`apply`] or [`cleanup`].
+/// dispatches to `apply` or `cleanup`.
 pub async fn reconcile<H: Hypervisor, G: Guest>(
     bc: Arc<BenchCluster>,
     ctx: Arc<Context<H, G>>,

@@ -2,7 +2,7 @@
 //!
 //! Steps of one node run in order; nodes run concurrently up to
 //! `Settings::max_parallel_steps`. Each step is idempotent on its own, so a pass that
-//! dies half-way is resumed by the next one. One function per action is in [`steps`].
+//! dies half-way is resumed by the next one. One function per action is in `steps`.
 //!
 //! kubeadm init and join and drains only start here, as background operations (see
 //! [`super::operations`]); [`collect`] picks up their results at the start of a later
