@@ -1,25 +1,29 @@
 //! The controller's one HTTP endpoint (`--http-addr`):
 //!
 //! - `/metrics`: the [`Metrics`] as OpenMetrics text;
-//! - `/healthz`: 200 while the process serves requests;
+//! - `/healthz` (`/livez`): 200 while the process serves requests;
 //! - `/readyz`: 200 when every readiness [`Check`] passes, else 503 with the failures.
 //!
 //! Checks are closures, so the test hypervisor (or anything else) can stand in for
-//! libvirt. Plain HTTP/1.1 on hyper: three routes need no framework.
+//! libvirt. The routes are an axum [`Router`]; connections are served by hyper-util's
+//! HTTP/1.1 builder, which axum's own `serve` does not expose, so a client that never
+//! finishes its request headers is dropped after 10 s.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Api, Client};
 use tokio::net::TcpListener;
@@ -130,75 +134,88 @@ pub fn libvirt_check(libvirt: Libvirt) -> Check {
     })
 }
 
-struct State {
+/// What the handlers share.
+struct Endpoint {
     metrics: Arc<Metrics>,
     readiness: Readiness,
 }
 
-type Body = Full<Bytes>;
+type Shared = Arc<Endpoint>;
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+const TEXT: &str = "text/plain; charset=utf-8";
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (status, [(CONTENT_TYPE, TEXT)], body.into()).into_response()
 }
 
-impl State {
-    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        if request.method() != Method::GET && request.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
-        }
-        match request.uri().path() {
-            "/metrics" => match self.metrics.encode() {
-                Ok(body) => {
-                    let mut response = text(StatusCode::OK, body);
-                    response
-                        .headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
-                    response
-                }
-                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n"),
-            },
-            "/healthz" | "/livez" => text(StatusCode::OK, "ok\n"),
-            "/readyz" => {
-                let results = self.readiness.run().await;
-                let mut body = String::new();
-                let mut ready = true;
-                for (name, result) in &results {
-                    match result {
-                        Ok(()) => body.push_str(&format!("[+]{name} ok\n")),
-                        Err(reason) => {
-                            ready = false;
-                            body.push_str(&format!("[-]{name} failed: {reason}\n"));
-                        }
-                    }
-                }
-                if ready {
-                    body.push_str("ok\n");
-                    text(StatusCode::OK, body)
-                } else {
-                    debug!(%body, "not ready");
-                    text(StatusCode::SERVICE_UNAVAILABLE, body)
-                }
-            }
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
-        }
+async fn metrics(State(endpoint): State<Shared>) -> Response {
+    match endpoint.metrics.encode() {
+        Ok(body) => (StatusCode::OK, [(CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response(),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n"),
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves,
-/// then lets open requests finish (bounded) and returns.
+async fn healthz() -> Response {
+    text(StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(endpoint): State<Shared>) -> Response {
+    let results = endpoint.readiness.run().await;
+    let mut body = String::new();
+    let mut ready = true;
+    for (name, result) in &results {
+        match result {
+            Ok(()) => body.push_str(&format!("[+]{name} ok\n")),
+            Err(reason) => {
+                ready = false;
+                body.push_str(&format!("[-]{name} failed: {reason}\n"));
+            }
+        }
+    }
+    if ready {
+        body.push_str("ok\n");
+        text(StatusCode::OK, body)
+    } else {
+        debug!(%body, "not ready");
+        text(StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}
+
+async fn get_only() -> Response {
+    text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n")
+}
+
+/// Any other path: 404 for a GET (or HEAD), 405 for any other method, as on the routes.
+async fn not_found(method: Method) -> Response {
+    if method == Method::GET || method == Method::HEAD {
+        text(StatusCode::NOT_FOUND, "not found\n")
+    } else {
+        get_only().await
+    }
+}
+
+/// The routes: GET (and HEAD, answered without a body) on `/metrics`, `/healthz`,
+/// `/livez` and `/readyz`.
+pub fn router(metrics: Arc<Metrics>, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(self::metrics))
+        .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
+        .route("/readyz", get(readyz))
+        .method_not_allowed_fallback(get_only)
+        .fallback(not_found)
+        .with_state(Arc::new(Endpoint { metrics, readiness }))
+}
+
+/// Serves [`router`] on `listener` until `shutdown` resolves, then lets open requests
+/// finish (for at most 5 s) and returns.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Readiness,
     shutdown: impl Future<Output = ()>,
 ) {
-    let state = Arc::new(State { metrics, readiness });
+    let service = TowerToHyperService::new(router(metrics, readiness));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving /metrics, /healthz, /readyz");
@@ -215,15 +232,10 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let state = Arc::clone(&state);
-                let service = hyper::service::service_fn(move |request| {
-                    let state = Arc::clone(&state);
-                    async move { Ok::<_, Infallible>(state.handle(request).await) }
-                });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
+                    .serve_connection(TokioIo::new(stream), service.clone());
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {
@@ -262,5 +274,101 @@ mod tests {
         assert_eq!(results[1], ("down", Err("it is down".to_owned())));
         assert_eq!(results[2].0, "hung");
         assert!(results[2].1.as_ref().unwrap_err().contains("no answer"));
+    }
+
+    /// Status, Content-Type and body of `method path` on the router.
+    async fn call(router: &Router, method: Method, path: &str) -> (StatusCode, String, String) {
+        use tower::ServiceExt as _;
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            content_type,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn routes_answer_with_their_status_type_and_body() {
+        let ready = router(
+            Arc::new(Metrics::new()),
+            Readiness::new().with("fine", flag_check("never", || true)),
+        );
+        let (status, content_type, body) = call(&ready, Method::GET, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, METRICS_CONTENT_TYPE);
+        assert!(body.contains("benchcluster_leader"), "{body}");
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        for path in ["/healthz", "/livez"] {
+            assert_eq!(
+                call(&ready, Method::GET, path).await,
+                (StatusCode::OK, TEXT.to_owned(), "ok\n".to_owned())
+            );
+        }
+        assert_eq!(
+            call(&ready, Method::GET, "/readyz").await,
+            (
+                StatusCode::OK,
+                TEXT.to_owned(),
+                "[+]fine ok\nok\n".to_owned()
+            )
+        );
+        // HEAD is a GET without the body.
+        let (status, content_type, body) = call(&ready, Method::HEAD, "/healthz").await;
+        assert_eq!(
+            (status, content_type.as_str(), body.as_str()),
+            (StatusCode::OK, TEXT, "")
+        );
+        assert_eq!(
+            call(&ready, Method::GET, "/nowhere").await,
+            (
+                StatusCode::NOT_FOUND,
+                TEXT.to_owned(),
+                "not found\n".to_owned()
+            )
+        );
+        for path in ["/metrics", "/readyz", "/nowhere"] {
+            assert_eq!(
+                call(&ready, Method::POST, path).await,
+                (
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    TEXT.to_owned(),
+                    "GET only\n".to_owned()
+                ),
+                "POST {path}"
+            );
+        }
+
+        let unready = router(
+            Arc::new(Metrics::new()),
+            Readiness::new()
+                .with("fine", flag_check("never", || true))
+                .with("down", flag_check("it is down", || false)),
+        );
+        assert_eq!(
+            call(&unready, Method::GET, "/readyz").await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT.to_owned(),
+                "[+]fine ok\n[-]down failed: it is down\n".to_owned()
+            )
+        );
+        assert_eq!(
+            call(&unready, Method::GET, "/healthz").await.0,
+            StatusCode::OK
+        );
     }
 }
