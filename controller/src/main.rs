@@ -76,8 +76,17 @@ struct Args {
     #[arg(long, env = "BENCHCLUSTER_MAX_PARALLEL_STEPS", default_value_t = Settings::default().max_parallel_steps)]
     max_parallel_steps: usize,
     /// Seconds a running VM may go without a DHCP lease before its status says so.
-    #[arg(long, env = "BENCHCLUSTER_LEASE_TIMEOUT_SECONDS", default_value_t = Settings::default().lease_timeout.as_secs())]
-    lease_timeout_seconds: u64,
+    #[arg(long, env = "BENCHCLUSTER_DHCP_TIMEOUT_SECONDS", default_value_t = Settings::default().dhcp_timeout.as_secs())]
+    dhcp_timeout_seconds: u64,
+    /// The former name of `--dhcp-timeout-seconds` (it read as the leader Lease's),
+    /// still accepted with a warning; giving both is an error.
+    #[arg(
+        long,
+        env = "BENCHCLUSTER_LEASE_TIMEOUT_SECONDS",
+        hide = true,
+        conflicts_with = "dhcp_timeout_seconds"
+    )]
+    lease_timeout_seconds: Option<u64>,
     /// Seconds `kubeadm init` or `kubeadm join` may take (raise it for software-emulated
     /// guests, where `kubeadm init` alone takes minutes).
     #[arg(long, env = "BENCHCLUSTER_KUBEADM_TIMEOUT_SECONDS", default_value_t = SshConfig::default().kubeadm_timeout.as_secs())]
@@ -87,12 +96,26 @@ struct Args {
     ssh_command_timeout_seconds: u64,
 }
 
+impl Args {
+    /// `--dhcp-timeout-seconds`, or the deprecated `--lease-timeout-seconds` when that
+    /// was given instead (`true`: warn about it).
+    fn dhcp_timeout(&self) -> (Duration, bool) {
+        match self.lease_timeout_seconds {
+            Some(seconds) => (Duration::from_secs(seconds), true),
+            None => (Duration::from_secs(self.dhcp_timeout_seconds), false),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(e) = telemetry::init(args.log_format, args.log_level.as_deref()) {
         eprintln!("benchcluster-controller: {:#}", anyhow::Error::new(e));
         return ExitCode::from(2);
+    }
+    if args.dhcp_timeout().1 {
+        warn!("--lease-timeout-seconds is deprecated; use --dhcp-timeout-seconds");
     }
     match run(args).await {
         Ok(Stopped::Shutdown) => {
@@ -111,6 +134,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<Stopped> {
+    let (dhcp_timeout, _) = args.dhcp_timeout();
     let mut libvirt_config = LibvirtConfig::for_uri(&args.libvirt_uri);
     if let Some(pool) = args.image_pool {
         libvirt_config.image_pool = pool;
@@ -136,7 +160,7 @@ async fn run(args: Args) -> anyhow::Result<Stopped> {
         .context("cannot build a Kubernetes client (in-cluster or kubeconfig)")?;
     let settings = Settings {
         max_parallel_steps: args.max_parallel_steps.max(1),
-        lease_timeout: Duration::from_secs(args.lease_timeout_seconds),
+        dhcp_timeout,
         ..Settings::default()
     };
     let metrics = Arc::new(Metrics::new());
@@ -222,5 +246,62 @@ async fn wait_for_signal() {
             warn!("cannot install signal handlers");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn parse(flags: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(
+            std::iter::once("benchcluster-controller").chain(flags.iter().copied()),
+        )
+    }
+
+    #[test]
+    fn the_dhcp_timeout_has_a_new_name_and_the_old_one_still_works() {
+        let default = parse(&[]).unwrap();
+        assert_eq!(
+            default.dhcp_timeout(),
+            (Settings::default().dhcp_timeout, false)
+        );
+        let new = parse(&["--dhcp-timeout-seconds=42"]).unwrap();
+        assert_eq!(new.dhcp_timeout(), (Duration::from_secs(42), false));
+        let old = parse(&["--lease-timeout-seconds", "7"]).unwrap();
+        assert_eq!(
+            old.dhcp_timeout(),
+            (Duration::from_secs(7), true),
+            "deprecated: warned"
+        );
+        // The leader Lease's flags are not affected.
+        let leader = parse(&["--lease-name=other", "--dhcp-timeout-seconds=1"]).unwrap();
+        assert_eq!(leader.lease_name, "other");
+        assert_eq!(leader.dhcp_timeout(), (Duration::from_secs(1), false));
+    }
+
+    #[test]
+    fn giving_both_dhcp_timeout_flags_is_an_error_naming_both() {
+        let error = parse(&["--lease-timeout-seconds=7", "--dhcp-timeout-seconds=42"])
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let message = error.to_string();
+        assert!(
+            message.contains("--lease-timeout-seconds")
+                && message.contains("--dhcp-timeout-seconds"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_old_name_is_hidden_from_help() {
+        use clap::CommandFactory as _;
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("--dhcp-timeout-seconds"), "{help}");
+        assert!(!help.contains("--lease-timeout-seconds"), "{help}");
+        Args::command().debug_assert();
     }
 }

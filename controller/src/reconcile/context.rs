@@ -26,7 +26,7 @@ pub const FIELD_MANAGER: &str = "benchcluster-controller";
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// How long a running VM may go without a DHCP lease before the status says so.
-    pub lease_timeout: Duration,
+    pub dhcp_timeout: Duration,
     /// Requeue interval while something is on its way (boot, lease, SSH).
     pub poll_interval: Duration,
     /// Requeue interval once converged, to notice drift behind the controller's back.
@@ -44,7 +44,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            lease_timeout: Duration::from_secs(300),
+            dhcp_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(2),
             resync_interval: Duration::from_secs(300),
             max_parallel_steps: 64,

@@ -322,7 +322,7 @@ fn stall(inputs: &Inputs<'_>) -> (bool, String, String) {
     {
         return (true, error.reason().into(), failure_message(*action, error));
     }
-    let timeout = inputs.settings.lease_timeout;
+    let timeout = inputs.settings.dhcp_timeout;
     if let Some(id) = inputs
         .world
         .nodes
