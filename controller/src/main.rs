@@ -18,6 +18,7 @@ use benchcluster_controller::metrics::Metrics;
 use benchcluster_controller::telemetry::{self, LogFormat};
 use benchcluster_controller::{Context, Settings};
 use clap::Parser;
+use kube::client::retry::RetryPolicy;
 use tracing::{error, info, warn};
 
 /// Reconciles BenchCluster resources into libvirt VMs forming kubeadm clusters.
@@ -155,7 +156,7 @@ async fn run(args: Args) -> anyhow::Result<Stopped> {
         command_timeout: Duration::from_secs(args.ssh_command_timeout_seconds),
         ..SshConfig::default()
     });
-    let client = kube::Client::try_default()
+    let client = kube_client()
         .await
         .context("cannot build a Kubernetes client (in-cluster or kubeconfig)")?;
     let settings = Settings {
@@ -216,6 +217,109 @@ async fn run(args: Args) -> anyhow::Result<Stopped> {
         warn!(error = %e, "closing the libvirt connection");
     }
     Ok(stopped?)
+}
+
+/// The client from the in-cluster config or the kubeconfig, with [`ApiRetry`] in place
+/// of kube's default retry (which retries every method up to 15 times, with delays
+/// growing to 1000 s).
+async fn kube_client() -> Result<kube::Client, kube::Error> {
+    use tower::ServiceBuilder;
+    use tower::buffer::BufferLayer;
+    use tower::retry::RetryLayer;
+
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.default_retry = false;
+    let retry = ServiceBuilder::new()
+        .layer(RetryLayer::new(ApiRetry::new()))
+        // The retry layer clones the service it wraps; kube's stack is boxed, not Clone.
+        .layer(BufferLayer::new(1024))
+        .into_inner();
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&retry)
+        .build())
+}
+
+/// kube's [`RetryPolicy`] (429, 503 and 504; jittered exponential backoff from
+/// [`ApiRetry::MIN_DELAY`] to [`ApiRetry::MAX_DELAY`], at most [`ApiRetry::MAX_RETRIES`]
+/// retries, a longer `Retry-After` of the server honoured), limited to requests that
+/// may safely run twice: a 429 is retried for any method (the API server rejected the
+/// request before running it), a 503 or 504 only for an idempotent one (GET, HEAD,
+/// OPTIONS, PUT, DELETE, and a server-side apply or JSON merge PATCH), since a POST or
+/// JSON patch that timed out may have been applied. Other failures are left to the
+/// caller: the reconcile's own backoff, the watcher's, the lease manager's.
+#[derive(Clone)]
+struct ApiRetry(RetryPolicy);
+
+impl ApiRetry {
+    const MIN_DELAY: Duration = Duration::from_millis(500);
+    const MAX_DELAY: Duration = Duration::from_secs(5);
+    const MAX_RETRIES: u32 = 3;
+
+    fn new() -> Self {
+        match RetryPolicy::new(Self::MIN_DELAY, Self::MAX_DELAY, Self::MAX_RETRIES, true) {
+            Ok(policy) => Self(policy),
+            // MIN_DELAY <= MAX_DELAY, both finite: the only invalid settings are not ours.
+            Err(_) => Self(RetryPolicy::default()),
+        }
+    }
+
+    /// Whether the request may be sent again after a `status` kube's policy retries.
+    fn may_resend(
+        request: &::http::Request<kube::client::Body>,
+        status: ::http::StatusCode,
+    ) -> bool {
+        use ::http::Method;
+        if status == ::http::StatusCode::TOO_MANY_REQUESTS {
+            return true;
+        }
+        match *request.method() {
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE => true,
+            Method::PATCH => request
+                .headers()
+                .get(::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|t| {
+                    t.starts_with("application/apply-patch")
+                        || t.starts_with("application/merge-patch")
+                }),
+            _ => false,
+        }
+    }
+}
+
+impl<Res>
+    tower::retry::Policy<
+        ::http::Request<kube::client::Body>,
+        ::http::Response<Res>,
+        tower::BoxError,
+    > for ApiRetry
+{
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut ::http::Request<kube::client::Body>,
+        result: &mut Result<::http::Response<Res>, tower::BoxError>,
+    ) -> Option<Self::Future> {
+        match result {
+            Ok(response) if Self::may_resend(request, response.status()) => {
+                self.0.retry(request, result)
+            }
+            _ => None,
+        }
+    }
+
+    fn clone_request(
+        &mut self,
+        request: &::http::Request<kube::client::Body>,
+    ) -> Option<::http::Request<kube::client::Body>> {
+        tower::retry::Policy::<_, ::http::Response<Res>, tower::BoxError>::clone_request(
+            &mut self.0,
+            request,
+        )
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
@@ -293,6 +397,96 @@ mod tests {
             message.contains("--lease-timeout-seconds")
                 && message.contains("--dhcp-timeout-seconds"),
             "{message}"
+        );
+    }
+
+    /// What ApiRetry does after `status` for `method` (with this Content-Type):
+    /// `Some(delay)` for a retry.
+    fn retried(
+        policy: &mut ApiRetry,
+        method: ::http::Method,
+        content_type: Option<&str>,
+        status: u16,
+    ) -> Option<Duration> {
+        use tower::retry::Policy as _;
+        let mut request = ::http::Request::builder()
+            .method(method)
+            .uri("/api/v1/namespaces");
+        if let Some(content_type) = content_type {
+            request = request.header(::http::header::CONTENT_TYPE, content_type);
+        }
+        let mut request = request
+            .body(kube::client::Body::from(b"{}".to_vec()))
+            .unwrap();
+        assert!(
+            tower::retry::Policy::<_, ::http::Response<()>, tower::BoxError>::clone_request(
+                policy, &request
+            )
+            .is_some(),
+            "the body can be sent again"
+        );
+        let mut result: Result<_, tower::BoxError> =
+            Ok(::http::Response::builder().status(status).body(()).unwrap());
+        policy
+            .retry(&mut request, &mut result)
+            .map(|sleep| sleep.deadline() - tokio::time::Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_api_retry_is_bounded_jittered_and_only_for_requests_that_may_run_twice() {
+        use ::http::Method;
+        let apply = Some("application/apply-patch+yaml");
+        let json_patch = Some("application/json-patch+json");
+        for (method, content_type) in [
+            (Method::GET, None),
+            (Method::PUT, None),
+            (Method::DELETE, None),
+            (Method::PATCH, apply),
+            (Method::PATCH, Some("application/merge-patch+json")),
+        ] {
+            for status in [503, 504] {
+                assert!(
+                    retried(&mut ApiRetry::new(), method.clone(), content_type, status).is_some(),
+                    "{method} {content_type:?} {status}"
+                );
+            }
+        }
+        for (method, content_type) in [(Method::POST, None), (Method::PATCH, json_patch)] {
+            for status in [503, 504] {
+                assert_eq!(
+                    retried(&mut ApiRetry::new(), method.clone(), content_type, status),
+                    None,
+                    "{method} {content_type:?} {status}"
+                );
+            }
+            // The server refused it before running it.
+            assert!(retried(&mut ApiRetry::new(), method.clone(), content_type, 429).is_some());
+        }
+        for status in [200, 201, 400, 404, 409, 500] {
+            assert_eq!(
+                retried(&mut ApiRetry::new(), Method::GET, None, status),
+                None,
+                "{status}"
+            );
+        }
+
+        // One request's retries: at most MAX_RETRIES, each delay within the doubling
+        // base plus up to twice its jitter, never over MAX_DELAY.
+        let mut policy = ApiRetry::new();
+        let mut base = ApiRetry::MIN_DELAY;
+        for attempt in 0..ApiRetry::MAX_RETRIES {
+            let delay = retried(&mut policy, Method::GET, None, 503)
+                .unwrap_or_else(|| panic!("retry {attempt} refused"));
+            assert!(
+                delay >= base && delay <= (base * 3).min(ApiRetry::MAX_DELAY),
+                "{delay:?} for base {base:?}"
+            );
+            base = (base * 2).min(ApiRetry::MAX_DELAY);
+        }
+        assert_eq!(
+            retried(&mut policy, Method::GET, None, 503),
+            None,
+            "bounded"
         );
     }
 
