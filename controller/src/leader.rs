@@ -2,12 +2,18 @@
 //! one reconciles.
 //!
 //! The protocol (acquire, renew, release, take over an expired Lease) is
-//! `kube-lease-manager`'s. On top of it, while leading, a guard reads the Lease every
-//! [`GUARD_INTERVAL`] and declares the leadership lost when the Lease names another
-//! holder or when no renewal of ours was seen for `duration - renew_every` (measured on
-//! this process's monotonic clock). The crate alone keeps claiming leadership while the
-//! API server is unreachable; the guard makes a partitioned leader stop before a
-//! follower may take over (a follower waits the full `duration` after the last renewal).
+//! `kube-lease-manager`'s. It does not report its renewals and keeps claiming the
+//! leadership while the API server is unreachable, so on top of it one watch on the
+//! Lease (no polling) does two things:
+//!
+//! - while following, a released (or deleted) Lease restarts the manager at once (the
+//!   crate itself would only look again at the old expiry);
+//! - while leading, a local renew deadline: each renewal of ours that the watch delivers
+//!   (pushed by the API server as the write lands) moves the deadline to
+//!   `duration - renew_every` later on this process's monotonic clock; when it passes,
+//!   or when the Lease names another holder, the leadership is lost. So a partitioned
+//!   leader stops before a follower may take over (a follower waits the full
+//!   `duration` after the last renewal).
 //!
 //! A replica that loses the leadership stops reconciling and [`run_controller`] returns
 //! [`Stopped::LeadershipLost`]: the binary then exits non-zero and restarts as a follower.
@@ -17,8 +23,12 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use kube_lease_manager::{LeaseCreateMode, LeaseManager, LeaseManagerError, LeaseParams};
 use tokio::sync::watch;
@@ -39,10 +49,6 @@ pub const DEFAULT_LEASE_NAME: &str = "benchcluster-controller";
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the leader renews.
 pub const RENEW_INTERVAL: Duration = Duration::from_secs(5);
-/// How often the leader's guard reads the Lease.
-pub const GUARD_INTERVAL: Duration = Duration::from_secs(1);
-/// How often a follower looks for a released Lease.
-pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a stepping-down leader waits for its release of the Lease to land.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -71,7 +77,8 @@ impl LeaseConfig {
         }
     }
 
-    /// The window after which a leader that saw none of its renewals steps down.
+    /// The window after which a leader that saw none of its renewals steps down: the
+    /// lease duration less one renew interval as the margin.
     pub fn renew_deadline(&self) -> Duration {
         self.duration.saturating_sub(self.renew_every)
     }
@@ -324,9 +331,80 @@ impl Drop for Manager {
     }
 }
 
+/// The Lease as the API server pushes it: `Some` when created or changed, `None` when
+/// deleted (or absent at a (re)list); errors (the watch restarting with backoff) too.
+type LeaseEvents = BoxStream<'static, Result<Option<Lease>, watcher::Error>>;
+
+/// The watch on the one Lease, restarted with kube's default backoff after an error.
+fn lease_events(api: Api<Lease>, name: &str) -> LeaseEvents {
+    watcher::watch_object(api, name).default_backoff().boxed()
+}
+
+/// Whether nobody holds `lease` (`None`: deleted; a new manager creates it again).
+fn released(lease: Option<&Lease>) -> bool {
+    lease.is_none_or(|l| l.spec.as_ref().is_none_or(|s| s.holder_identity.is_none()))
+}
+
+/// The local renew deadline of a leader, fed with the Lease as the watch sees it.
+#[derive(Debug)]
+struct RenewDeadline {
+    identity: String,
+    window: Duration,
+    /// When the last renewal of ours was seen (or the leadership began).
+    renewed: Instant,
+    last_renewal: Option<MicroTime>,
+    /// Whether the watch has shown this replica as the holder yet. Until it has, an
+    /// event naming someone else is older than our acquisition (the watch delivers one
+    /// object's changes in order), not a takeover.
+    seen_self: bool,
+}
+
+impl RenewDeadline {
+    fn new(identity: &str, window: Duration, now: Instant) -> Self {
+        Self {
+            identity: identity.to_owned(),
+            window,
+            renewed: now,
+            last_renewal: None,
+            seen_self: false,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.renewed + self.window
+    }
+
+    /// Takes in one state of the Lease seen at `now`; `Err(reason)` when it shows the
+    /// leadership lost.
+    fn observe(&mut self, lease: Option<&Lease>, now: Instant) -> Result<(), String> {
+        let Some(spec) = lease.map(|l| l.spec.clone().unwrap_or_default()) else {
+            return if self.seen_self {
+                Err("the Lease was deleted".to_owned())
+            } else {
+                Ok(())
+            };
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return if self.seen_self {
+                Err(format!(
+                    "the Lease names holder {:?}",
+                    spec.holder_identity.unwrap_or_default()
+                ))
+            } else {
+                Ok(())
+            };
+        }
+        self.seen_self = true;
+        if spec.renew_time != self.last_renewal {
+            self.renewed = now;
+            self.last_renewal = spec.renew_time;
+        }
+        Ok(())
+    }
+}
+
 /// Publishes the manager's view as `leading`. While following, restarts the manager
-/// when the Lease is released (the crate itself would only look again at the old
-/// expiry); while leading, guards the leadership.
+/// when the watch shows the Lease released; while leading, keeps the renew deadline.
 async fn monitor(
     competition: Competition,
     mut manager: Manager,
@@ -335,9 +413,10 @@ async fn monitor(
     metrics: Arc<Metrics>,
 ) {
     let config = &competition.config;
-    let api = competition.api();
-    let mut follow = tokio::time::interval(FOLLOW_INTERVAL);
-    follow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events = lease_events(competition.api(), &config.name);
+    // The Lease as last seen while following: the leader's guard starts from it, since
+    // the watch may have shown our acquisition before the manager reported it.
+    let mut latest: Option<Option<Lease>> = None;
     loop {
         if *manager.state.borrow_and_update() {
             break;
@@ -356,32 +435,33 @@ async fn monitor(
                 }
                 return;
             }
-            _ = follow.tick() => {
-                let released = match api.get_opt(&config.name).await {
-                    Ok(Some(lease)) => lease.spec.is_none_or(|s| s.holder_identity.is_none()),
-                    // Deleted: a new manager creates it again.
-                    Ok(None) => true,
-                    Err(_) => false,
-                };
-                if released && !*manager.state.borrow() {
-                    debug!("the Lease was released: competing for it now");
-                    match competition.manager().await {
-                        Ok(fresh) => manager = fresh,
-                        Err(error) => debug!(error = %crate::util::chain(&error), "cannot restart the lease manager"),
+            Some(event) = events.next() => match event {
+                Ok(lease) => {
+                    let released = released(lease.as_ref());
+                    latest = Some(lease);
+                    if released && !*manager.state.borrow() {
+                        debug!("the Lease was released: competing for it now");
+                        match competition.manager().await {
+                            Ok(fresh) => manager = fresh,
+                            Err(error) => debug!(error = %crate::util::chain(&error), "cannot restart the lease manager"),
+                        }
                     }
                 }
-            }
+                Err(error) => debug!(%error, "watching the leader Lease"),
+            },
         }
     }
     info!(identity = %config.identity, "became leader");
     metrics.set_leader(true);
     let _ = leading.send(true);
 
-    let deadline = config.renew_deadline();
-    let mut confirmed = Instant::now();
-    let mut last_renewal: Option<MicroTime> = None;
-    let mut tick = tokio::time::interval(GUARD_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut guard = RenewDeadline::new(&config.identity, config.renew_deadline(), Instant::now());
+    if let Some(lease) = latest {
+        // Never a loss: nothing named us before, so whatever it names is older.
+        let _ = guard.observe(lease.as_ref(), Instant::now());
+    }
+    let expiry = tokio::time::sleep_until(guard.deadline());
+    futures::pin_mut!(expiry);
     let reason = loop {
         tokio::select! {
             changed = manager.state.changed() => {
@@ -399,27 +479,17 @@ async fn monitor(
                 }
                 return;
             }
-            _ = tick.tick() => {
-                match api.get_opt(&config.name).await {
-                    Ok(Some(lease)) => {
-                        let spec = lease.spec.unwrap_or_default();
-                        if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
-                            break format!(
-                                "the Lease names holder {:?}",
-                                spec.holder_identity.unwrap_or_default()
-                            );
-                        }
-                        if spec.renew_time != last_renewal {
-                            confirmed = Instant::now();
-                            last_renewal = spec.renew_time;
-                        }
+            Some(event) = events.next() => match event {
+                Ok(lease) => {
+                    if let Err(reason) = guard.observe(lease.as_ref(), Instant::now()) {
+                        break reason;
                     }
-                    Ok(None) => break "the Lease was deleted".to_owned(),
-                    Err(error) => debug!(%error, "cannot read the leader Lease"),
+                    expiry.as_mut().reset(guard.deadline());
                 }
-                if confirmed.elapsed() > deadline {
-                    break format!("no renewal seen for {}s", deadline.as_secs());
-                }
+                Err(error) => debug!(%error, "watching the leader Lease"),
+            },
+            () = &mut expiry => {
+                break format!("no renewal seen for {}s", config.renew_deadline().as_secs());
             }
         }
     };
@@ -547,6 +617,82 @@ mod tests {
         assert!(config.seconds().is_err());
         config.renew_every = Duration::from_millis(1500);
         assert!(config.seconds().is_err(), "the crate counts whole seconds");
+    }
+
+    fn lease(holder: Option<&str>, renewed_at_second: i64) -> Lease {
+        let at = k8s_openapi::jiff::Timestamp::from_second(renewed_at_second).unwrap();
+        Lease {
+            spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                holder_identity: holder.map(str::to_owned),
+                renew_time: Some(MicroTime(at)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_renewal_seen_moves_the_deadline_and_only_a_renewal_does() {
+        let start = Instant::now();
+        let window = Duration::from_secs(10);
+        let mut guard = RenewDeadline::new("me", window, start);
+        assert_eq!(
+            guard.deadline(),
+            start + window,
+            "counted from becoming leader"
+        );
+        let later = start + Duration::from_secs(4);
+        guard.observe(Some(&lease(Some("me"), 100)), later).unwrap();
+        assert_eq!(guard.deadline(), later + window);
+        // The same renewal again (another field changed): no renewal, no new deadline.
+        guard
+            .observe(
+                Some(&lease(Some("me"), 100)),
+                later + Duration::from_secs(3),
+            )
+            .unwrap();
+        assert_eq!(guard.deadline(), later + window);
+        let again = later + Duration::from_secs(5);
+        guard.observe(Some(&lease(Some("me"), 105)), again).unwrap();
+        assert_eq!(guard.deadline(), again + window);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_holder_or_a_deletion_ends_the_leadership_once_ours_was_seen() {
+        let now = Instant::now();
+        let window = Duration::from_secs(10);
+        // Events from before our acquisition reached the watch: not a takeover.
+        let mut guard = RenewDeadline::new("me", window, now);
+        guard.observe(Some(&lease(None, 1)), now).unwrap();
+        guard.observe(Some(&lease(Some("old"), 2)), now).unwrap();
+        guard.observe(None, now).unwrap();
+        assert_eq!(guard.deadline(), now + window, "none of them a renewal");
+        guard.observe(Some(&lease(Some("me"), 3)), now).unwrap();
+        let lost = guard
+            .observe(Some(&lease(Some("intruder"), 4)), now)
+            .unwrap_err();
+        assert!(lost.contains("intruder"), "{lost}");
+
+        let mut guard = RenewDeadline::new("me", window, now);
+        guard.observe(Some(&lease(Some("me"), 3)), now).unwrap();
+        assert!(
+            guard.observe(Some(&lease(None, 4)), now).is_err(),
+            "released by someone"
+        );
+        let mut guard = RenewDeadline::new("me", window, now);
+        guard.observe(Some(&lease(Some("me"), 3)), now).unwrap();
+        assert_eq!(
+            guard.observe(None, now).unwrap_err(),
+            "the Lease was deleted"
+        );
+    }
+
+    #[test]
+    fn a_lease_without_holder_or_gone_is_released() {
+        assert!(released(None));
+        assert!(released(Some(&Lease::default())));
+        assert!(released(Some(&lease(None, 1))));
+        assert!(!released(Some(&lease(Some("a"), 1))));
     }
 
     #[test]

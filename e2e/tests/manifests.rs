@@ -358,6 +358,19 @@ async fn the_controller_may_do_what_it_needs_and_nothing_more() -> anyhow::Resul
             &["patch", "events.events.k8s.io", "-n", "team-a"],
             &["create", lease, "-n", ns],
             &["get", &format!("{lease}/benchcluster-controller"), "-n", ns],
+            // The elector watches its one Lease.
+            &[
+                "list",
+                &format!("{lease}/benchcluster-controller"),
+                "-n",
+                ns,
+            ],
+            &[
+                "watch",
+                &format!("{lease}/benchcluster-controller"),
+                "-n",
+                ns,
+            ],
             &[
                 "update",
                 &format!("{lease}/benchcluster-controller"),
@@ -384,6 +397,8 @@ async fn the_controller_may_do_what_it_needs_and_nothing_more() -> anyhow::Resul
             &["create", "pods/exec", "-n", ns],
             &["create", "events", "-n", "team-a"],
             &["create", lease, "-n", "team-a"],
+            &["list", lease, "-n", ns],
+            &["watch", &format!("{lease}/someone-else"), "-n", ns],
             &["update", &format!("{lease}/someone-else"), "-n", ns],
             &["patch", &format!("{lease}/someone-else"), "-n", ns],
             &["get", &format!("{crd}/someone-else.example.com")],
