@@ -311,9 +311,7 @@ async fn a_failed_kubeadm_init_is_a_failure_remembered_while_it_is_retried() {
     let names = bed.names();
     bed.booted(0).await;
     bed.guest().set_init_failing(&bed.node(CP), true);
-    bed.act(vec![Action::InitControlPlane]).await;
-    bed.operations_end().await;
-    let collected = bed.collect().await;
+    let collected = bed.operation(Action::InitControlPlane).await;
     let (action, error) = &collected.failures[0];
     assert_eq!(*action, Action::InitControlPlane);
     assert!(
@@ -344,19 +342,13 @@ async fn a_failing_drain_keeps_the_vm_and_a_later_one_removes_the_node() {
     let bed = Bed::new(1);
     let names = bed.names();
     bed.booted(1).await;
-    bed.act(vec![Action::InitControlPlane]).await;
-    bed.operations_end().await;
-    bed.collect().await;
-    bed.act(vec![Action::JoinWorker(W0)]).await;
-    bed.operations_end().await;
-    bed.collect().await;
+    bed.operation(Action::InitControlPlane).await;
+    bed.operation(Action::JoinWorker(W0)).await;
     let cp = bed.node(CP);
     assert!(bed.guest().nodes(&cp).contains(&bed.node(W0)));
 
     bed.guest().set_drain_failing(&bed.node(W0), true);
-    bed.act(vec![Action::DrainNode(W0)]).await;
-    bed.operations_end().await;
-    let collected = bed.collect().await;
+    let collected = bed.operation(Action::DrainNode(W0)).await;
     assert_eq!(collected.failures[0].0, Action::DrainNode(W0));
     assert!(collected.failures[0].1.chain().contains("timed out"));
     assert!(
@@ -381,9 +373,7 @@ async fn removal_aborts_the_nodes_operation_and_leaves_nothing() {
     );
     let names = bed.names();
     bed.booted(1).await;
-    bed.act(vec![Action::InitControlPlane]).await;
-    bed.operations_end().await;
-    bed.collect().await;
+    bed.operation(Action::InitControlPlane).await;
     bed.act(vec![Action::JoinWorker(W0)]).await;
     assert!(bed.ctx.operations.in_flight(&names.uid).contains_key(&W0));
 
@@ -416,9 +406,7 @@ async fn forgetting_a_cluster_deletes_its_kubeconfig_secret_once() {
     let bed = Bed::new(0);
     let names = bed.names();
     bed.booted(0).await;
-    bed.act(vec![Action::InitControlPlane]).await;
-    bed.operations_end().await;
-    bed.collect().await;
+    bed.operation(Action::InitControlPlane).await;
     assert!(
         bed.api
             .get::<Secret>(NAMESPACE, &names.kubeconfig_secret())
@@ -448,12 +436,8 @@ async fn uncordon_undoes_an_abandoned_drain() {
     );
     let names = bed.names();
     bed.booted(1).await;
-    bed.act(vec![Action::InitControlPlane]).await;
-    bed.operations_end().await;
-    bed.collect().await;
-    bed.act(vec![Action::JoinWorker(W0)]).await;
-    bed.operations_end().await;
-    bed.collect().await;
+    bed.operation(Action::InitControlPlane).await;
+    bed.operation(Action::JoinWorker(W0)).await;
     bed.act(vec![Action::DrainNode(W0)]).await;
     let cp = bed.node(CP);
     // The drain cordoned the Node and is still waiting.
@@ -486,9 +470,7 @@ async fn a_kubeconfig_secret_that_cannot_be_stored_fails_the_init_step() {
     let names = bed.names();
     bed.booted(0).await;
     bed.api.fail(Method::PATCH, "/secrets/", 500);
-    bed.act(vec![Action::InitControlPlane]).await;
-    bed.operations_end().await;
-    let collected = bed.collect().await;
+    let collected = bed.operation(Action::InitControlPlane).await;
     let (action, error) = &collected.failures[0];
     assert_eq!(*action, Action::InitControlPlane);
     assert!(matches!(error, Error::Kube { .. }), "{error:?}");

@@ -103,6 +103,11 @@ impl Bed {
         let mut bc = benchcluster(workers);
         bc.metadata.finalizers = Some(vec![FINALIZER.into()]);
         api.put(&bc);
+        Self::controller(api, hv, guest)
+    }
+
+    /// A controller with fresh memory on `api` and `hv`.
+    fn controller(api: FakeApi, hv: FakeHypervisor, guest: FakeGuest) -> Self {
         let ctx = Arc::new(Context::new(api.client(), hv.clone(), guest, settings()));
         let wakes = tokio::sync::Mutex::new(ctx.operations.wakes().boxed());
         Self {
@@ -116,16 +121,7 @@ impl Bed {
     /// A second controller with fresh memory on the same host, API and guest VMs: what
     /// a restart finds.
     pub fn restarted(&self) -> Self {
-        let (api, hv) = (self.api.clone(), self.hv.clone());
-        let guest = self.ctx.guest.sharing();
-        let ctx = Arc::new(Context::new(api.client(), hv.clone(), guest, settings()));
-        let wakes = tokio::sync::Mutex::new(ctx.operations.wakes().boxed());
-        Self {
-            api,
-            hv,
-            ctx,
-            wakes,
-        }
+        Self::controller(self.api.clone(), self.hv.clone(), self.ctx.guest.sharing())
     }
 
     pub fn guest(&self) -> &FakeGuest {
@@ -191,6 +187,14 @@ impl Bed {
             .await
             .expect("the operation ends within the hour")
             .expect("the wake channel stays open");
+    }
+
+    /// Starts `action`'s background operation, waits for its end and collects it.
+    pub async fn operation(&self, action: Action) -> Outcome {
+        let started = self.act(vec![action]).await;
+        assert!(started.failures.is_empty(), "{:?}", started.failures);
+        self.operations_end().await;
+        self.collect().await
     }
 
     /// One whole pass, as the controller runs it.
