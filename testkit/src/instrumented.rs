@@ -133,16 +133,7 @@ impl<H> Instrumented<H> {
         if !self.fail_removals.load(Ordering::Relaxed) {
             return Ok(());
         }
-        // A genuine libvirt error value: a fresh thread has no last error, so this is
-        // libvirt's own "internal error".
-        let source = std::thread::spawn(virt::error::Error::last_error)
-            .join()
-            .map_err(
-                |_| benchcluster_controller::hypervisor::HypervisorError::UploadStalled {
-                    volume: "injected failure".into(),
-                },
-            )?;
-        Err(benchcluster_controller::hypervisor::HypervisorError::Libvirt { operation, source })
+        Err(crate::hypervisor::libvirt_error(operation))
     }
 
     async fn mutated(&self) {
