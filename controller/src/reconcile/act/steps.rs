@@ -173,10 +173,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
     /// Proves the node answers over SSH; one that does not yet is still booting.
     async fn probe_ssh(&self, id: NodeId, stamps: &mut Vec<Stamp>) -> Result<StepResult> {
         let node = self.guest_node(id)?;
-        let credentials = self.credentials.ok_or(Error::NotReady {
-            action: "probe a node over SSH",
-            requirement: "SSH credentials are loaded",
-        })?;
+        let credentials = self.credentials("probe a node over SSH")?;
         match self.ctx.guest.probe(&node, credentials).await {
             Ok(()) => {
                 stamps.push(Stamp::new(id, Instant::now(), Event::Reachable));
@@ -198,13 +195,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
 
     fn init_control_plane(&self) -> Result<StepResult> {
         let node = self.guest_node(NodeId::CONTROL_PLANE)?;
-        let credentials = self
-            .credentials
-            .ok_or(Error::NotReady {
-                action: "initialise the control plane",
-                requirement: "SSH credentials are loaded",
-            })?
-            .clone();
+        let credentials = self.credentials("initialise the control plane")?.clone();
         let config = InitConfig {
             pod_subnet: self.bc.spec.kubernetes.pod_subnet.clone(),
             service_subnet: self.bc.spec.kubernetes.service_subnet.clone(),
@@ -224,13 +215,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
         let control_plane = self.guest_node(NodeId::CONTROL_PLANE)?;
         let worker = self.guest_node(id)?;
         let kubeconfig = self.kubeconfig("join a worker")?;
-        let credentials = self
-            .credentials
-            .ok_or(Error::NotReady {
-                action: "join a worker",
-                requirement: "SSH credentials are loaded",
-            })?
-            .clone();
+        let credentials = self.credentials("join a worker")?.clone();
         let guest = Arc::clone(&self.ctx.guest);
         Ok(self.start_operation(id, Operation::Join, async move {
             guest
@@ -309,6 +294,14 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
             info!(node = %self.names.node(id), operation = operation.as_str(), "started");
         }
         StepResult::Started
+    }
+
+    /// The SSH credentials a guest step logs in with.
+    fn credentials(&self, action: &'static str) -> Result<&Credentials> {
+        self.credentials.ok_or(Error::NotReady {
+            action,
+            requirement: "SSH credentials are loaded",
+        })
     }
 
     fn kubeconfig(&self, action: &'static str) -> Result<crate::guest::AdminKubeconfig> {
