@@ -141,9 +141,13 @@ impl RunningController {
         }
     }
 
-    /// Stops the controller as a crash would: the task is aborted wherever it is.
-    pub fn kill(self) {
+    /// Stops the controller as a crash would: the task and every operation it started
+    /// are aborted wherever they are, and nothing of it runs once this returns (a
+    /// killed process's `kubeadm join` does not finish behind the next one's back).
+    pub async fn kill(self) {
         self.task.abort();
+        self.ctx.operations.close();
+        let _ = self.task.await;
     }
 
     /// Stops the controller gracefully (in-flight reconciles finish).

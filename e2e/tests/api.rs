@@ -358,7 +358,7 @@ async fn restarted_controller_adopts_without_duplicates() -> Result<()> {
         (domains(&f.namespace, "adopt").len() == 2).then_some(())
     })
     .await?;
-    controller.kill();
+    controller.kill().await;
     let before = domains(&f.namespace, "adopt");
     ensure!(
         before.len() == 2,

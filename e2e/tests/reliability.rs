@@ -17,7 +17,7 @@ use benchcluster_controller::reconcile::reconcile;
 use benchcluster_crd::{BenchCluster, FINALIZER};
 use benchcluster_e2e::testbed::{self, CONVERGE, Fixture, POLL, RunningController};
 use benchcluster_e2e::wait;
-use benchcluster_testkit::{FakeGuest, RecordedSeeds};
+use benchcluster_testkit::{Completed, FakeGuest, RecordedSeeds};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -172,7 +172,7 @@ async fn killed_between_overlay_and_define_leaves_no_orphan_volume() -> Result<(
         || async { (volumes(&f.namespace, "orph") == desired_volumes(&names, 1)).then_some(()) },
     )
     .await?;
-    controller.kill();
+    controller.kill().await;
     ensure!(
         domains(&f.namespace, "orph").is_empty(),
         "no domain defined"
@@ -215,7 +215,7 @@ async fn killed_between_define_and_start_converges() -> Result<()> {
         (domains(&f.namespace, "ns").len() == 2).then_some(())
     })
     .await?;
-    controller.kill();
+    controller.kill().await;
     let conn = testbed::libvirt()?;
     for id in desired(1) {
         let domain = conn.lookup_domain_by_name(&names.domain(id))?;
@@ -742,7 +742,7 @@ async fn a_silent_guest_api_is_waited_for_never_initialised_again() -> Result<()
     // A restarted controller (nothing probed, nothing remembered) and one more worker
     // wanted: still nothing but waiting while the API is silent. The window spans many
     // poll intervals (200 ms) and backoffs (capped at 2 s).
-    controller.kill();
+    controller.kill().await;
     let controller = f.controller(guest.sharing());
     f.set_replicas("sa", 3).await?;
     let window = Instant::now();
@@ -883,7 +883,6 @@ async fn soak_with_random_kills_leaks_nothing() -> Result<()> {
     // Each controller is killed after a random number of its own libvirt mutations
     // (creating the VMs takes 160), or once everything is Ready.
     let mut kills = Vec::new();
-    let (mut inits, mut joins) = (0, 0);
     for cycle in 0..4 {
         let at = u64::try_from(rng.between(1, 60))?;
         let ctx = Arc::clone(&controller.ctx);
@@ -901,9 +900,7 @@ async fn soak_with_random_kills_leaks_nothing() -> Result<()> {
             },
         )
         .await?;
-        inits += controller.ctx.guest.inits.load(Ordering::Relaxed);
-        joins += controller.ctx.guest.joins.load(Ordering::Relaxed);
-        controller.kill();
+        controller.kill().await;
         kills.push(reached);
         controller = start(&guest);
     }
@@ -947,9 +944,7 @@ async fn soak_with_random_kills_leaks_nothing() -> Result<()> {
         },
     )
     .await?;
-    inits += controller.ctx.guest.inits.load(Ordering::Relaxed);
-    joins += controller.ctx.guest.joins.load(Ordering::Relaxed);
-    controller.kill();
+    controller.kill().await;
     kills.push(reached);
     let controller = start(&guest);
     wait::until("every BenchCluster gone", CONVERGE, POLL, || async {
@@ -979,6 +974,7 @@ async fn soak_with_random_kills_leaks_nothing() -> Result<()> {
         "only the SSH key left"
     );
     let rss_after = rss_kib();
+    let Completed { inits, joins } = guest.completed();
     eprintln!(
         "soak (seed {SEED:#x}): {CLUSTERS} clusters of 2 VMs Ready in {} ms through kills \
          {kills:?}; deleted in {} ms; {inits} inits and {joins} joins completed; \

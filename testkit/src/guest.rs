@@ -39,6 +39,15 @@ struct State {
     api_down: BTreeSet<String>,
     /// Nodes whose drain fails after cordoning (its API calls time out).
     failing_drains: BTreeSet<String>,
+    /// Inits and joins completed by every controller sharing this state.
+    completed: Completed,
+}
+
+/// `kubeadm init` and `join` runs that completed, across controller restarts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Completed {
+    pub inits: u64,
+    pub joins: u64,
 }
 
 /// An in-memory guest: `kubeadm init` creates a cluster keyed by the control plane's
@@ -92,6 +101,11 @@ impl FakeGuest {
             drain_latency: self.drain_latency,
             ..Self::default()
         }
+    }
+
+    /// Inits and joins completed by this guest and every one [`FakeGuest::sharing`] it.
+    pub fn completed(&self) -> Completed {
+        self.state().completed
     }
 
     /// A drain waits `latency` between cordoning the Node and deleting it.
@@ -267,6 +281,7 @@ impl Guest for FakeGuest {
             });
         }
         self.inits.fetch_add(1, Ordering::Relaxed);
+        state.completed.inits += 1;
         if state.clusters.contains_key(&node.name) {
             self.inits_of_initialised.fetch_add(1, Ordering::Relaxed);
         }
@@ -297,6 +312,7 @@ impl Guest for FakeGuest {
         })?;
         cluster.nodes.insert(worker.name.clone(), true);
         self.joins.fetch_add(1, Ordering::Relaxed);
+        state.completed.joins += 1;
         Ok(())
     }
 
