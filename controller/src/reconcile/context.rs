@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use kube::Client;
+use benchcluster_crd::{BenchCluster, BenchClusterStatus};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::{Client, ResourceExt};
 use parking_lot::Mutex;
 
 use super::operations::Operations;
@@ -22,6 +23,19 @@ use crate::names::NodeId;
 /// Field manager of every server-side apply this controller makes.
 pub const FIELD_MANAGER: &str = "benchcluster-controller";
 
+/// A status this process wrote, at the object's revision the write produced.
+struct Applied {
+    revision: u64,
+    status: BenchClusterStatus,
+}
+
+/// The object's resourceVersion as etcd's revision, which only grows. Opaque by
+/// contract; an API server whose versions do not parse gets no memory (the watched
+/// copy is used, as before).
+fn revision(bc: &BenchCluster) -> Option<u64> {
+    bc.resource_version()?.parse().ok()
+}
+
 /// Timeouts and limits, in one place.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -31,6 +45,9 @@ pub struct Settings {
     pub poll_interval: Duration,
     /// Requeue interval once converged, to notice drift behind the controller's back.
     pub resync_interval: Duration,
+    /// Up to this fraction of a requeue interval is added at random, so clusters created
+    /// together do not poll (or resync) in lockstep.
+    pub requeue_jitter: f64,
     /// Steps of different nodes of one cluster that run at once.
     pub max_parallel_steps: usize,
     /// BenchClusters reconciled at once; the others queue.
@@ -47,6 +64,7 @@ impl Default for Settings {
             dhcp_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(2),
             resync_interval: Duration::from_secs(300),
+            requeue_jitter: 0.25,
             max_parallel_steps: 64,
             max_concurrent_reconciles: 32,
             backoff_base: Duration::from_secs(2),
@@ -70,6 +88,9 @@ pub struct Context<H, G> {
     failures: Mutex<HashMap<String, ExponentialBackoff>>,
     /// Since when each BenchCluster's guest API has not answered, while it does not.
     outages: Mutex<HashMap<String, SystemTime>>,
+    /// The status this process last applied to each BenchCluster, as the API server
+    /// returned it: what the next pass compares with while the watch has not caught up.
+    applied: Mutex<HashMap<String, Applied>>,
     /// Whether the controller's watch has listed every BenchCluster once.
     synced: AtomicBool,
 }
@@ -91,6 +112,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
             operations: Operations::default(),
             failures: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
+            applied: Mutex::new(HashMap::new()),
             synced: AtomicBool::new(false),
         }
     }
@@ -138,6 +160,36 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
     pub fn forget_cluster(&self, uid: &str) {
         self.timelines.lock().retain(|(u, _), _| u != uid);
         self.outages.lock().remove(uid);
+        self.applied.lock().remove(uid);
+    }
+
+    /// The status the next write is compared with: the one this process last applied,
+    /// unless the object at hand is newer (someone else wrote since, or this process
+    /// restarted); the watched copy alone lags the controller's own writes, and a pass
+    /// that outran the watch would write the same status again.
+    pub fn last_status(&self, bc: &BenchCluster) -> BenchClusterStatus {
+        let uid = bc.uid().unwrap_or_default();
+        let seen = revision(bc);
+        match self.applied.lock().get(&uid) {
+            Some(applied) if seen.is_some_and(|seen| applied.revision >= seen) => {
+                applied.status.clone()
+            }
+            _ => bc.status.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Remembers the status the API server returned for this process's write.
+    pub fn applied_status(&self, written: &BenchCluster) {
+        let (Some(uid), Some(revision)) = (written.uid(), revision(written)) else {
+            return;
+        };
+        self.applied.lock().insert(
+            uid,
+            Applied {
+                revision,
+                status: written.status.clone().unwrap_or_default(),
+            },
+        );
     }
 
     /// Records a failed reconcile and returns the backoff before the next attempt:

@@ -2,8 +2,9 @@
 //! and the controller's run loop.
 
 use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use benchcluster_crd::{BenchCluster, FINALIZER, NodeState};
 use futures::StreamExt;
@@ -13,7 +14,9 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Error as FinalizerError, Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, reflector};
+use kube::runtime::utils::PredicateConfig;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -151,7 +154,7 @@ async fn apply<H: Hypervisor, G: Guest>(
         .guest_api_outage(&names.uid, silent_api.is_none())
         .map(|since| Time(Timestamp::try_from(since).unwrap_or_else(|_| Timestamp::now())));
 
-    let previous = bc.status_or_default();
+    let previous = ctx.last_status(bc);
     let timelines: BTreeMap<NodeId, Timeline> = observation
         .world
         .nodes
@@ -173,7 +176,7 @@ async fn apply<H: Hypervisor, G: Guest>(
         timelines: &timelines,
         settings: &ctx.settings,
         api_silent_since: api_silent_since.as_ref(),
-        now: Time(Timestamp::now()),
+        now: status::now(),
     });
     ctx.metrics.set_cluster_vms(
         &names.uid,
@@ -187,10 +190,10 @@ async fn apply<H: Hypervisor, G: Guest>(
             .conditions
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True");
-    if next != previous {
+    if !status::same(&next, &previous) {
         let patched = patch_status(api, &names.name, &next).await;
         ctx.metrics.status_patched(patched.is_ok());
-        patched?;
+        ctx.applied_status(&patched?);
     }
     if became_ready {
         info!("cluster Ready");
@@ -220,18 +223,52 @@ async fn apply<H: Hypervisor, G: Guest>(
             .conditions
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True");
-    Ok(if converged || bc.spec.paused {
-        Action::requeue(ctx.settings.resync_interval)
-    } else {
-        Action::requeue(ctx.settings.poll_interval)
-    })
+    let in_flight = ctx.operations.in_flight(&names.uid);
+    Ok(
+        if converged || bc.spec.paused || only_operations_pending(&next, &in_flight) {
+            // Nothing to poll for: a change of the object, its Secrets or its VMs, or
+            // the end of an operation, wakes the cluster; the resync is a safety net.
+            Action::requeue(jittered(
+                ctx.settings.resync_interval,
+                ctx.settings.requeue_jitter,
+            ))
+        } else {
+            // Waiting on something nothing announces: a boot, a DHCP lease, SSH, a Node
+            // turning Ready, or the next step after this pass's own changes.
+            Action::requeue(jittered(
+                ctx.settings.poll_interval,
+                ctx.settings.requeue_jitter,
+            ))
+        },
+    )
 }
 
+/// Whether every node short of Ready waits on an operation in flight, whose end wakes
+/// the cluster: then polling would only repeat the same pass.
+fn only_operations_pending(
+    status: &benchcluster_crd::BenchClusterStatus,
+    in_flight: &BTreeMap<NodeId, super::world::Operation>,
+) -> bool {
+    !in_flight.is_empty()
+        && status.nodes.iter().filter(|n| !n.ready).all(|n| {
+            in_flight.contains_key(&NodeId {
+                role: n.role,
+                index: n.index,
+            })
+        })
+}
+
+/// `interval` plus a random part of up to `jitter` times more.
+fn jittered(interval: Duration, jitter: f64) -> Duration {
+    interval.mul_f64(1.0 + fastrand::f64() * jitter.clamp(0.0, 1.0))
+}
+
+/// Applies the status; returns the object as the API server stored it.
 async fn patch_status(
     api: &Api<BenchCluster>,
     name: &str,
     status: &benchcluster_crd::BenchClusterStatus,
-) -> Result<()> {
+) -> Result<BenchCluster> {
     let patch = serde_json::json!({
         "apiVersion": "benchcluster.dev/v1alpha1",
         "kind": "BenchCluster",
@@ -243,8 +280,7 @@ async fn patch_status(
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::kube("patch the status"))?;
-    Ok(())
+    .map_err(Error::kube("patch the status"))
 }
 
 /// Removes everything the cluster owns: workers, then the control plane, their disks,
@@ -328,7 +364,16 @@ pub async fn run<H: Hypervisor, G: Guest>(
         shutdown.await;
         stopping.operations.close();
     };
-    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+    // The watch feeds the store every event, but only changes of what a pass acts on
+    // trigger one: the controller's own status writes do not.
+    let (store, writer) = reflector::store();
+    let triggers = reflector(
+        writer,
+        watcher(api, watcher::Config::default().any_semantic()),
+    )
+    .applied_objects()
+    .predicate_filter(acted_on, PredicateConfig::default());
+    let controller = Controller::for_stream(triggers, store)
         .with_config(
             kube::runtime::controller::Config::default()
                 .concurrency(ctx.settings.max_concurrent_reconciles),
@@ -362,6 +407,18 @@ pub async fn run<H: Hypervisor, G: Guest>(
     info!("controller stopped");
 }
 
+/// What a pass acts on, hashed: the spec (generation), deletion, finalizers, and the
+/// object's identity. Status, managed fields and resourceVersion are left out, so a
+/// status write (the controller's own, mostly) triggers nothing.
+fn acted_on(bc: &BenchCluster) -> Option<u64> {
+    let mut hasher = DefaultHasher::new();
+    bc.metadata.uid.hash(&mut hasher);
+    bc.metadata.generation.hash(&mut hasher);
+    bc.metadata.deletion_timestamp.is_some().hash(&mut hasher);
+    bc.metadata.finalizers.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// Aborts every background operation when the controller's run ends, however it ends
 /// (returned, or its task aborted as a crash would).
 struct CloseOperations<H: Hypervisor, G: Guest>(Arc<Context<H, G>>);
@@ -369,5 +426,90 @@ struct CloseOperations<H: Hypervisor, G: Guest>(Arc<Context<H, G>>);
 impl<H: Hypervisor, G: Guest> Drop for CloseOperations<H, G> {
     fn drop(&mut self) {
         self.0.operations.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use benchcluster_crd::{BenchClusterStatus, NodeStatus, Role};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::reconcile::world::Operation;
+
+    #[test]
+    fn a_status_write_triggers_no_pass_a_spec_change_or_deletion_does() {
+        let mut bc = BenchCluster::new("c", crate::reconcile::plan::tests::spec(1));
+        bc.metadata.namespace = Some("ns".into());
+        bc.metadata.uid = Some("u".into());
+        bc.metadata.generation = Some(1);
+        bc.metadata.resource_version = Some("10".into());
+        let before = acted_on(&bc);
+        bc.status = Some(BenchClusterStatus {
+            ready_workers: 1,
+            ..BenchClusterStatus::default()
+        });
+        bc.metadata.resource_version = Some("11".into());
+        assert_eq!(acted_on(&bc), before, "status and resourceVersion");
+        let mut edited = bc.clone();
+        edited.metadata.generation = Some(2);
+        assert_ne!(acted_on(&edited), before, "spec");
+        let mut finalized = bc.clone();
+        finalized.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        assert_ne!(acted_on(&finalized), before, "finalizer added");
+        let mut deleted = bc.clone();
+        deleted.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+        assert_ne!(acted_on(&deleted), before, "deletion");
+    }
+
+    #[test]
+    fn only_nodes_waiting_on_their_own_operation_need_no_poll() {
+        let node = |role, index, ready| NodeStatus {
+            name: format!("n{index}"),
+            role,
+            index,
+            domain: format!("d{index}"),
+            mac: String::new(),
+            ip: None,
+            state: NodeState::Joining,
+            ready,
+            timings: Default::default(),
+        };
+        let status = BenchClusterStatus {
+            nodes: vec![
+                node(Role::ControlPlane, 0, true),
+                node(Role::Worker, 0, false),
+                node(Role::Worker, 1, false),
+            ],
+            ..BenchClusterStatus::default()
+        };
+        let joining = |indexes: &[u32]| {
+            indexes
+                .iter()
+                .map(|i| (NodeId::worker(*i), Operation::Join))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert!(only_operations_pending(&status, &joining(&[0, 1])));
+        assert!(
+            !only_operations_pending(&status, &joining(&[0])),
+            "w1 boots"
+        );
+        assert!(!only_operations_pending(&status, &joining(&[])));
+    }
+
+    #[test]
+    fn requeues_are_spread_over_a_quarter_more_at_most() {
+        let base = Duration::from_secs(2);
+        let delays: Vec<Duration> = (0..200).map(|_| jittered(base, 0.25)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= base && *d <= base.mul_f64(1.25))
+        );
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 100, "spread, not one value");
+        assert_eq!(jittered(base, 0.0), base);
     }
 }

@@ -8,6 +8,7 @@ use benchcluster_crd::{
     BenchClusterSpec, BenchClusterStatus, NodeState, NodeStatus, PhaseTimings, Role,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 
 use super::context::Settings;
 use super::outcome::{Outcome, failure_message};
@@ -29,6 +30,26 @@ pub struct Inputs<'a> {
     /// Since when the initialised cluster's API has not answered, while it does not.
     pub api_silent_since: Option<&'a Time>,
     pub now: Time,
+}
+
+/// The current time as the API stores it: whole seconds, so a status compared with the
+/// stored one differs only where something changed.
+pub fn now() -> Time {
+    let now = Timestamp::now();
+    Time(Timestamp::from_second(now.as_second()).unwrap_or(now))
+}
+
+/// Whether two statuses say the same, conditions' transition times aside (a write that
+/// would change only those says nothing new).
+pub fn same(a: &BenchClusterStatus, b: &BenchClusterStatus) -> bool {
+    let untimed = |s: &BenchClusterStatus| {
+        let mut s = s.clone();
+        for condition in &mut s.conditions {
+            condition.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    a == b || untimed(a) == untimed(b)
 }
 
 /// A time as the API stores it (whole seconds), for messages.

@@ -42,6 +42,8 @@ pub fn settings() -> Settings {
         poll_interval: Duration::from_millis(200),
         backoff_base: Duration::from_secs(2),
         backoff_cap: Duration::from_secs(300),
+        // Exact requeue intervals to assert on.
+        requeue_jitter: 0.0,
         ..Settings::default()
     }
 }
