@@ -256,6 +256,9 @@ pub struct SshSpec {
     pub user: String,
     /// Secret in the BenchCluster's namespace holding the SSH key pair: `ssh-privatekey`
     /// (OpenSSH format) and `ssh-publickey`, as in a `kubernetes.io/ssh-auth` Secret.
+    /// Make it of that type: the controller watches those, so a changed key is used at
+    /// once; a Secret of another type is read on every use and its changes are noticed
+    /// only by the next pass.
     pub key_secret: SecretReference,
 }
 

@@ -880,3 +880,53 @@ async fn rss_with_100_benchclusters() -> Result<()> {
     assert_eq!(replica.await??, Stopped::Shutdown);
     Ok(())
 }
+
+/// The SSH key Secrets are watched: a BenchCluster waiting for its key, in a backoff
+/// far longer than the test, proceeds as soon as the Secret appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_key_secret_that_appears_wakes_the_clusters_naming_it() -> Result<()> {
+    let f = Fixture::new("sshwake").await?;
+    let settings = Settings {
+        backoff_base: Duration::from_secs(600),
+        backoff_cap: Duration::from_secs(600),
+        resync_interval: Duration::from_secs(600),
+        ..testbed::fast_settings()
+    };
+    let controller = testbed::RunningController::start_with(
+        f.client.clone(),
+        Some(&f.namespace),
+        testbed::hypervisor(),
+        FakeGuest::default(),
+        settings,
+    );
+    let mut bc = f.cluster("late", 0)?;
+    bc.spec.ssh.key_secret.name = "late-key".into();
+    f.api.create(&Default::default(), &bc).await?;
+    wait::until(
+        "a failure naming the missing Secret",
+        CONVERGE,
+        POLL,
+        || async {
+            let status = f.api.get("late").await?.status.unwrap_or_default();
+            anyhow::Ok(
+                status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.message.contains("late-key"))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let credentials = benchcluster_controller::guest::Credentials {
+        user: "bench".into(),
+        private_key: secrecy::SecretString::from("-----BEGIN OPENSSH PRIVATE KEY-----\n-----END OPENSSH PRIVATE KEY-----\n"),
+        public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILateLateLateLateLateLateLateLateLateLateLate bench".into(),
+    };
+    benchcluster_e2e::keys::create_ssh_secret(&f.client, &f.namespace, "late-key", &credentials)
+        .await?;
+    // Ready within CONVERGE (60 s), with the next retry 600 s away: the watch woke it.
+    f.wait_ready("late", 0).await?;
+    controller.stop().await;
+    Ok(())
+}

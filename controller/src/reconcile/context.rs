@@ -14,6 +14,7 @@ use kube::{Client, ResourceExt};
 use parking_lot::Mutex;
 
 use super::operations::Operations;
+use super::secret_index::SecretIndex;
 use super::timeline::{Event, Stamp, Timeline};
 use crate::guest::Guest;
 use crate::hypervisor::Hypervisor;
@@ -84,6 +85,8 @@ pub struct Context<H, G> {
     timelines: Mutex<HashMap<(String, NodeId), Timeline>>,
     /// Long guest operations in flight (kubeadm init and join, drains).
     pub operations: Operations,
+    /// The kubeconfig and SSH key Secrets, from watches once the run loop syncs them.
+    pub secrets: SecretIndex,
     /// Backoff of each BenchCluster whose last pass failed.
     failures: Mutex<HashMap<String, ExponentialBackoff>>,
     /// Since when each BenchCluster's guest API has not answered, while it does not.
@@ -110,6 +113,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
             metrics: Arc::new(Metrics::new()),
             timelines: Mutex::new(HashMap::new()),
             operations: Operations::default(),
+            secrets: SecretIndex::default(),
             failures: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),

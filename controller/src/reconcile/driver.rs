@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use benchcluster_crd::{BenchCluster, FINALIZER, NodeState};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Error as FinalizerError, Event as Finalizer, finalizer};
-use kube::runtime::reflector::{self, reflector};
+use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::utils::PredicateConfig;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
@@ -24,6 +25,7 @@ use super::act::{act, collect, delete_kubeconfig, publish};
 use super::context::{Context, FIELD_MANAGER};
 use super::observe::{GuestApi, observe};
 use super::plan::{defer_retries, plan, plan_teardown};
+use super::secret_index::{MANAGED_BY, SSH_AUTH_TYPE, Stores};
 use super::status;
 use super::timeline::Timeline;
 use super::world::GuestCluster;
@@ -373,20 +375,76 @@ pub async fn run<H: Hypervisor, G: Guest>(
     )
     .applied_objects()
     .predicate_filter(acted_on, PredicateConfig::default());
-    let controller = Controller::for_stream(triggers, store)
+    // The Secrets passes read, watched: the kubeconfigs this controller owns (a change
+    // wakes their owner) and the SSH key Secrets (a changed key wakes every
+    // BenchCluster naming it).
+    let secrets: Api<Secret> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let (kubeconfigs, kubeconfig_writer) = reflector::store();
+    let kubeconfig_watch = reflector(
+        kubeconfig_writer,
+        watcher(
+            secrets.clone(),
+            watcher::Config::default()
+                .labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"))
+                .any_semantic(),
+        ),
+    )
+    .applied_objects();
+    let (ssh_keys, ssh_writer) = reflector::store();
+    let ssh_watch = reflector(
+        ssh_writer,
+        watcher(
+            secrets,
+            watcher::Config::default()
+                .fields(SSH_AUTH_TYPE)
+                .any_semantic(),
+        ),
+    )
+    .applied_objects();
+    let naming = store.clone();
+    let controller = Controller::for_stream(triggers, store.clone())
+        .owns_stream(kubeconfig_watch)
+        .watches_stream(ssh_watch, move |secret: Secret| {
+            let namespace = secret.namespace();
+            let name = secret.name_any();
+            naming
+                .state()
+                .into_iter()
+                .filter(|bc| bc.namespace() == namespace && bc.spec.ssh.key_secret.name == name)
+                .map(|bc| ObjectRef::from_obj(bc.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .with_config(
             kube::runtime::controller::Config::default()
                 .concurrency(ctx.settings.max_concurrent_reconciles),
         )
         // A finished guest operation wakes its BenchCluster at once.
         .reconcile_on(ctx.operations.wakes());
-    let store = controller.store();
     let sync_ctx = Arc::clone(&ctx);
     let synced = async move {
-        if store.wait_until_ready().await.is_ok() {
-            info!("watch synced");
-            sync_ctx.set_watch_synced(true);
-        }
+        let listed = async {
+            if store.wait_until_ready().await.is_ok() {
+                info!("watch synced");
+                sync_ctx.set_watch_synced(true);
+            }
+        };
+        // Independent of the readiness above: until the Secrets are listed, passes read
+        // them from the API.
+        let secrets_listed = async {
+            let (kubeconfigs_listed, ssh_keys_listed) =
+                futures::join!(kubeconfigs.wait_until_ready(), ssh_keys.wait_until_ready());
+            if kubeconfigs_listed.is_ok() && ssh_keys_listed.is_ok() {
+                debug!("Secret watches synced");
+                sync_ctx.secrets.install(Stores {
+                    kubeconfigs,
+                    ssh_keys,
+                });
+            }
+        };
+        futures::join!(listed, secrets_listed);
         // Keep the join below waiting on the controller alone.
         std::future::pending::<()>().await;
     };
@@ -403,6 +461,7 @@ pub async fn run<H: Hypervisor, G: Guest>(
         });
     futures::pin_mut!(synced, controller);
     futures::future::select(controller, synced).await;
+    ctx.secrets.uninstall();
     ctx.set_watch_synced(false);
     info!("controller stopped");
 }

@@ -19,6 +19,7 @@ pub mod observe;
 pub mod operations;
 pub mod outcome;
 pub mod plan;
+pub mod secret_index;
 pub mod status;
 pub mod timeline;
 pub mod world;

@@ -4,8 +4,6 @@ use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use benchcluster_crd::BenchCluster;
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
 use secrecy::SecretString;
 
 use super::context::Context;
@@ -165,16 +163,17 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
     ctx: &Context<H, G>,
     nodes: &mut BTreeMap<NodeId, ObservedNode>,
 ) -> Result<(GuestCluster, Option<AdminKubeconfig>)> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    let secret = secrets
-        .get_opt(&names.kubeconfig_secret())
+    let secret = ctx
+        .secrets
+        .kubeconfig(&ctx.client, &names.namespace, &names.kubeconfig_secret())
         .await
         .map_err(Error::kube("read the kubeconfig Secret"))?;
     let Some(kubeconfig) = secret
-        .and_then(|s| s.data)
-        .and_then(|mut d| d.remove(KUBECONFIG_KEY))
-        .and_then(|bytes| String::from_utf8(bytes.0).ok())
-        .map(|text| AdminKubeconfig(SecretString::from(text)))
+        .as_ref()
+        .and_then(|s| s.data.as_ref())
+        .and_then(|d| d.get(KUBECONFIG_KEY))
+        .and_then(|bytes| std::str::from_utf8(&bytes.0).ok())
+        .map(|text| AdminKubeconfig(SecretString::from(text.to_owned())))
     else {
         return Ok((GuestCluster::Uninitialised, None));
     };

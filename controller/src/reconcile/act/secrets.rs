@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::super::context::{Context, FIELD_MANAGER};
 use super::super::observe::KUBECONFIG_KEY;
+use super::super::secret_index::MANAGED_BY;
 use crate::error::{Error, Result};
 use crate::guest::{AdminKubeconfig, Credentials, Guest};
 use crate::hypervisor::Hypervisor;
@@ -26,29 +27,29 @@ pub(super) async fn ssh_credentials<H: Hypervisor, G: Guest>(
 ) -> Result<Credentials> {
     let namespace = bc.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     let name = bc.spec.ssh.key_secret.name.clone();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secret = secrets
-        .get_opt(&name)
+    let secret = ctx
+        .secrets
+        .ssh_key(&ctx.client, &namespace, &name)
         .await
         .map_err(Error::kube("read the SSH key Secret"))?
         .ok_or_else(|| Error::SshKeySecret {
             name: name.clone(),
             problem: "not found",
         })?;
-    let mut data = secret.data.unwrap_or_default();
+    let data = secret.data.as_ref();
     let key = data
-        .remove(SSH_PRIVATE_KEY)
+        .and_then(|d| d.get(SSH_PRIVATE_KEY))
         .ok_or_else(|| Error::SshKeySecret {
             name: name.clone(),
             problem: "has no ssh-privatekey",
         })?;
-    let key = String::from_utf8(key.0).map_err(|_| Error::SshKeySecret {
+    let key = std::str::from_utf8(&key.0).map_err(|_| Error::SshKeySecret {
         name: name.clone(),
         problem: "ssh-privatekey is not UTF-8",
     })?;
     let public_key = data
-        .remove(SSH_PUBLIC_KEY)
-        .and_then(|k| String::from_utf8(k.0).ok())
+        .and_then(|d| d.get(SSH_PUBLIC_KEY))
+        .and_then(|k| std::str::from_utf8(&k.0).ok())
         .map(|k| k.trim().to_owned())
         .filter(|k| !k.is_empty() && !k.contains(['\n', '\r']))
         .ok_or_else(|| Error::SshKeySecret {
@@ -57,7 +58,7 @@ pub(super) async fn ssh_credentials<H: Hypervisor, G: Guest>(
         })?;
     Ok(Credentials {
         user: bc.spec.ssh.user.clone(),
-        private_key: SecretString::from(key),
+        private_key: SecretString::from(key.to_owned()),
         public_key,
     })
 }
@@ -78,13 +79,7 @@ pub(super) async fn store_kubeconfig<H: Hypervisor, G: Guest>(
             name: Some(names.kubeconfig_secret()),
             namespace: Some(names.namespace.clone()),
             owner_references: Some(vec![owner]),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    FIELD_MANAGER.to_owned(),
-                )]
-                .into(),
-            ),
+            labels: Some([(MANAGED_BY.to_owned(), FIELD_MANAGER.to_owned())].into()),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -98,7 +93,7 @@ pub(super) async fn store_kubeconfig<H: Hypervisor, G: Guest>(
         ..Secret::default()
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    secrets
+    let stored = secrets
         .patch(
             &names.kubeconfig_secret(),
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -106,6 +101,7 @@ pub(super) async fn store_kubeconfig<H: Hypervisor, G: Guest>(
         )
         .await
         .map_err(Error::kube("store the kubeconfig Secret"))?;
+    ctx.secrets.stored(stored);
     Ok(())
 }
 
@@ -119,8 +115,16 @@ pub async fn delete_kubeconfig<H: Hypervisor, G: Guest>(
         .delete(&names.kubeconfig_secret(), &DeleteParams::default())
         .await
     {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Ok(_) => {
+            ctx.secrets
+                .deleted(&names.namespace, &names.kubeconfig_secret());
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.is_not_found() => {
+            ctx.secrets
+                .deleted(&names.namespace, &names.kubeconfig_secret());
+            Ok(())
+        }
         Err(e) => Err(Error::kube("delete the kubeconfig Secret")(e)),
     }
 }
