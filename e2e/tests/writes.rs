@@ -341,7 +341,10 @@ async fn nothing_is_written_at_rest_with_50_clusters() -> anyhow::Result<()> {
     // Every cluster reconciled at least twice more (on average; each is requeued once
     // per resync interval once converged).
     passes_at_rest(&ctx, 2 * CLUSTERS as u64, 2).await?;
-    let requests = ApiRequests::scrape(&f.client).await?.since(&requests);
+    let requests = ApiRequests::scrape(&f.client)
+        .await?
+        .since(&requests)
+        .controller_share();
     let passes = reconciles(&ctx);
     let objects_after = versions(&f).await?;
     let events_after = event_versions(&f).await?;
