@@ -6,12 +6,16 @@
 //! - [`wait::until`]: the only way to wait (poll with a deadline, never a fixed sleep).
 //! - [`create_namespace`]: a random labelled namespace per test.
 //! - [`logs::LogCapture`]: what the controller logged, for checks afterwards.
+//! - [`measure`]: counting what the controller does (metrics of the controller and of
+//!   the API server, the statuses a watch saw, a process's memory and CPU), for the
+//!   scale bench and the api tier's write tests.
 //! - [`sandbox::Sandbox`]: libvirtd, its network and pools in a network namespace of
 //!   its own, for the vm and e2e tiers and `cargo xtask up`.
 
 pub mod apiserver;
 pub mod keys;
 pub mod logs;
+pub mod measure;
 pub mod namespace;
 mod pki;
 mod process;
