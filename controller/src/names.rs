@@ -41,14 +41,63 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// The two volumes of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Bytes of a host key's SHA-256 fingerprint that name its seed: 64 bits, so no two
+/// host keys ever generated for one node share a seed name.
+const KEY_TAG_BYTES: usize = 8;
+
+/// A VM incarnation's SSH host key, short enough for a volume name: the first 8 bytes
+/// of its SHA-256 fingerprint (the digest `ssh-keygen -l` prints in base64) as 16
+/// lowercase hex digits, which any storage pool accepts in a name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyTag(String);
+
+impl KeyTag {
+    /// The tag of a SHA-256 fingerprint digest; `None` for a shorter one.
+    pub fn from_sha256(digest: &[u8]) -> Option<Self> {
+        let prefix = digest.get(..KEY_TAG_BYTES)?;
+        Some(Self(prefix.iter().map(|b| format!("{b:02x}")).collect()))
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        (text.len() == 2 * KEY_TAG_BYTES && text.bytes().all(hex)).then(|| Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One of a node's identity seeds, by how its volume is named.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Seed {
+    /// Named by the host key it carries: one per VM incarnation, written before the
+    /// domain that boots from it is defined and never written again, so two passes
+    /// defining the same node at once each write their own seed and the domain that
+    /// wins boots from the seed of the key it pins.
+    Keyed(KeyTag),
+    /// Named without a key (`<domain>.<uid>.seed.img`), as controllers wrote seeds
+    /// before they were per incarnation: the domains those defined boot from it.
+    Legacy,
+}
+
+/// The volumes of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeKind {
     /// The root disk overlay.
     Disk,
-    /// The identity seed.
-    Seed,
+    /// An identity seed.
+    Seed(Seed),
 }
+
+/// Every seed volume name ends so, keyed or not.
+const SEED_SUFFIX: &str = ".seed.img";
 
 /// The names of one BenchCluster's objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,10 +133,6 @@ impl ClusterNames {
         format!(".{}.qcow2", self.uid_tag())
     }
 
-    fn seed_suffix(&self) -> String {
-        format!(".{}.seed.img", self.uid_tag())
-    }
-
     /// The node's root-disk overlay. Volumes carry no metadata, so the UID tag in the
     /// name is what ties a volume to its owner (two clusters whose domain names collide
     /// still own distinct volumes).
@@ -95,9 +140,20 @@ impl ClusterNames {
         format!("{}{}", self.domain(node), self.disk_suffix())
     }
 
-    /// The node's identity seed (docs/image-contract.md), tagged like its disk.
-    pub fn seed_volume(&self, node: NodeId) -> String {
-        format!("{}{}", self.domain(node), self.seed_suffix())
+    /// A seed of the node (docs/image-contract.md), tagged like its disk:
+    /// `<domain>.<uid tag>.<key tag>.seed.img` for a keyed seed,
+    /// `<domain>.<uid tag>.seed.img` for the legacy one. At most 152 bytes (a
+    /// 63-character namespace, a 40-character name, worker index `u32::MAX`): a file
+    /// name in a directory pool, and within libvirt's limits for a volume name.
+    pub fn seed_volume(&self, node: NodeId, seed: &Seed) -> String {
+        match seed {
+            Seed::Keyed(tag) => format!(
+                "{}.{}.{tag}{SEED_SUFFIX}",
+                self.domain(node),
+                self.uid_tag()
+            ),
+            Seed::Legacy => format!("{}.{}{SEED_SUFFIX}", self.domain(node), self.uid_tag()),
+        }
     }
 
     /// Secret holding the guest cluster's admin kubeconfig.
@@ -110,7 +166,20 @@ impl ClusterNames {
     pub fn volume_owner(&self, volume: &str) -> Option<(NodeId, VolumeKind)> {
         let (stem, kind) = match volume.strip_suffix(&self.disk_suffix()) {
             Some(stem) => (stem, VolumeKind::Disk),
-            None => (volume.strip_suffix(&self.seed_suffix())?, VolumeKind::Seed),
+            None => {
+                // `<domain>.<uid tag>` or `<domain>.<uid tag>.<key tag>`; domain names
+                // hold no dot (namespace and name are DNS labels).
+                let stem = volume.strip_suffix(SEED_SUFFIX)?;
+                let uid = format!(".{}", self.uid_tag());
+                match stem.strip_suffix(&uid) {
+                    Some(domain) => (domain, VolumeKind::Seed(Seed::Legacy)),
+                    None => {
+                        let (rest, tag) = stem.rsplit_once('.')?;
+                        let tag = KeyTag::parse(tag)?;
+                        (rest.strip_suffix(&uid)?, VolumeKind::Seed(Seed::Keyed(tag)))
+                    }
+                }
+            }
         };
         let rest = stem.strip_prefix(&self.domain_prefix())?;
         Some((parse_node_tag(rest)?, kind))
@@ -152,6 +221,7 @@ fn parse_node_tag(tag: &str) -> Option<NodeId> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use proptest::prelude::*;
 
@@ -174,6 +244,35 @@ mod tests {
             "bench-small-w-3.0f8fad5b.qcow2"
         );
         assert_eq!(n.kubeconfig_secret(), "small-kubeconfig");
+        let tag = KeyTag::from_sha256(&[0x5c, 0x1e, 0x0a, 0x9d, 0x3f, 0x2b, 0x4e, 0x71, 0xff])
+            .expect("8 bytes or more");
+        assert_eq!(
+            n.seed_volume(NodeId::worker(3), &Seed::Keyed(tag)),
+            "bench-small-w-3.0f8fad5b.5c1e0a9d3f2b4e71.seed.img"
+        );
+        // The name controllers gave the one seed per node before seeds were keyed: a
+        // domain they defined boots from it, so it is still recognised.
+        assert_eq!(
+            n.seed_volume(NodeId::worker(3), &Seed::Legacy),
+            "bench-small-w-3.0f8fad5b.seed.img"
+        );
+        assert_eq!(KeyTag::from_sha256(&[0; 7]), None);
+    }
+
+    #[test]
+    fn the_longest_seed_name_fits_a_pool() {
+        let n = ClusterNames {
+            namespace: "n".repeat(63),
+            name: "c".repeat(40),
+            ..names()
+        };
+        let tag = KeyTag::from_sha256(&[0xab; 32]).unwrap();
+        let longest = n.seed_volume(NodeId::worker(u32::MAX), &Seed::Keyed(tag.clone()));
+        assert_eq!(longest.len(), 152);
+        assert_eq!(
+            n.volume_owner(&longest),
+            Some((NodeId::worker(u32::MAX), VolumeKind::Seed(Seed::Keyed(tag))))
+        );
     }
 
     #[test]
@@ -185,9 +284,25 @@ mod tests {
         );
         assert_eq!(
             n.volume_owner("bench-small-cp-0.0f8fad5b.seed.img"),
-            Some((NodeId::CONTROL_PLANE, VolumeKind::Seed))
+            Some((NodeId::CONTROL_PLANE, VolumeKind::Seed(Seed::Legacy)))
+        );
+        assert_eq!(
+            n.volume_owner("bench-small-w-2.0f8fad5b.5c1e0a9d3f2b4e71.seed.img"),
+            Some((
+                NodeId::worker(2),
+                VolumeKind::Seed(Seed::Keyed(KeyTag("5c1e0a9d3f2b4e71".into())))
+            ))
         );
         for foreign in [
+            "bench-small-w-1.aaaaaaaa.seed.img",
+            "bench-small-w-1.aaaaaaaa.5c1e0a9d3f2b4e71.seed.img",
+            "bench-small-w-1.0f8fad5b.5c1e0a9d3f2b4e7.seed.img",
+            "bench-small-w-1.0f8fad5b.5C1E0A9D3F2B4E71.seed.img",
+            "bench-small-w-1.0f8fad5b.5c1e0a9d3f2b4e71x.seed.img",
+            "bench-small-w-1.0f8fad5b.zc1e0a9d3f2b4e71.seed.img",
+            "bench-small-w-1.5c1e0a9d3f2b4e71.0f8fad5b.seed.img",
+            "bench-small-w-1.0f8fad5b..seed.img",
+            "bench-smaller-w-1.0f8fad5b.5c1e0a9d3f2b4e71.seed.img",
             "bench-small-w-1.aaaaaaaa.qcow2",
             "bench-smaller-w-1.0f8fad5b.qcow2",
             "bench-small-w-01.0f8fad5b.qcow2",
@@ -216,11 +331,18 @@ mod tests {
         }
 
         #[test]
-        fn volume_names_round_trip(index in 0u32..10_000) {
+        fn volume_names_round_trip(index in 0u32..10_000, digest in prop::array::uniform32(any::<u8>()), cp in any::<bool>()) {
             let n = names();
-            let id = NodeId::worker(index);
+            let id = if cp { NodeId::CONTROL_PLANE } else { NodeId::worker(index) };
             prop_assert_eq!(n.volume_owner(&n.disk_volume(id)), Some((id, VolumeKind::Disk)));
-            prop_assert_eq!(n.volume_owner(&n.seed_volume(id)), Some((id, VolumeKind::Seed)));
+            let keyed = Seed::Keyed(KeyTag::from_sha256(&digest).unwrap());
+            for seed in [keyed, Seed::Legacy] {
+                let name = n.seed_volume(id, &seed);
+                prop_assert_eq!(n.volume_owner(&name), Some((id, VolumeKind::Seed(seed))));
+                // Another cluster's names never claim it.
+                let other = ClusterNames { uid: "aaaaaaaa-0000-0000-0000-000000000000".into(), ..names() };
+                prop_assert_eq!(other.volume_owner(&name), None);
+            }
         }
     }
 }

@@ -11,6 +11,8 @@ use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::names::KeyTag;
+
 /// Size of the seed disk; FAT12 needs a little room for its tables, the files are tiny.
 const SEED_BYTES: usize = 1024 * 1024;
 const LABEL: [u8; 11] = *b"CIDATA     ";
@@ -22,6 +24,8 @@ pub enum SeedError {
     HostKey(#[source] ssh_key::Error),
     #[error("writing the seed file system")]
     Fat(#[source] std::io::Error),
+    #[error("the SSH host key's fingerprint is not a SHA-256 digest")]
+    Fingerprint,
     #[error("{field} contains a character that cannot be put into the seed")]
     Unrepresentable { field: &'static str },
 }
@@ -32,6 +36,7 @@ pub struct HostKey {
     /// `ssh-ed25519 AAAA...`: what the controller pins.
     pub public_openssh: String,
     fingerprint: String,
+    tag: KeyTag,
 }
 
 impl HostKey {
@@ -44,12 +49,27 @@ impl HostKey {
         let key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(SeedError::HostKey)?;
         let private = key.to_openssh(LineEnding::LF).map_err(SeedError::HostKey)?;
         let public = key.public_key().to_openssh().map_err(SeedError::HostKey)?;
+        let fingerprint = key.fingerprint(ssh_key::HashAlg::Sha256);
         Ok(Self {
             private_openssh: SecretString::from(private.as_str()),
             public_openssh: public,
-            fingerprint: key.fingerprint(ssh_key::HashAlg::Sha256).to_string(),
+            tag: KeyTag::from_sha256(fingerprint.as_bytes()).ok_or(SeedError::Fingerprint)?,
+            fingerprint: fingerprint.to_string(),
         })
     }
+
+    /// What names the seed carrying this key.
+    pub fn tag(&self) -> &KeyTag {
+        &self.tag
+    }
+}
+
+/// The tag of a pinned public key (`ssh-ed25519 AAAA...`), the same one
+/// [`HostKey::tag`] gave it: it names the seed a domain pinning that key boots from.
+/// `None` for a text that is no OpenSSH public key.
+pub fn key_tag(public_openssh: &str) -> Option<KeyTag> {
+    let key = ssh_key::PublicKey::from_openssh(public_openssh.trim()).ok()?;
+    KeyTag::from_sha256(key.fingerprint(ssh_key::HashAlg::Sha256).as_bytes())
 }
 
 /// What one VM is told about itself.
@@ -215,6 +235,28 @@ mod tests {
         let b = HostKey::generate().unwrap();
         assert_ne!(a.public_openssh, b.public_openssh);
         assert!(!format!("{:?}", a.private_openssh).contains("PRIVATE"));
+    }
+
+    #[test]
+    fn a_pinned_key_names_the_seed_of_the_host_key_it_came_from() {
+        let a = HostKey::generate().unwrap();
+        let b = HostKey::generate().unwrap();
+        assert_eq!(key_tag(&a.public_openssh).as_ref(), Some(a.tag()));
+        assert_ne!(a.tag(), b.tag());
+        // The tag is the start of the fingerprint `ssh-keygen -l` prints.
+        let printed = a.fingerprint();
+        let digest = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(printed.strip_prefix("SHA256:").unwrap())
+                .unwrap()
+        };
+        assert_eq!(KeyTag::from_sha256(&digest).as_ref(), Some(a.tag()));
+        // A comment after the key does not change it; what is no key has none.
+        let commented = format!("{} root@small-w-3", a.public_openssh);
+        assert_eq!(key_tag(&commented).as_ref(), Some(a.tag()));
+        assert_eq!(key_tag("ssh-ed25519 not-base64"), None);
+        assert_eq!(key_tag(""), None);
     }
 
     #[test]

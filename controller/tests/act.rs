@@ -8,10 +8,14 @@ mod support;
 use std::time::Duration;
 
 use benchcluster_controller::Error;
+use benchcluster_controller::hypervisor::Hypervisor;
 use benchcluster_controller::hypervisor::{DomainSpec, HypervisorError, Owner};
-use benchcluster_controller::names::NodeId;
+use benchcluster_controller::names::VolumeKind;
+use benchcluster_controller::names::{NodeId, Seed};
 use benchcluster_controller::reconcile::Action;
+use benchcluster_controller::reconcile::act::act;
 use benchcluster_controller::reconcile::timeline::Event;
+use benchcluster_controller::seed::key_tag;
 use benchcluster_crd::{Firmware, Role};
 use benchcluster_testkit::{Call, FakeGuest, Method};
 
@@ -80,11 +84,19 @@ async fn define_domain_writes_the_seed_and_pins_a_host_key_once() {
         .clone()
         .expect("a pinned host key");
     assert!(key.starts_with("ssh-ed25519 "), "{key}");
-    let seed = bed
-        .hv
-        .volume_content(&names.seed_volume(W0))
-        .expect("a seed");
-    assert!(!seed.is_empty());
+    // The domain boots from the seed named by the key it pins, and that seed holds it.
+    let seed_volume = names.seed_volume(W0, &Seed::Keyed(key_tag(&key).unwrap()));
+    assert_eq!(domain.spec.seed_volume.as_ref(), Some(&seed_volume));
+    let seed = bed.hv.volume_content(&seed_volume).expect("a seed");
+    assert!(
+        contains(&seed, key.as_bytes()),
+        "the seed holds the pinned key"
+    );
+    assert_eq!(
+        bed.hv.volumes(),
+        [seed_volume, names.disk_volume(W0)],
+        "one seed"
+    );
     assert_eq!(
         events_of(&outcome),
         [(W0, Event::DefineStarted), (W0, Event::Defined)]
@@ -171,11 +183,153 @@ async fn a_failing_define_stops_that_node_and_not_the_others() {
     assert_eq!(bed.hv.calls(Call::StartDomain), 0);
     assert!(!bed.hv.volumes().contains(&names.disk_volume(w1)));
     assert_eq!(bed.events(), ["StepFailed"]);
-    // The seed written before the failing define is reused by the next attempt.
+    // The seed written before the failing define stays unused: the next attempt
+    // writes a seed of its own key, and the first is then a stray that goes.
     bed.hv.heal(Call::DefineDomain);
     let retried = bed.act(vec![Action::DefineDomain(W0)]).await;
     assert!(retried.failures.is_empty());
-    assert!(bed.hv.domain(&names.domain(W0)).is_some());
+    let domain = bed.hv.domain(&names.domain(W0)).expect("defined");
+    assert_eq!(seeds_of(&bed, W0).len(), 2);
+    bed.act(vec![Action::DeleteStraySeeds(W0)]).await;
+    assert_eq!(seeds_of(&bed, W0), Vec::from_iter(domain.spec.seed_volume));
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The seed volumes of a node of the bed's cluster.
+fn seeds_of(bed: &Bed, id: NodeId) -> Vec<String> {
+    let names = bed.names();
+    bed.hv
+        .volumes()
+        .into_iter()
+        .filter(
+            |v| matches!(names.volume_owner(v), Some((node, VolumeKind::Seed(_))) if node == id),
+        )
+        .collect()
+}
+
+/// Two controllers defining one node at once (no leader election, or a leader paused
+/// past its Lease): the one whose define is stuck has written its seed, the other
+/// writes its own and defines the domain. Neither seed is overwritten, the domain
+/// boots from the seed of the key it pins, and the stuck one's seed is deleted as a
+/// stray: only once the domain exists, read again directly before deleting.
+#[tokio::test(start_paused = true)]
+async fn racing_definitions_each_write_their_own_seed_and_the_losers_goes() {
+    let bed = Bed::new(1);
+    let names = bed.names();
+    bed.act(vec![Action::CreateDisk(W0)]).await;
+    let paused = bed.restarted();
+    bed.hv.hang(Call::DefineDomain);
+    let stuck = tokio::spawn(async move {
+        paused.act(vec![Action::DefineDomain(W0)]).await;
+    });
+    wait_for(|| seeds_of(&bed, W0).len() == 1).await;
+    let losers = seeds_of(&bed, W0);
+    let loser_content = bed.hv.volume_content(&losers[0]).unwrap();
+    bed.hv.heal(Call::DefineDomain);
+
+    // The other pass, from a view without the domain, defines it.
+    let outcome = bed.act(vec![Action::DefineDomain(W0)]).await;
+    assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+    let domain = bed.hv.domain(&names.domain(W0)).expect("defined");
+    let key = domain.spec.owner.host_key.clone().unwrap();
+    let own = names.seed_volume(W0, &Seed::Keyed(key_tag(&key).unwrap()));
+    assert_eq!(domain.spec.seed_volume.as_ref(), Some(&own));
+    assert!(contains(
+        &bed.hv.volume_content(&own).unwrap(),
+        key.as_bytes()
+    ));
+    assert_eq!(
+        bed.hv.volume_content(&losers[0]).unwrap(),
+        loser_content,
+        "the stuck pass's seed is not overwritten"
+    );
+
+    // The stray is seen as such and goes; the domain's own seed stays.
+    let observation = bed.observe().await;
+    let node = observation.world.node(W0).unwrap();
+    assert_eq!(node.stray_seeds().len(), 1);
+    let outcome = bed.act(vec![Action::DeleteStraySeeds(W0)]).await;
+    assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+    assert_eq!(seeds_of(&bed, W0), [own]);
+    // Again: nothing more to delete, no error.
+    assert!(
+        bed.act(vec![Action::DeleteStraySeeds(W0)])
+            .await
+            .failures
+            .is_empty()
+    );
+    stuck.abort();
+}
+
+/// A stray seen in a view that is stale by the time it would be deleted: the domain
+/// was removed since (another pass may be defining it again on the seed it just
+/// wrote). The direct read before deleting sees that, and nothing goes.
+#[tokio::test(start_paused = true)]
+async fn a_stray_is_not_deleted_when_the_domain_is_gone_since_the_view() {
+    let bed = Bed::new(1);
+    let names = bed.names();
+    bed.act(vec![Action::CreateDisk(W0), Action::DefineDomain(W0)])
+        .await;
+    // A seed some pass wrote and that no domain boots from (yet).
+    let written = names.seed_volume(W0, &Seed::Keyed(key_tag(&other_key()).unwrap()));
+    bed.hv.create_seed(&written, b"just written").await.unwrap();
+    let observation = bed.observe().await;
+    assert_eq!(observation.world.node(W0).unwrap().stray_seeds().len(), 1);
+
+    bed.hv.remove_domain(&names.domain(W0)).await.unwrap();
+    let outcome = act(
+        &bed.bc(),
+        &names,
+        &observation,
+        vec![Action::DeleteStraySeeds(W0)],
+        &bed.ctx,
+    )
+    .await;
+    assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+    assert_eq!(seeds_of(&bed, W0).len(), 2, "nothing deleted");
+    assert!(bed.hv.volumes().contains(&written));
+}
+
+/// Removal deletes every seed of the node: its own, strays, a legacy one.
+#[tokio::test(start_paused = true)]
+async fn delete_volumes_takes_every_seed_of_the_node() {
+    let bed = Bed::new(1);
+    let names = bed.names();
+    bed.act(vec![Action::CreateDisk(W0), Action::DefineDomain(W0)])
+        .await;
+    for seed in [Seed::Legacy, Seed::Keyed(key_tag(&other_key()).unwrap())] {
+        bed.hv
+            .create_seed(&names.seed_volume(W0, &seed), b"seed")
+            .await
+            .unwrap();
+    }
+    assert_eq!(seeds_of(&bed, W0).len(), 3);
+    let outcome = bed
+        .act(vec![Action::RemoveDomain(W0), Action::DeleteVolumes(W0)])
+        .await;
+    assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+    assert!(bed.hv.volumes().is_empty(), "{:?}", bed.hv.volumes());
+}
+
+fn other_key() -> String {
+    benchcluster_controller::seed::HostKey::generate()
+        .unwrap()
+        .public_openssh
+}
+
+/// Polls (virtual time, bounded) until `done`.
+async fn wait_for(done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not reached in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -266,7 +420,8 @@ async fn without_the_ssh_key_secret_only_guest_steps_wait() {
     // Both disks were still created; no domain was defined without its seed's key.
     assert_eq!(bed.hv.volumes().len(), 2);
     assert!(bed.hv.domains().is_empty());
-    assert!(!bed.hv.volumes().contains(&names.seed_volume(W0)));
+    assert!(!bed.hv.volumes().iter().any(|v| v.ends_with(".seed.img")));
+    let _ = names;
 }
 
 #[tokio::test(start_paused = true)]

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use benchcluster_controller::names::NodeId;
+use benchcluster_controller::hypervisor::Hypervisor;
+use benchcluster_controller::names::{NodeId, Seed, VolumeKind};
 use benchcluster_controller::reconcile::error_policy;
+use benchcluster_controller::seed::key_tag;
 use benchcluster_crd::{BenchCluster, FINALIZER, NodeState};
 use benchcluster_testkit::{Call, Method};
 use k8s_openapi::api::core::v1::Secret;
@@ -314,4 +316,84 @@ async fn failed_passes_back_off_exponentially_with_jitter_to_the_cap_and_a_succe
     bed.pass().await.unwrap();
     let d = bed.ctx.backoff(&uid);
     assert!(d >= base && d <= base * 2, "{d:?}");
+}
+
+/// A cluster formed by a controller that named one seed per node without its key
+/// (`<domain>.<uid>.seed.img`): this controller, restarted on it, adopts it without
+/// touching anything, and its cleanup takes those seeds too.
+#[tokio::test(start_paused = true)]
+async fn a_cluster_seeded_under_the_previous_naming_is_adopted_undisturbed() {
+    let bed = Bed::new(2);
+    bed.converge(30).await;
+    let names = bed.names();
+    // Every seed under the previous name, as that controller left them.
+    for volume in bed.hv.volumes() {
+        if let Some((id, VolumeKind::Seed(_))) = names.volume_owner(&volume) {
+            let content = bed.hv.volume_content(&volume).unwrap();
+            bed.hv.delete_volume(&volume).await.unwrap();
+            bed.hv
+                .create_seed(&names.seed_volume(id, &Seed::Legacy), &content)
+                .await
+                .unwrap();
+        }
+    }
+    let volumes = bed.hv.volumes();
+    assert_eq!(
+        volumes.iter().filter(|v| v.ends_with(".seed.img")).count(),
+        3
+    );
+
+    let restarted = bed.restarted();
+    let (mutations, defines) = (
+        restarted.hv.mutations(),
+        restarted.hv.calls(Call::DefineDomain),
+    );
+    for _ in 0..3 {
+        restarted.pass().await.unwrap();
+        restarted.operations_end().await;
+    }
+    assert!(restarted.ready());
+    assert_eq!(restarted.hv.mutations(), mutations, "nothing touched");
+    assert_eq!(restarted.hv.calls(Call::DefineDomain), defines);
+    assert_eq!(restarted.hv.volumes(), volumes, "the legacy seeds are kept");
+
+    let mut bc = restarted.bc();
+    bc.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    restarted.api.put(&bc);
+    restarted.pass().await.unwrap();
+    assert!(
+        restarted.hv.volumes().is_empty(),
+        "{:?}",
+        restarted.hv.volumes()
+    );
+}
+
+/// A stopped VM whose seed was deleted (behind the controller's back, or by a racing
+/// controller) cannot start: it is defined again on its disk with a fresh key and a
+/// seed of that key, and the cluster is Ready again.
+#[tokio::test(start_paused = true)]
+async fn a_stopped_vm_whose_seed_is_gone_is_defined_again_on_its_disk() {
+    let bed = Bed::new(1);
+    bed.converge(30).await;
+    let names = bed.names();
+    let w0 = NodeId::worker(0);
+    let before = bed.hv.domain(&names.domain(w0)).unwrap();
+    let seed = before.spec.seed_volume.clone().unwrap();
+    bed.hv.stop(&names.domain(w0));
+    bed.hv.delete_volume(&seed).await.unwrap();
+
+    bed.converge(30).await;
+    let after = bed.hv.domain(&names.domain(w0)).unwrap();
+    assert!(after.running);
+    assert_ne!(after.spec.owner.host_key, before.spec.owner.host_key);
+    let key = after.spec.owner.host_key.clone().unwrap();
+    let own = names.seed_volume(w0, &Seed::Keyed(key_tag(&key).unwrap()));
+    assert_eq!(after.spec.seed_volume.as_ref(), Some(&own));
+    assert!(bed.hv.volumes().contains(&own));
+    assert_eq!(bed.hv.volumes().len(), 4, "{:?}", bed.hv.volumes());
+    assert_eq!(
+        bed.guest().joins.load(Ordering::Relaxed),
+        1,
+        "its disk kept its join"
+    );
 }

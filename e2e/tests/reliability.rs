@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use benchcluster_controller::Context;
-use benchcluster_controller::hypervisor::{DomainOwner, Hypervisor, OverlaySpec};
-use benchcluster_controller::names::{ClusterNames, NodeId};
+use benchcluster_controller::hypervisor::{Hypervisor, OverlaySpec, xml};
+use benchcluster_controller::names::{ClusterNames, NodeId, Seed, VolumeKind};
 use benchcluster_controller::reconcile::reconcile;
+use benchcluster_controller::seed::{HostKey, key_tag};
 use benchcluster_crd::{BenchCluster, FINALIZER};
 use benchcluster_e2e::testbed::{self, CONVERGE, Fixture, POLL, RunningController};
 use benchcluster_e2e::wait;
@@ -43,11 +44,69 @@ fn desired(workers: u32) -> impl Iterator<Item = NodeId> {
     std::iter::once(NodeId::CONTROL_PLANE).chain((0..workers).map(NodeId::worker))
 }
 
-/// Exactly the overlay and the seed of each desired node.
+/// Exactly the overlay and the seed of each desired node: the two volumes its domain
+/// references, the seed being the one named by the host key the domain pins.
 fn desired_volumes(names: &ClusterNames, workers: u32) -> BTreeSet<String> {
     desired(workers)
-        .flat_map(|id| [names.disk_volume(id), names.seed_volume(id)])
+        .flat_map(|id| {
+            let booted = booted_volumes(names, id).unwrap_or_else(|e| panic!("{e}"));
+            [booted.disk, booted.seed]
+        })
         .collect()
+}
+
+/// What a node's domain boots from, read from its XML.
+struct Booted {
+    disk: String,
+    seed: String,
+    pinned_key: String,
+}
+
+/// The volumes node `id`'s domain references; an error unless they are its overlay
+/// and the seed named by the host key pinned in its metadata.
+fn booted_volumes(names: &ClusterNames, id: NodeId) -> Result<Booted> {
+    let domain = names.domain(id);
+    let text = testbed::libvirt()?
+        .lookup_domain_by_name(&domain)?
+        .xml_desc(0)?;
+    let readback = xml::parse_domain(&text)?;
+    let pinned_key = readback
+        .owner
+        .and_then(|o| o.host_key)
+        .ok_or_else(|| anyhow::anyhow!("{domain} pins no host key"))?;
+    let tag = key_tag(&pinned_key).ok_or_else(|| anyhow::anyhow!("{domain}: pinned key"))?;
+    let booted = Booted {
+        disk: names.disk_volume(id),
+        seed: names.seed_volume(id, &Seed::Keyed(tag)),
+        pinned_key,
+    };
+    let referenced: BTreeSet<String> = readback.disks.into_iter().map(|d| d.volume).collect();
+    let expected = BTreeSet::from([booted.disk.clone(), booted.seed.clone()]);
+    ensure!(
+        referenced == expected,
+        "{domain} references {referenced:?}, not its overlay and the seed of its key {expected:?}"
+    );
+    Ok(booted)
+}
+
+/// Whether each desired node has its overlay and exactly one seed (before any domain).
+fn an_overlay_and_a_seed_each(f: &Fixture, name: &str, names: &ClusterNames, workers: u32) -> bool {
+    let volumes = volumes(&f.namespace, name);
+    let owned: Vec<(NodeId, VolumeKind)> = volumes
+        .iter()
+        .filter_map(|v| names.volume_owner(v))
+        .collect();
+    owned.len() == volumes.len()
+        && desired(workers).all(|id| {
+            let of = |disk: bool| {
+                owned
+                    .iter()
+                    .filter(|(node, kind)| *node == id && (*kind == VolumeKind::Disk) == disk)
+                    .count()
+            };
+            of(true) == 1 && of(false) == 1
+        })
+        && owned.len() == 2 * desired(workers).count()
 }
 
 /// Deletes the BenchCluster and proves nothing of it is left: no domain, no volume,
@@ -169,7 +228,7 @@ async fn killed_between_overlay_and_define_leaves_no_orphan_volume() -> Result<(
         "overlays and seeds of both nodes, no domain",
         CONVERGE,
         POLL,
-        || async { (volumes(&f.namespace, "orph") == desired_volumes(&names, 1)).then_some(()) },
+        || async { an_overlay_and_a_seed_each(&f, "orph", &names, 1).then_some(()) },
     )
     .await?;
     controller.kill().await;
@@ -177,7 +236,8 @@ async fn killed_between_overlay_and_define_leaves_no_orphan_volume() -> Result<(
         domains(&f.namespace, "orph").is_empty(),
         "no domain defined"
     );
-    // And what a killed pass of a larger spec left: the overlay and seed of worker 3.
+    // And what killed passes of a larger spec left: the overlay and a seed of worker 3,
+    // and a seed of the previous naming.
     let hv = testbed::hypervisor();
     let stale = NodeId::worker(3);
     hv.create_overlay(&OverlaySpec {
@@ -186,9 +246,12 @@ async fn killed_between_overlay_and_define_leaves_no_orphan_volume() -> Result<(
         capacity_bytes: 1 << 30,
     })
     .await?;
-    hv.create_seed(&names.seed_volume(stale), b"left by a dead pass")
-        .await?;
-    ensure!(volumes(&f.namespace, "orph").len() == 6);
+    let dead_pass_key = key_tag(&HostKey::generate()?.public_openssh).unwrap();
+    for seed in [Seed::Keyed(dead_pass_key), Seed::Legacy] {
+        hv.create_seed(&names.seed_volume(stale, &seed), b"left by a dead pass")
+            .await?;
+    }
+    ensure!(volumes(&f.namespace, "orph").len() == 7);
 
     let controller =
         RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
@@ -196,7 +259,7 @@ async fn killed_between_overlay_and_define_leaves_no_orphan_volume() -> Result<(
     assert_eq!(
         volumes(&f.namespace, "orph"),
         desired_volumes(&names, 1),
-        "the stale worker's volumes removed, the others reused"
+        "the stale worker's volumes and the dead pass's seeds removed, the overlays reused"
     );
     delete_and_check_empty(&f, "orph").await?;
     controller.stop().await;
@@ -352,28 +415,30 @@ async fn two_controllers_racing_from_stale_views_make_exactly_n_domains() -> Res
     Ok(())
 }
 
-/// Domains of the cluster whose seed (as last written) does not hold the host key
-/// pinned in the domain's metadata.
-async fn mismatched_seeds(
-    hv: &TestHypervisor,
-    seeds: &RecordedSeeds,
-    names: &ClusterNames,
-    workers: u32,
-) -> Result<Vec<String>> {
-    let mut mismatched = Vec::new();
-    for id in desired(workers) {
-        let DomainOwner::Owned(owner) = hv.domain_owner(&names.domain(id)).await? else {
-            panic!("{} has no owner metadata", names.domain(id));
-        };
-        let pinned = owner.host_key.expect("a pinned host key");
-        let seed = seeds
-            .get(&names.seed_volume(id))
-            .expect("the seed's content");
-        if !seed.windows(pinned.len()).any(|w| w == pinned.as_bytes()) {
-            mismatched.push(names.domain(id));
-        }
-    }
-    Ok(mismatched)
+/// Domains of the cluster that do not boot from a seed holding the host key pinned in
+/// their metadata: the seed they reference is not the one named by that key, is gone
+/// (deleted as a stray), or holds another key.
+fn mismatched_seeds(seeds: &RecordedSeeds, names: &ClusterNames, workers: u32) -> Vec<String> {
+    let present = volumes(&names.namespace, &names.name);
+    desired(workers)
+        .filter_map(|id| {
+            let booted = match booted_volumes(names, id) {
+                Ok(booted) => booted,
+                Err(e) => return Some(format!("{e:#}")),
+            };
+            if !present.contains(&booted.seed) {
+                return Some(format!(
+                    "{}: its seed {} is gone",
+                    names.domain(id),
+                    booted.seed
+                ));
+            }
+            let content = seeds.get(&booted.seed).unwrap_or_default();
+            let pinned = booted.pinned_key.as_bytes();
+            (!content.windows(pinned.len()).any(|w| w == pinned))
+                .then(|| format!("{}: its seed holds another key", names.domain(id)))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,7 +488,7 @@ async fn one_controller_replaying_stale_snapshots_makes_exactly_n_matching_vms()
     assert_eq!(domains(&f.namespace, "st"), expected);
     assert_eq!(volumes(&f.namespace, "st"), desired_volumes(&names, 2));
     assert_eq!(written, 3, "no VM defined twice");
-    let mismatched = mismatched_seeds(&ctx.hypervisor, &seeds, &names, 2).await?;
+    let mismatched = mismatched_seeds(&seeds, &names, 2);
     assert!(mismatched.is_empty(), "{mismatched:?}");
     assert_eq!(ctx.guest.inits.load(Ordering::Relaxed), 1);
     assert_eq!(ctx.guest.joins.load(Ordering::Relaxed), 2);
@@ -449,27 +514,37 @@ async fn one_controller_replaying_stale_snapshots_makes_exactly_n_matching_vms()
     Ok(())
 }
 
-/// Scenario 3 beyond the domain count: whichever racing pass wrote a node's seed last,
-/// the domain must pin the host key that seed holds, or a real VM is refused over SSH
-/// for ever. It does not today: both passes see no domain, both write the seed (one
-/// volume name per node), one definition wins, and the seed may be the loser's. Only
-/// two controllers running at once (no leader election, or a leader paused past its
-/// Lease) get there; the fix is a seed per incarnation, named after its host key.
+/// Scenario 3 beyond the domain count: the domain must boot from a seed holding the
+/// host key it pins, or a real VM is refused over SSH for ever. Two controllers at once
+/// (no leader election, or a leader paused past its Lease) both see no domain and both
+/// define it; only one definition wins. Each pass writes a seed of its own, named by
+/// its key, before defining: the winner's domain boots from the seed of its key, and
+/// the loser's seed is deleted as a stray once the domain is there (never one a domain
+/// boots from).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: racing definitions can leave a seed that does not match the pinned host key"]
 async fn racing_definitions_keep_each_seed_matching_its_pinned_host_key() -> Result<()> {
     let f = Fixture::new("raceseed").await?;
     let race = Race::new(&f);
     let bc = f.create("rs", 2).await?;
     let names = names_of(&bc);
     let expected: BTreeSet<String> = desired(2).map(|id| names.domain(id)).collect();
-    race.until_ready(&f, "rs", &expected).await?;
-    let mismatched = mismatched_seeds(&race.a.hypervisor, &race.seeds, &names, 2).await?;
-    race.delete(&f, "rs").await?;
+    let (rounds, _) = race.until_ready(&f, "rs", &expected).await?;
+    let written = race.seeds.writes.load(Ordering::Relaxed);
+    let mismatched = mismatched_seeds(&race.seeds, &names, 2);
+    let left = volumes(&f.namespace, "rs");
+    eprintln!("Ready after {rounds} racing rounds; {written} seeds written for 3 nodes");
+    assert!(written > 3, "the passes did race to define the VMs");
     assert!(
         mismatched.is_empty(),
-        "seeds holding another host key than the one pinned: {mismatched:?}"
+        "domains not booting from a seed of their pinned key: {mismatched:?}"
     );
+    assert_eq!(
+        left,
+        desired_volumes(&names, 2),
+        "the losers' seeds deleted"
+    );
+    race.delete(&f, "rs").await?;
+    assert!(volumes(&f.namespace, "rs").is_empty());
     Ok(())
 }
 

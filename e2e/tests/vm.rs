@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use benchcluster_controller::guest::ssh::SshGuest;
 use benchcluster_controller::guest::{Guest as _, GuestError, GuestNode};
-use benchcluster_controller::hypervisor::{DomainState, Hypervisor as _};
-use benchcluster_controller::names::{ClusterNames, NodeId};
-use benchcluster_controller::seed::HostKey;
+use benchcluster_controller::hypervisor::{DomainState, Hypervisor as _, xml};
+use benchcluster_controller::names::{ClusterNames, NodeId, Seed};
+use benchcluster_controller::seed::{HostKey, key_tag};
 use benchcluster_crd::{BenchCluster, NodeState};
 use benchcluster_e2e::sandbox::{
     DHCP_RANGE, IMAGE_POOL, NODE_POOL, Sandbox, SandboxOptions, StatusLease, unix_now,
@@ -548,10 +548,30 @@ async fn check_exact_inventory(bed: &Bed, cluster: &ClusterNames) -> anyhow::Res
         domains == want_domains,
         "domains {domains:?}, want {want_domains:?}"
     );
-    let want_volumes: BTreeSet<String> = desired_nodes()
-        .iter()
-        .flat_map(|&n| [cluster.disk_volume(n), cluster.seed_volume(n)])
-        .collect();
+    // Each node's overlay and the seed its domain boots from: the one named by the host
+    // key pinned in its metadata, and the one its XML references.
+    let mut want_volumes = BTreeSet::new();
+    for &n in &desired_nodes() {
+        let text = virsh(&bed.uri, &["dumpxml", &cluster.domain(n)]).await?;
+        let domain = xml::parse_domain(&text)?;
+        let tag = domain
+            .owner
+            .and_then(|o| o.host_key)
+            .as_deref()
+            .and_then(key_tag)
+            .with_context(|| format!("{} pins no host key", cluster.domain(n)))?;
+        let booted = [
+            cluster.disk_volume(n),
+            cluster.seed_volume(n, &Seed::Keyed(tag)),
+        ];
+        let referenced: BTreeSet<String> = domain.disks.into_iter().map(|d| d.volume).collect();
+        ensure!(
+            referenced == BTreeSet::from(booted.clone()),
+            "{} references {referenced:?}, want {booted:?}",
+            cluster.domain(n)
+        );
+        want_volumes.extend(booted);
+    }
     let volumes: BTreeSet<String> = volumes(&bed.uri, NODE_POOL).await?.into_iter().collect();
     ensure!(
         volumes == want_volumes,

@@ -342,9 +342,11 @@ impl Hypervisor for FakeHypervisor {
 
     async fn create_seed(&self, name: &str, content: &[u8]) -> Result<()> {
         self.enter(Call::CreateSeed, "upload volume").await?;
+        // Never overwritten, as the trait says.
         self.state()
             .volumes
-            .insert(name.to_owned(), content.to_vec());
+            .entry(name.to_owned())
+            .or_insert_with(|| content.to_vec());
         Ok(())
     }
 

@@ -45,7 +45,7 @@ pub struct RecordedSeeds {
     /// measure the controller, not this record.
     keep: bool,
     /// Shared by [`RecordedSeeds::sharing`] copies; held while a seed is written, so
-    /// the record is the content of the volume's last writer.
+    /// the record is the content of the volume's only writer.
     pub content: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
     /// Seeds written, shared like `content`.
     pub writes: Arc<AtomicU64>,
@@ -94,8 +94,9 @@ impl RecordedSeeds {
         let pool = conn
             .lookup_storage_pool_by_name(&self.pool)
             .map_err(|e| e.to_string())?;
-        if let Ok(old) = pool.lookup_storage_vol_by_name(name) {
-            old.delete(0).map_err(|e| e.to_string())?;
+        // Never overwritten, as the libvirt implementation does.
+        if pool.lookup_storage_vol_by_name(name).is_ok() {
+            return Ok(());
         }
         let xml = format!(
             "<volume><name>{name}</name><capacity unit='bytes'>{}</capacity>\

@@ -171,7 +171,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn start_domain(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     /// Stops (hard) and undefines the domain; succeeds if it does not exist.
     fn remove_domain(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
-    /// Creates (or replaces) a raw volume in the node pool holding exactly `content`.
+    /// Creates a raw volume in the node pool holding exactly `content`, unless a volume
+    /// of that name exists: a seed's name is its host key's, so whatever holds the name
+    /// is that seed, and a seed a domain may boot from is never overwritten.
     fn create_seed(&self, name: &str, content: &[u8]) -> impl Future<Output = Result<()>> + Send;
     /// Deletes a volume of the node pool; succeeds if it does not exist.
     fn delete_volume(&self, name: &str) -> impl Future<Output = Result<()>> + Send;

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::guest::{AdminKubeconfig, Guest};
 use crate::hypervisor::{DomainState, Hypervisor, Lease};
 use crate::names::{ClusterNames, NodeId, VolumeKind};
+use crate::seed;
 
 /// Key of the admin kubeconfig in the `<name>-kubeconfig` Secret.
 pub const KUBECONFIG_KEY: &str = "value";
@@ -74,11 +75,22 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             host_keys.insert(id, key);
         }
     }
+    // Volumes are read after domains: a seed is written before the domain booting from
+    // it is defined, so a domain listed above has its seed in this listing unless the
+    // seed was deleted (a stopped domain whose seed is gone is defined again).
     for volume in hv.list_volumes().await? {
         match names.volume_owner(&volume) {
             Some((id, VolumeKind::Disk)) => nodes.entry(id).or_default().disk = true,
-            Some((id, VolumeKind::Seed)) => nodes.entry(id).or_default().seed = true,
+            Some((id, VolumeKind::Seed(seed))) => {
+                nodes.entry(id).or_default().seeds.insert(seed);
+            }
             None => {}
+        }
+    }
+    // The seed a domain boots from is named by the host key it pins.
+    for (id, key) in &host_keys {
+        if let Some(node) = nodes.get_mut(id) {
+            node.pinned_key = seed::key_tag(key);
         }
     }
 
@@ -231,7 +243,6 @@ mod tests {
         let node = |domain, ip: Option<Ipv4Addr>| ObservedNode {
             domain,
             disk: true,
-            seed: true,
             ip,
             ..ObservedNode::default()
         };

@@ -8,6 +8,11 @@
 //! Init, join and drain run in the background: the planner starts nothing more for a
 //! node whose operation is in flight, and abandons an operation whose node is no longer
 //! wanted or no longer running.
+//!
+//! Each VM incarnation boots from a seed of its own, named by its host key: the planner
+//! deletes a node's other seeds only beside a domain that boots from a seed of its own
+//! key (never a seed without its domain: another controller's define may be on its
+//! way), and all of them with the node.
 
 use benchcluster_crd::{BenchClusterSpec, Role};
 
@@ -20,8 +25,9 @@ use crate::names::NodeId;
 pub enum Action {
     /// Create the node's qcow2 overlay on its role's base image.
     CreateDisk(NodeId),
-    /// Generate the node's host key, write its identity seed, and define its domain
-    /// (owner metadata and pinned host key in the domain XML).
+    /// Generate the node's host key, write its identity seed (named by that key), and
+    /// define its domain booting from it (owner metadata and pinned host key in the
+    /// domain XML).
     DefineDomain(NodeId),
     /// Start the node's domain.
     StartDomain(NodeId),
@@ -48,8 +54,11 @@ pub enum Action {
     Abandon(NodeId),
     /// Destroy and undefine the node's domain.
     RemoveDomain(NodeId),
-    /// Delete the node's disk overlay and identity seed.
+    /// Delete the node's disk overlay and every identity seed of it.
     DeleteVolumes(NodeId),
+    /// Delete the node's stray seeds ([`ObservedNode::stray_seeds`]), once its domain is
+    /// read again directly and still boots from another one.
+    DeleteStraySeeds(NodeId),
 }
 
 impl Action {
@@ -66,7 +75,8 @@ impl Action {
             | Action::Uncordon(id)
             | Action::Abandon(id)
             | Action::RemoveDomain(id)
-            | Action::DeleteVolumes(id) => id,
+            | Action::DeleteVolumes(id)
+            | Action::DeleteStraySeeds(id) => id,
         }
     }
 
@@ -79,7 +89,8 @@ impl Action {
         }
     }
 
-    /// Whether the step removes something of the node.
+    /// Whether the step takes away something of the node: its Node, VM or volumes.
+    /// Deleting stray seeds is not: it takes nothing the node uses.
     pub fn is_removal(self) -> bool {
         matches!(
             self,
@@ -119,8 +130,15 @@ pub fn plan(spec: &BenchClusterSpec, world: &World) -> Vec<Action> {
         if !cp.disk && world.cluster != GuestCluster::Uninitialised {
             actions.push(Action::ForgetCluster);
         }
-        for id in desired_nodes(spec) {
-            create_or_progress(id, world.node(id).unwrap_or(&empty), world, &mut actions);
+    }
+    for id in desired_nodes(spec) {
+        let node = world.node(id).unwrap_or(&empty);
+        // First: whatever else the node waits for, its strays can go.
+        if !node.stray_seeds().is_empty() {
+            actions.push(Action::DeleteStraySeeds(id));
+        }
+        if world.network == NetworkState::Ready {
+            create_or_progress(id, node, world, &mut actions);
         }
     }
     let surplus: Vec<NodeId> = world
@@ -199,6 +217,15 @@ fn create_or_progress(id: NodeId, node: &ObservedNode, world: &World, out: &mut 
                 Action::StartDomain(id),
             ]);
         }
+        (Some(VmState::Stopped), true) if node.seed_missing() => {
+            // Its seed went (deleted behind our back, or by a racing controller that
+            // took it for a stray): it cannot start; define it again on its disk.
+            out.extend([
+                Action::RemoveDomain(id),
+                Action::DefineDomain(id),
+                Action::StartDomain(id),
+            ]);
+        }
         (Some(VmState::Stopped), true) => out.push(Action::StartDomain(id)),
         (Some(VmState::Running), true) => {
             if node.ip.is_none() {
@@ -273,7 +300,7 @@ fn remove(nodes: &[NodeId], world: &World, drain: bool, out: &mut Vec<Action>) {
         if node.domain.is_some() {
             out.push(Action::RemoveDomain(id));
         }
-        if node.disk || node.seed {
+        if node.disk || !node.seeds.is_empty() {
             out.push(Action::DeleteVolumes(id));
         }
     }
@@ -284,13 +311,15 @@ pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+    use crate::names::{KeyTag, Seed};
     use benchcluster_crd::{
         Firmware, ImageSpec, KubernetesSpec, NetworkSpec, NodeTemplate, SecretReference, SshSpec,
         WorkerPool, WorkerTemplate,
     };
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::net::Ipv4Addr;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     pub(crate) fn spec(replicas: i32) -> BenchClusterSpec {
         let image = ImageSpec {
@@ -332,11 +361,23 @@ pub(crate) mod tests {
         }
     }
 
+    fn tag(n: u64) -> KeyTag {
+        KeyTag::from_sha256(&n.to_be_bytes()).unwrap()
+    }
+
+    /// A host key that no node of any world pinned before (arbitrary worlds use small
+    /// numbers).
+    fn fresh_tag() -> KeyTag {
+        static NEXT: AtomicU64 = AtomicU64::new(1 << 32);
+        tag(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
     fn ready_node() -> ObservedNode {
         ObservedNode {
             domain: Some(VmState::Running),
             disk: true,
-            seed: true,
+            seeds: BTreeSet::from([Seed::Keyed(tag(1))]),
+            pinned_key: Some(tag(1)),
             ip: Some(Ipv4Addr::new(192, 168, 222, 10)),
             waiting_for_lease: None,
             registered: Some(true),
@@ -368,7 +409,9 @@ pub(crate) mod tests {
             match action {
                 Action::CreateDisk(_) => node.disk = true,
                 Action::DefineDomain(_) => {
-                    node.seed = true;
+                    let key = fresh_tag();
+                    node.seeds.insert(Seed::Keyed(key.clone()));
+                    node.pinned_key = Some(key);
                     node.domain = Some(VmState::Stopped);
                     node.reachable = false;
                 }
@@ -395,16 +438,22 @@ pub(crate) mod tests {
                 Action::Abandon(_) => {}
                 Action::RemoveDomain(_) => {
                     node.domain = None;
+                    node.pinned_key = None;
                     node.ip = None;
                     node.reachable = false;
                 }
                 Action::DeleteVolumes(_) => {
                     node.disk = false;
-                    node.seed = false;
+                    node.seeds.clear();
+                }
+                Action::DeleteStraySeeds(_) => {
+                    for stray in node.stray_seeds() {
+                        node.seeds.remove(&stray);
+                    }
                 }
             }
             let node = world.nodes.entry(id).or_default();
-            if node.domain.is_none() && !node.disk && !node.seed {
+            if !node.exists() {
                 world.nodes.remove(&id);
             }
         }
@@ -737,32 +786,211 @@ pub(crate) mod tests {
         assert!(plan(&s, &empty_world()).is_empty());
     }
 
+    /// A node whose domain pins key 1, with these seeds.
+    fn with_seeds(domain: Option<VmState>, seeds: &[Seed]) -> ObservedNode {
+        ObservedNode {
+            domain,
+            pinned_key: domain.map(|_| tag(1)),
+            seeds: seeds.iter().cloned().collect(),
+            ip: (domain == Some(VmState::Running)).then_some(Ipv4Addr::new(10, 0, 0, 2)),
+            ..ready_node()
+        }
+    }
+
+    #[test]
+    fn a_racing_losers_seed_goes_once_the_domain_boots_from_its_own() {
+        let own = Seed::Keyed(tag(1));
+        let loser = Seed::Keyed(tag(2));
+        let mut world = ready_world(1);
+        let w0 = NodeId::worker(0);
+        world.nodes.insert(
+            w0,
+            with_seeds(Some(VmState::Running), &[own.clone(), loser.clone()]),
+        );
+        assert_eq!(world.node(w0).unwrap().stray_seeds(), [loser]);
+        assert_eq!(plan(&spec(1), &world), vec![Action::DeleteStraySeeds(w0)]);
+        // Also while the node waits for everything else, and before its other steps.
+        world.network = NetworkState::Missing;
+        assert_eq!(plan(&spec(1), &world), vec![Action::DeleteStraySeeds(w0)]);
+        world.network = NetworkState::Ready;
+        world.nodes.get_mut(&w0).unwrap().domain = Some(VmState::Stopped);
+        assert_eq!(
+            plan(&spec(1), &world),
+            vec![Action::DeleteStraySeeds(w0), Action::StartDomain(w0)]
+        );
+        // A legacy seed beside a domain that boots from its keyed one is stray too.
+        world
+            .nodes
+            .insert(w0, with_seeds(Some(VmState::Running), &[own, Seed::Legacy]));
+        assert_eq!(world.node(w0).unwrap().stray_seeds(), [Seed::Legacy]);
+    }
+
+    #[test]
+    fn a_seed_without_its_domain_is_never_stray() {
+        // A pass that died after writing the seed, or another controller's pass about
+        // to define the domain on it: the seed stays, the domain is defined (on a seed
+        // of its own), and only then is the other one stray.
+        let mut world = empty_world();
+        let cp = NodeId::CONTROL_PLANE;
+        let written = Seed::Keyed(tag(2));
+        world.nodes.insert(
+            cp,
+            ObservedNode {
+                disk: true,
+                seeds: BTreeSet::from([written.clone()]),
+                ..ObservedNode::default()
+            },
+        );
+        assert!(world.node(cp).unwrap().stray_seeds().is_empty());
+        let actions = plan(&spec(0), &world);
+        assert_eq!(
+            actions,
+            vec![Action::DefineDomain(cp), Action::StartDomain(cp)]
+        );
+        simulate(&mut world, &actions);
+        let node = world.node(cp).unwrap();
+        assert_eq!(node.seeds.len(), 2);
+        assert_eq!(node.stray_seeds(), [written]);
+        assert_eq!(plan(&spec(0), &world)[0], Action::DeleteStraySeeds(cp));
+    }
+
+    #[test]
+    fn a_domain_of_the_previous_naming_keeps_its_legacy_seed() {
+        // A cluster formed by a controller that named one seed per node without a key:
+        // upgraded, this controller leaves it alone.
+        let mut world = ready_world(2);
+        for node in world.nodes.values_mut() {
+            node.seeds = BTreeSet::from([Seed::Legacy]);
+        }
+        assert!(plan(&spec(2), &world).is_empty());
+        let w1 = world.node(NodeId::worker(1)).unwrap().clone();
+        assert_eq!(w1.booted_seed(), Some(Seed::Legacy));
+        assert!(!w1.seed_missing());
+        assert!(w1.stray_seeds().is_empty());
+        // Stopped, it is started, not rebuilt.
+        world.nodes.get_mut(&NodeId::worker(1)).unwrap().domain = Some(VmState::Stopped);
+        assert_eq!(
+            plan(&spec(2), &world),
+            vec![Action::StartDomain(NodeId::worker(1))]
+        );
+        // Scaled down, its legacy seed goes with it.
+        let actions = plan(&spec(1), &world);
+        assert_eq!(
+            actions,
+            vec![
+                Action::DrainNode(NodeId::worker(1)),
+                Action::RemoveDomain(NodeId::worker(1)),
+                Action::DeleteVolumes(NodeId::worker(1)),
+            ]
+        );
+        simulate(&mut world, &actions);
+        assert!(world.node(NodeId::worker(1)).is_none());
+        // Rebuilt (its disk vanished), it boots from a keyed seed; the legacy one is
+        // then stray.
+        world.nodes.get_mut(&NodeId::worker(0)).unwrap().disk = false;
+        let actions = plan(&spec(1), &world);
+        simulate(&mut world, &actions);
+        let w0 = world.node(NodeId::worker(0)).unwrap();
+        assert!(matches!(w0.booted_seed(), Some(Seed::Keyed(_))));
+        assert_eq!(w0.stray_seeds(), [Seed::Legacy]);
+    }
+
+    #[test]
+    fn a_stopped_domain_whose_seed_is_gone_is_defined_again() {
+        let mut world = ready_world(1);
+        let w0 = NodeId::worker(0);
+        world.nodes.insert(
+            w0,
+            with_seeds(Some(VmState::Stopped), &[Seed::Keyed(tag(2))]),
+        );
+        assert!(world.node(w0).unwrap().seed_missing());
+        assert_eq!(
+            plan(&spec(1), &world),
+            vec![
+                Action::RemoveDomain(w0),
+                Action::DefineDomain(w0),
+                Action::StartDomain(w0),
+            ]
+        );
+        // Running, it booted already: it is left alone (no seed is stray beside it).
+        world.nodes.insert(
+            w0,
+            with_seeds(Some(VmState::Running), &[Seed::Keyed(tag(2))]),
+        );
+        assert!(plan(&spec(1), &world).is_empty());
+        // A domain pinning no key tells nothing: it is started as before.
+        let node = world.nodes.get_mut(&w0).unwrap();
+        node.domain = Some(VmState::Stopped);
+        node.pinned_key = None;
+        assert_eq!(plan(&spec(1), &world), vec![Action::StartDomain(w0)]);
+    }
+
+    #[test]
+    fn removal_takes_every_seed_of_the_node() {
+        let mut world = ready_world(2);
+        let w1 = NodeId::worker(1);
+        let seeds = [Seed::Keyed(tag(1)), Seed::Keyed(tag(2)), Seed::Legacy];
+        world.nodes.insert(
+            w1,
+            ObservedNode {
+                disk: false,
+                registered: None,
+                ..with_seeds(None, &seeds)
+            },
+        );
+        // Seeds alone are enough for the node to exist, and to be removed.
+        assert_eq!(plan(&spec(1), &world), vec![Action::DeleteVolumes(w1)]);
+        let actions = plan_teardown(&world);
+        simulate(&mut world, &actions);
+        assert!(world.node(w1).is_none());
+    }
+
     fn arb_node() -> impl Strategy<Value = ObservedNode> {
         (
             prop::option::of(prop_oneof![Just(VmState::Running), Just(VmState::Stopped)]),
             any::<bool>(),
             any::<bool>(),
-            any::<bool>(),
             prop::option::of(any::<bool>()),
             any::<bool>(),
             any::<bool>(),
+            arb_seeds(),
         )
             .prop_map(
-                |(domain, disk, seed, ip, registered, reachable, cordoned)| ObservedNode {
-                    domain,
-                    disk,
-                    seed,
-                    ip: (ip && domain == Some(VmState::Running))
-                        .then_some(Ipv4Addr::new(10, 0, 0, 1)),
-                    waiting_for_lease: None,
-                    registered,
-                    reachable,
-                    cordoned: cordoned && registered.is_some(),
+                |(domain, disk, ip, registered, reachable, cordoned, (seeds, pinned_key))| {
+                    ObservedNode {
+                        domain,
+                        disk,
+                        seeds,
+                        // Only a domain pins a key.
+                        pinned_key: pinned_key.filter(|_| domain.is_some()),
+                        ip: (ip && domain == Some(VmState::Running))
+                            .then_some(Ipv4Addr::new(10, 0, 0, 1)),
+                        waiting_for_lease: None,
+                        registered,
+                        reachable,
+                        cordoned: cordoned && registered.is_some(),
+                    }
                 },
             )
             .prop_filter("a node is observed through its domain or volumes", |n| {
-                n.domain.is_some() || n.disk || n.seed
+                n.exists()
             })
+    }
+
+    /// Seeds of one node (keyed by keys 0 to 3, and the legacy one) and the key its
+    /// domain pins: its own seed, a racing loser's, a dead pass's, an upgraded
+    /// controller's, or none.
+    fn arb_seeds() -> impl Strategy<Value = (BTreeSet<Seed>, Option<KeyTag>)> {
+        (
+            prop::collection::btree_set(
+                prop_oneof![
+                    Just(Seed::Legacy),
+                    (0u64..4).prop_map(|n| Seed::Keyed(tag(n)))
+                ],
+                0..4,
+            ),
+            prop::option::of((0u64..4).prop_map(tag)),
+        )
     }
 
     fn arb_world() -> impl Strategy<Value = World> {
@@ -835,6 +1063,41 @@ pub(crate) mod tests {
             prop_assert_eq!(actual, expected);
             prop_assert!(world.nodes.values().all(|n| n.registered == Some(true) || n.registered == Some(false)));
             prop_assert!(world.nodes.values().all(|n| !n.cordoned), "a wanted node left cordoned: {:?}", world);
+            // No stray seed leaks: a domain booting from a seed named by its key keeps
+            // that one seed only.
+            for node in world.nodes.values() {
+                if let Some(own @ Seed::Keyed(_)) = node.booted_seed()
+                    && node.seeds.contains(&own)
+                {
+                    prop_assert_eq!(&node.seeds, &BTreeSet::from([own]), "{:?}", node);
+                }
+            }
+        }
+
+        #[test]
+        fn no_plan_deletes_the_seed_a_domain_boots_from(world in arb_world(), replicas in 0i32..10) {
+            let spec = spec(replicas);
+            for actions in [plan(&spec, &world), plan_teardown(&world)] {
+                for (&id, node) in &world.nodes {
+                    let of_node: Vec<Action> = actions.iter().copied().filter(|a| a.node() == id).collect();
+                    let position = |wanted: Action| of_node.iter().position(|a| *a == wanted);
+                    if let Some(deleted) = position(Action::DeleteVolumes(id)) {
+                        // All its seeds go only with the node, after its domain.
+                        prop_assert!(!is_desired(&spec, id) || actions == plan_teardown(&world), "{:?}", of_node);
+                        if node.domain.is_some() {
+                            prop_assert!(position(Action::RemoveDomain(id)).is_some_and(|r| r < deleted), "{:?}", of_node);
+                        }
+                    }
+                    if of_node.contains(&Action::DeleteStraySeeds(id)) {
+                        // Strays only beside a domain, never the seed it boots from.
+                        let strays = node.stray_seeds();
+                        prop_assert!(node.domain.is_some());
+                        prop_assert!(!strays.is_empty());
+                        let booted = node.booted_seed();
+                        prop_assert!(booted.as_ref().is_some_and(|b| node.seeds.contains(b) && !strays.contains(b)), "{:?}", node);
+                    }
+                }
+            }
         }
 
         #[test]

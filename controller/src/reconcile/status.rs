@@ -574,7 +574,6 @@ mod tests {
             ObservedNode {
                 domain: Some(VmState::Stopped),
                 disk: true,
-                seed: true,
                 ..ObservedNode::default()
             },
         );

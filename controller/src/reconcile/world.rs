@@ -1,10 +1,10 @@
 //! The observed state of one BenchCluster: a plain value the planner reads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use crate::names::NodeId;
+use crate::names::{KeyTag, NodeId, Seed};
 
 /// What the hypervisor says about the cluster's network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,8 +31,13 @@ pub struct ObservedNode {
     pub domain: Option<VmState>,
     /// Whether the node's disk overlay exists.
     pub disk: bool,
-    /// Whether the node's identity seed volume exists.
-    pub seed: bool,
+    /// The node's identity seed volumes that exist: the one its domain boots from, and
+    /// strays (a racing pass's whose definition lost, or one written by a pass that
+    /// died before defining its domain).
+    pub seeds: BTreeSet<Seed>,
+    /// The tag of the host key pinned in its domain's metadata, which names the seed
+    /// the domain boots from.
+    pub pinned_key: Option<KeyTag>,
     /// Address from an unexpired lease for the node's own MAC.
     pub ip: Option<Ipv4Addr>,
     /// How long the domain has been running without a lease, when known.
@@ -44,6 +49,47 @@ pub struct ObservedNode {
     /// Whether its Node is cordoned by a drain of this controller (one that may have
     /// been abandoned since).
     pub cordoned: bool,
+}
+
+impl ObservedNode {
+    /// Whether anything of the node exists on the hypervisor.
+    pub fn exists(&self) -> bool {
+        self.domain.is_some() || self.disk || !self.seeds.is_empty()
+    }
+
+    /// The seed its domain boots from, as far as the names tell: the one named by the
+    /// host key it pins (every domain this controller defines), else the legacy one
+    /// (a domain defined before seeds were keyed). `None` without a domain or without
+    /// a pinned key, when nothing tells.
+    pub fn booted_seed(&self) -> Option<Seed> {
+        self.domain?;
+        let own = Seed::Keyed(self.pinned_key.clone()?);
+        if !self.seeds.contains(&own) && self.seeds.contains(&Seed::Legacy) {
+            return Some(Seed::Legacy);
+        }
+        Some(own)
+    }
+
+    /// Whether the seed its domain boots from is gone: it cannot start any more.
+    pub fn seed_missing(&self) -> bool {
+        self.booted_seed()
+            .is_some_and(|seed| !self.seeds.contains(&seed))
+    }
+
+    /// The seeds that can go now: only beside a domain that boots from a seed named by
+    /// its own key, all the others. Without a domain, a seed may be the one a pass of
+    /// another controller just wrote for the domain it is about to define, so none is
+    /// stray; beside a domain that boots from the legacy seed or whose seed is gone,
+    /// which seed it uses is not proven by its name, so none is stray either.
+    pub fn stray_seeds(&self) -> Vec<Seed> {
+        let Some(own @ Seed::Keyed(_)) = self.booted_seed() else {
+            return Vec::new();
+        };
+        if !self.seeds.contains(&own) {
+            return Vec::new();
+        }
+        self.seeds.iter().filter(|s| **s != own).cloned().collect()
+    }
 }
 
 /// A long guest operation running in the background for one node: a pass starts it and

@@ -93,9 +93,9 @@ pub(super) fn create_seed(
     content: &[u8],
 ) -> Result<()> {
     let pool = lookup_pool(conn, &config.node_pool)?;
-    // A seed left by an interrupted pass holds another host key: replace it.
-    if let Some(old) = lookup_volume(&pool, name)? {
-        old.delete(0).map_err(libvirt("delete stale seed volume"))?;
+    // Seeds are named by their host key and written once: never overwritten.
+    if lookup_volume(&pool, name)?.is_some() {
+        return Ok(());
     }
     let length = content.len() as u64;
     let xml = xml::raw_volume_xml(name, length)?;

@@ -20,7 +20,7 @@ use super::{publish, secrets};
 use crate::error::{Error, Result};
 use crate::guest::{Credentials, Guest, GuestError, GuestNode, InitConfig};
 use crate::hypervisor::{DomainOwner, DomainSpec, Hypervisor, HypervisorError, OverlaySpec, Owner};
-use crate::names::{ClusterNames, NodeId};
+use crate::names::{ClusterNames, NodeId, Seed};
 use crate::seed::{self, HostKey, Identity};
 
 pub(super) enum StepResult {
@@ -57,6 +57,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
             Action::Abandon(id) => Ok(self.abandon(id)),
             Action::RemoveDomain(id) => self.remove_domain(id, stamps).await,
             Action::DeleteVolumes(id) => self.delete_volumes(id).await,
+            Action::DeleteStraySeeds(id) => self.delete_stray_seeds(id).await,
         }
     }
 
@@ -119,6 +120,11 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
         // A fresh host key per VM incarnation: its private half only ever exists in
         // the seed; the public half is pinned in the domain's metadata.
         let host_key = HostKey::generate()?;
+        // The seed is named by the key, so no other pass ever writes this name: a pass
+        // racing this one (another controller, a paused leader) writes its own, and
+        // whichever definition wins boots from the seed of the key it pins. Written
+        // before the domain that references it exists; the loser's is a stray.
+        let seed_volume = names.seed_volume(id, &Seed::Keyed(host_key.tag().clone()));
         let hostname = names.node(id);
         let instance_id = format!("{}-{id}-{}", names.uid, host_key.fingerprint());
         let seed_image = seed::build(&Identity {
@@ -128,7 +134,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
             authorized_key: &credentials.public_key,
             host_key: &host_key,
         })?;
-        hv.create_seed(&names.seed_volume(id), &seed_image).await?;
+        hv.create_seed(&seed_volume, &seed_image).await?;
         hv.define_domain(&DomainSpec {
             name: domain,
             owner: Owner {
@@ -142,7 +148,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
             vcpus: cpus,
             memory_bytes,
             disk_volume: names.disk_volume(id),
-            seed_volume: Some(names.seed_volume(id)),
+            seed_volume: Some(seed_volume),
             mac: names.mac(id),
             network: self.bc.spec.network.name.clone(),
             firmware: image.firmware,
@@ -274,8 +280,52 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
     async fn delete_volumes(&self, id: NodeId) -> Result<StepResult> {
         let hv = &self.ctx.hypervisor;
         hv.delete_volume(&self.names.disk_volume(id)).await?;
-        hv.delete_volume(&self.names.seed_volume(id)).await?;
+        // Every seed observed; one written since is seen, and deleted, by the next pass.
+        for seed in self.observed_seeds(id) {
+            hv.delete_volume(&self.names.seed_volume(id, &seed)).await?;
+        }
         Ok(StepResult::Done)
+    }
+
+    /// Deletes the seeds observed as strays, once a direct read shows the domain still
+    /// boots from another one. The observation may be stale: another pass may have
+    /// removed the domain since and be about to define it again on a seed it just wrote,
+    /// which must not go. Without the domain, nothing is deleted; the next pass decides.
+    async fn delete_stray_seeds(&self, id: NodeId) -> Result<StepResult> {
+        let strays = self
+            .observation
+            .world
+            .node(id)
+            .map(|node| node.stray_seeds())
+            .unwrap_or_default();
+        if strays.is_empty() {
+            return Ok(StepResult::Done);
+        }
+        let (names, hv) = (self.names, &self.ctx.hypervisor);
+        let booted = match hv.domain_owner(&names.domain(id)).await? {
+            DomainOwner::Owned(owner) if owner.uid == names.uid => {
+                owner.host_key.as_deref().and_then(seed::key_tag)
+            }
+            DomainOwner::Owned(_) | DomainOwner::Foreign | DomainOwner::Absent => None,
+        };
+        let Some(booted) = booted.map(Seed::Keyed) else {
+            return Ok(StepResult::Done);
+        };
+        let mut deleted = 0;
+        for stray in strays.iter().filter(|s| **s != booted) {
+            hv.delete_volume(&names.seed_volume(id, stray)).await?;
+            deleted += 1;
+        }
+        info!(node = %names.node(id), deleted, "stray seeds deleted");
+        Ok(StepResult::Done)
+    }
+
+    fn observed_seeds(&self, id: NodeId) -> Vec<Seed> {
+        self.observation
+            .world
+            .node(id)
+            .map(|node| node.seeds.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Starts a background operation of the node; one already in flight is left alone.
