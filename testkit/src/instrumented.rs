@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use benchcluster_controller::hypervisor::{
-    DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
+    DomainOwner, DomainSpec, Hypervisor, Inventory, OverlaySpec,
 };
 use parking_lot::Mutex;
 
@@ -145,32 +145,11 @@ impl<H> Instrumented<H> {
 }
 
 impl<H: Hypervisor> Hypervisor for Instrumented<H> {
-    async fn list_domains(
+    async fn inventory(
         &self,
-        name_prefix: &str,
-    ) -> benchcluster_controller::hypervisor::Result<
-        Vec<benchcluster_controller::hypervisor::DomainInfo>,
-    > {
-        self.inner.list_domains(name_prefix).await
-    }
-
-    async fn list_volumes(&self) -> benchcluster_controller::hypervisor::Result<Vec<String>> {
-        self.inner.list_volumes().await
-    }
-
-    async fn network(
-        &self,
-        name: &str,
-    ) -> benchcluster_controller::hypervisor::Result<Option<NetworkInfo>> {
-        self.inner.network(name).await
-    }
-
-    async fn leases(
-        &self,
-        network: &str,
-        domains: &[String],
-    ) -> benchcluster_controller::hypervisor::Result<Vec<Lease>> {
-        self.inner.leases(network, domains).await
+        networks: &[String],
+    ) -> benchcluster_controller::hypervisor::Result<Inventory> {
+        self.inner.inventory(networks).await
     }
 
     async fn domain_owner(

@@ -10,9 +10,7 @@
 
 use std::sync::Arc;
 
-use super::{
-    DomainInfo, DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec, Result,
-};
+use super::{DomainOwner, DomainSpec, Hypervisor, Inventory, OverlaySpec, Result};
 
 /// Called with the operation's name (`define_domain`, ...) for each mutating call.
 type Recorder = Arc<dyn Fn(&'static str) + Send + Sync>;
@@ -34,20 +32,8 @@ impl<H> Metered<H> {
 }
 
 impl<H: Hypervisor> Hypervisor for Metered<H> {
-    async fn list_domains(&self, name_prefix: &str) -> Result<Vec<DomainInfo>> {
-        self.inner.list_domains(name_prefix).await
-    }
-
-    async fn list_volumes(&self) -> Result<Vec<String>> {
-        self.inner.list_volumes().await
-    }
-
-    async fn network(&self, name: &str) -> Result<Option<NetworkInfo>> {
-        self.inner.network(name).await
-    }
-
-    async fn leases(&self, network: &str, domains: &[String]) -> Result<Vec<Lease>> {
-        self.inner.leases(network, domains).await
+    async fn inventory(&self, networks: &[String]) -> Result<Inventory> {
+        self.inner.inventory(networks).await
     }
 
     async fn domain_owner(&self, name: &str) -> Result<DomainOwner> {
@@ -104,10 +90,7 @@ mod tests {
             Libvirt::new(LibvirtConfig::for_uri("test:///default")),
             move |operation| log.lock().push(operation),
         );
-        hv.list_domains("mtr-").await?;
-        hv.list_volumes().await?;
-        hv.network("default").await?;
-        hv.leases("default", &[]).await?;
+        hv.inventory(&["default".to_owned()]).await?;
         hv.domain_owner("mtr-absent-w-0").await?;
         assert!(seen.lock().is_empty(), "reads counted: {:?}", seen.lock());
 

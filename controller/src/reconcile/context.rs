@@ -12,6 +12,7 @@ use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use parking_lot::Mutex;
 
+use super::inventory::HostInventory;
 use super::operations::Operations;
 use super::timeline::{Event, Stamp, Timeline};
 use crate::guest::Guest;
@@ -39,6 +40,9 @@ pub struct Settings {
     /// up to the cap.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// How long one read of the host inventory serves the passes of every cluster (a
+    /// tick); a host mutation of this process ends it early.
+    pub inventory_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -51,6 +55,7 @@ impl Default for Settings {
             max_concurrent_reconciles: 32,
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(300),
+            inventory_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -72,6 +77,8 @@ pub struct Context<H, G> {
     outages: Mutex<HashMap<String, SystemTime>>,
     /// Whether the controller's watch has listed every BenchCluster once.
     synced: AtomicBool,
+    /// The libvirt host as observe reads it, shared by every cluster.
+    pub inventory: HostInventory,
 }
 
 impl<H: Hypervisor, G: Guest> Context<H, G> {
@@ -92,6 +99,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
             failures: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
             synced: AtomicBool::new(false),
+            inventory: HostInventory::default(),
         }
     }
 

@@ -42,6 +42,9 @@ pub fn settings() -> Settings {
         poll_interval: Duration::from_millis(200),
         backoff_base: Duration::from_secs(2),
         backoff_cap: Duration::from_secs(300),
+        // Every observe reads the host anew, so a test that changes it behind the
+        // controller's back sees the change at once (tests/inventory.rs sets a tick).
+        inventory_ttl: Duration::ZERO,
         ..Settings::default()
     }
 }
