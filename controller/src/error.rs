@@ -89,9 +89,13 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::SshKeySecret { .. } => "SshKeySecretInvalid",
-            Error::Hypervisor(HypervisorError::ImageMissing { .. }) => "ImageNotFound",
-            Error::Hypervisor(HypervisorError::PoolMissing { .. }) => "PoolNotFound",
-            Error::Hypervisor(HypervisorError::NameConflict { .. }) => "NameConflict",
+            // `root`: a shared inventory read's error names the same cause.
+            Error::Hypervisor(e) => match e.root() {
+                HypervisorError::ImageMissing { .. } => "ImageNotFound",
+                HypervisorError::PoolMissing { .. } => "PoolNotFound",
+                HypervisorError::NameConflict { .. } => "NameConflict",
+                _ => "Failed",
+            },
             Error::Guest(GuestError::HostKeyMismatch { .. }) => "HostKeyMismatch",
             Error::Steps { first, .. } => first.reason(),
             _ => "Failed",
@@ -120,6 +124,20 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_read_failure_keeps_the_reason_and_permanence_of_its_cause() {
+        let missing = HypervisorError::PoolMissing {
+            pool: "nodes".into(),
+        };
+        let shared = Error::Hypervisor(HypervisorError::Shared(std::sync::Arc::new(missing)));
+        assert_eq!(shared.reason(), "PoolNotFound");
+        assert!(shared.is_permanent());
+        assert_eq!(
+            shared.chain(),
+            "hypervisor: the shared host inventory read failed: storage pool \"nodes\" does not exist"
+        );
+    }
 
     #[test]
     fn a_cause_already_in_its_errors_message_is_not_repeated() {

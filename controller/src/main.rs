@@ -169,8 +169,8 @@ async fn run(args: Args) -> anyhow::Result<Stopped> {
     let ctx = Arc::new(
         Context::new(
             client.clone(),
-            Metered::new(libvirt.clone(), move |operation| {
-                counted.libvirt_mutation(operation)
+            Metered::new(libvirt.clone(), move |operation, kind| {
+                counted.libvirt_call(operation, kind)
             }),
             guest,
             settings,

@@ -17,6 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::error::Error;
+use crate::hypervisor::metered::CallKind;
 use parking_lot::Mutex;
 
 /// Prefix of every metric name.
@@ -153,6 +154,7 @@ pub struct Metrics {
     vms: Family<VmLabels, Gauge>,
     phases: HistogramFamily<PhaseLabels>,
     status_patches: Family<ResultLabels, Counter>,
+    libvirt_calls: Family<OperationLabels, Counter>,
     libvirt_mutations: Family<OperationLabels, Counter>,
     leader: Gauge,
     /// Each cluster's contribution to `vms`, by UID, so an update replaces it exactly.
@@ -213,6 +215,12 @@ impl Metrics {
             "Server-side-apply patches of the status subresource, by result",
             status_patches.clone(),
         );
+        let libvirt_calls = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "libvirt_calls",
+            "Hypervisor calls made, reads included, by operation",
+            libvirt_calls.clone(),
+        );
         let libvirt_mutations = Family::<OperationLabels, Counter>::default();
         registry.register(
             "libvirt_mutations",
@@ -233,6 +241,7 @@ impl Metrics {
             vms,
             phases,
             status_patches,
+            libvirt_calls,
             libvirt_mutations,
             leader,
             vm_counts: Mutex::new(HashMap::new()),
@@ -277,11 +286,13 @@ impl Metrics {
             .inc();
     }
 
-    /// Records a mutating libvirt call.
-    pub fn libvirt_mutation(&self, operation: &'static str) {
-        self.libvirt_mutations
-            .get_or_create(&OperationLabels { operation })
-            .inc();
+    /// Records a hypervisor call (and, for a mutation, a mutation).
+    pub fn libvirt_call(&self, operation: &'static str, kind: CallKind) {
+        let labels = OperationLabels { operation };
+        self.libvirt_calls.get_or_create(&labels).inc();
+        if kind == CallKind::Mutation {
+            self.libvirt_mutations.get_or_create(&labels).inc();
+        }
     }
 
     /// Sets the leader gauge.
@@ -347,7 +358,8 @@ mod tests {
         );
         m.phase(Phase::NodeReady, Duration::from_millis(1500));
         m.status_patched(true);
-        m.libvirt_mutation("define_domain");
+        m.libvirt_call("define_domain", CallKind::Mutation);
+        m.libvirt_call("inventory", CallKind::Read);
         m.set_leader(true);
         let text = m.encode().unwrap();
         for expected in [
@@ -357,11 +369,15 @@ mod tests {
             "benchcluster_provisioning_phase_duration_seconds_count{phase=\"node_ready\"} 1",
             "benchcluster_status_patches_total{result=\"ok\"} 1",
             "benchcluster_libvirt_mutations_total{operation=\"define_domain\"} 1",
+            "benchcluster_libvirt_calls_total{operation=\"define_domain\"} 1",
+            "benchcluster_libvirt_calls_total{operation=\"inventory\"} 1",
             "benchcluster_leader 1",
             "# EOF",
         ] {
             assert!(line(&text, expected).is_some(), "{expected:?} in\n{text}");
         }
+        let read_as_mutation = "benchcluster_libvirt_mutations_total{operation=\"inventory\"}";
+        assert!(line(&text, read_as_mutation).is_none(), "{text}");
     }
 
     #[test]

@@ -285,7 +285,7 @@ async fn failed_passes_back_off_exponentially_with_jitter_to_the_cap_and_a_succe
     let bed = Bed::new(0);
     let uid = bed.names().uid;
     let (base, cap) = (settings().backoff_base, settings().backoff_cap);
-    bed.hv.fail(Call::ListDomains);
+    bed.hv.fail(Call::Inventory);
     let error = bed.pass().await.unwrap_err();
     // The policy requeues the failed object (it never waits for a change).
     let requeue = error_policy(Arc::new(bed.bc()), &error, Arc::clone(&bed.ctx));
@@ -312,7 +312,7 @@ async fn failed_passes_back_off_exponentially_with_jitter_to_the_cap_and_a_succe
     );
 
     // A successful pass starts the backoff over.
-    bed.hv.heal(Call::ListDomains);
+    bed.hv.heal(Call::Inventory);
     bed.pass().await.unwrap();
     let d = bed.ctx.backoff(&uid);
     assert!(d >= base && d <= base * 2, "{d:?}");

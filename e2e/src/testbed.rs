@@ -108,12 +108,20 @@ impl RunningController {
         namespace: Option<&str>,
         hypervisor: Instrumented<Libvirt>,
     ) -> Self {
+        // Tests change the host behind the controller's back and expect its next pass
+        // to see it: every observe reads the host (concurrent ones still share a read).
+        // The tick itself is the stage tests' (controller/tests/inventory.rs); benches
+        // use `start_with` and keep it.
+        let settings = Settings {
+            inventory_ttl: Duration::ZERO,
+            ..fast_settings()
+        };
         Self::start_with(
             client,
             namespace,
             hypervisor,
             FakeGuest::default(),
-            fast_settings(),
+            settings,
         )
     }
 

@@ -723,8 +723,9 @@ impl Bed {
         let host_key = self
             .ctx
             .hypervisor
-            .list_domains(&domain)
+            .inventory(&[])
             .await?
+            .domains_with_prefix(&domain)
             .into_iter()
             .find(|d| d.name == domain)
             .and_then(|d| d.owner.host_key)
@@ -880,8 +881,9 @@ impl Bed {
         let keys: BTreeMap<String, String> = self
             .ctx
             .hypervisor
-            .list_domains(&format!("{}-{NAME}-", self.namespace))
+            .inventory(&[])
             .await?
+            .domains_with_prefix(&format!("{}-{NAME}-", self.namespace))
             .into_iter()
             .filter_map(|d| Some((d.name, d.owner.host_key?)))
             .collect();

@@ -856,8 +856,9 @@ async fn check_ready_cluster(bed: &Bed, bc: &BenchCluster, image: &str) -> anyho
     let domains = bed
         .ctx
         .hypervisor
-        .list_domains(&bed.domain_prefix(NAME))
-        .await?;
+        .inventory(&[])
+        .await?
+        .domains_with_prefix(&bed.domain_prefix(NAME));
     let uid = bc.uid().unwrap_or_default();
     ensure!(domains.len() == status.nodes.len(), "domains: {domains:?}");
     let keys: BTreeSet<_> = domains
@@ -927,8 +928,9 @@ async fn pinned_keys(bed: &Bed) -> anyhow::Result<std::collections::BTreeMap<Str
     Ok(bed
         .ctx
         .hypervisor
-        .list_domains(&prefix)
+        .inventory(&[])
         .await?
+        .domains_with_prefix(&prefix)
         .into_iter()
         .filter_map(|d| {
             let node = d
@@ -1025,7 +1027,12 @@ async fn check_recreation(bed: &Bed, state_dir: &std::path::Path) -> anyhow::Res
         RECREATE_DEADLINE,
         POLL,
         || async {
-            let domains = bed.ctx.hypervisor.list_domains(&domain).await?;
+            let domains = bed
+                .ctx
+                .hypervisor
+                .inventory(&[])
+                .await?
+                .domains_with_prefix(&domain);
             Ok::<_, anyhow::Error>(domains.into_iter().find_map(|d| {
                 let key = d.owner.host_key?;
                 (d.name == domain && d.state == DomainState::Running && key != old_key)

@@ -1,25 +1,25 @@
 //! An in-memory hypervisor: base images, overlay and seed volumes, domains with their
 //! owner metadata, networks, and a DHCP server that leases an address to each started
-//! domain's MAC. Tests make any call fail ([`FakeHypervisor::fail`]) or hang forever
-//! ([`FakeHypervisor::hang`], a controller dying mid-pass), and read back what exists.
+//! domain's MAC. Tests make any call fail ([`FakeHypervisor::fail`]), take time
+//! ([`FakeHypervisor::delay`]) or hang forever ([`FakeHypervisor::hang`], a controller
+//! dying mid-pass), and read back what exists.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use benchcluster_controller::hypervisor::{
-    DomainInfo, DomainOwner, DomainSpec, DomainState, Hypervisor, HypervisorError, Lease,
-    NetworkInfo, OverlaySpec, Result,
+    DomainInfo, DomainOwner, DomainSpec, DomainState, Hypervisor, HypervisorError, Inventory,
+    Lease, NetworkInfo, NetworkInventory, OverlaySpec, Result,
 };
 use parking_lot::{Mutex, MutexGuard};
 
 /// A call of the [`Hypervisor`] trait, for fault injection and counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Call {
-    ListDomains,
-    ListVolumes,
-    Network,
-    Leases,
+    /// The host-wide read (domains, volumes, networks and leases).
+    Inventory,
     DomainOwner,
     CreateOverlay,
     DefineDomain,
@@ -67,6 +67,8 @@ struct State {
     failing: BTreeSet<Call>,
     /// Calls that never return until healed (only calls started after `hang`).
     hanging: BTreeSet<Call>,
+    /// How long calls take before they answer.
+    delays: BTreeMap<Call, Duration>,
     /// Whether a started domain gets a lease at once.
     no_dhcp_answers: bool,
     calls: BTreeMap<Call, u64>,
@@ -188,15 +190,28 @@ impl FakeHypervisor {
             .sum()
     }
 
-    /// Counts the call, then fails or hangs it when told to.
+    /// Makes every `call` take `by` (of tokio's clock, so a paused one costs no real
+    /// time) before it answers, as a real host's calls take their time.
+    pub fn delay(&self, call: Call, by: Duration) {
+        self.state().delays.insert(call, by);
+    }
+
+    /// Counts the call, then delays, fails or hangs it when told to.
     async fn enter(&self, call: Call, operation: &'static str) -> Result<()> {
-        let (fail, hang) = {
+        let (fail, hang, delay) = {
             let mut state = self.state();
             *state.calls.entry(call).or_default() += 1;
-            (state.failing.contains(&call), state.hanging.contains(&call))
+            (
+                state.failing.contains(&call),
+                state.hanging.contains(&call),
+                state.delays.get(&call).copied(),
+            )
         };
         if hang {
             std::future::pending::<()>().await;
+        }
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
         }
         if fail {
             return Err(libvirt_error(operation));
@@ -221,13 +236,13 @@ pub fn libvirt_error(operation: &'static str) -> HypervisorError {
 }
 
 impl Hypervisor for FakeHypervisor {
-    async fn list_domains(&self, name_prefix: &str) -> Result<Vec<DomainInfo>> {
-        self.enter(Call::ListDomains, "list domains").await?;
-        Ok(self
-            .state()
+    async fn inventory(&self, networks: &[String]) -> Result<Inventory> {
+        self.enter(Call::Inventory, "list domains").await?;
+        let state = self.state();
+        let domains = state
             .domains
             .iter()
-            .filter(|(name, d)| name.starts_with(name_prefix) && !d.foreign)
+            .filter(|(_, d)| !d.foreign)
             .map(|(name, d)| DomainInfo {
                 name: name.clone(),
                 owner: d.spec.owner.clone(),
@@ -238,35 +253,35 @@ impl Hypervisor for FakeHypervisor {
                 },
                 mac: Some(d.spec.mac.to_ascii_lowercase()),
             })
-            .collect())
-    }
-
-    async fn list_volumes(&self) -> Result<Vec<String>> {
-        self.enter(Call::ListVolumes, "list volumes").await?;
-        Ok(self.volumes())
-    }
-
-    async fn network(&self, name: &str) -> Result<Option<NetworkInfo>> {
-        self.enter(Call::Network, "look up network").await?;
-        Ok(self.state().networks.get(name).cloned())
-    }
-
-    async fn leases(&self, network: &str, domains: &[String]) -> Result<Vec<Lease>> {
-        self.enter(Call::Leases, "read DHCP leases").await?;
-        let state = self.state();
-        Ok(domains
+            .collect();
+        let networks = networks
             .iter()
-            .filter_map(|name| state.domains.get(name))
-            .filter(|d| d.spec.network == network)
-            .filter_map(|d| {
-                let mac = d.spec.mac.to_ascii_lowercase();
-                state.leases.get(&mac).map(|ip| Lease {
-                    mac,
-                    ip: *ip,
-                    expiry_unix: 0,
-                })
+            .map(|network| {
+                let info = state.networks.get(network).cloned();
+                let leases = match &info {
+                    Some(n) if n.active => state
+                        .domains
+                        .values()
+                        .filter(|d| !d.foreign && d.spec.network == *network)
+                        .filter_map(|d| {
+                            let mac = d.spec.mac.to_ascii_lowercase();
+                            state.leases.get(&mac).map(|ip| Lease {
+                                mac,
+                                ip: *ip,
+                                expiry_unix: 0,
+                            })
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                (network.clone(), NetworkInventory { info, leases })
             })
-            .collect())
+            .collect();
+        Ok(Inventory {
+            domains,
+            volumes: state.volumes.keys().cloned().collect(),
+            networks,
+        })
     }
 
     async fn domain_owner(&self, name: &str) -> Result<DomainOwner> {

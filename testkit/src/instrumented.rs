@@ -1,6 +1,6 @@
-//! A wrapper that instruments any hypervisor: counts the mutations that reach it,
-//! freezes a controller mid-pass, injects removal failures, models latency, and keeps
-//! the seeds libvirt's test driver cannot store.
+//! A wrapper that instruments any hypervisor: counts the reads and mutations that
+//! reach it, freezes a controller mid-pass, injects removal failures, models latency,
+//! and keeps the seeds libvirt's test driver cannot store.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,16 +8,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use benchcluster_controller::hypervisor::{
-    DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec,
+    DomainOwner, DomainSpec, Hypervisor, Inventory, OverlaySpec,
 };
 use parking_lot::Mutex;
 
-/// Wraps a hypervisor to count the mutations that reach it (the steady state must
-/// cause none) and to freeze a controller mid-pass (restart tests).
+/// Wraps a hypervisor to count the calls that reach it (the steady state must cause
+/// no mutation) and to freeze a controller mid-pass (restart tests).
 pub struct Instrumented<H> {
     pub inner: H,
     /// Counts mutations that reached the hypervisor (define, start, remove...).
     pub mutations: AtomicU64,
+    /// Counts reads that reached the hypervisor (inventories and owner look-ups).
+    pub reads: AtomicU64,
+    /// Counts the host-wide inventory reads among them.
+    pub inventory_reads: AtomicU64,
     /// After this many domain definitions, every further one hangs forever: the process
     /// "dies" mid-pass, for restart tests.
     pub define_gate: Option<u64>,
@@ -117,6 +121,8 @@ impl<H> Instrumented<H> {
         Self {
             inner,
             mutations: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            inventory_reads: AtomicU64::new(0),
             define_gate: None,
             defines: AtomicU64::new(0),
             start_gate: None,
@@ -146,38 +152,20 @@ impl<H> Instrumented<H> {
 }
 
 impl<H: Hypervisor> Hypervisor for Instrumented<H> {
-    async fn list_domains(
+    async fn inventory(
         &self,
-        name_prefix: &str,
-    ) -> benchcluster_controller::hypervisor::Result<
-        Vec<benchcluster_controller::hypervisor::DomainInfo>,
-    > {
-        self.inner.list_domains(name_prefix).await
-    }
-
-    async fn list_volumes(&self) -> benchcluster_controller::hypervisor::Result<Vec<String>> {
-        self.inner.list_volumes().await
-    }
-
-    async fn network(
-        &self,
-        name: &str,
-    ) -> benchcluster_controller::hypervisor::Result<Option<NetworkInfo>> {
-        self.inner.network(name).await
-    }
-
-    async fn leases(
-        &self,
-        network: &str,
-        domains: &[String],
-    ) -> benchcluster_controller::hypervisor::Result<Vec<Lease>> {
-        self.inner.leases(network, domains).await
+        networks: &[String],
+    ) -> benchcluster_controller::hypervisor::Result<Inventory> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.inventory_reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.inventory(networks).await
     }
 
     async fn domain_owner(
         &self,
         name: &str,
     ) -> benchcluster_controller::hypervisor::Result<DomainOwner> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.domain_owner(name).await
     }
 
@@ -239,5 +227,24 @@ impl<H: Hypervisor> Hypervisor for Instrumented<H> {
         self.removal("delete volume (injected failure)")?;
         self.mutated().await;
         self.inner.delete_volume(name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FakeHypervisor;
+
+    #[tokio::test]
+    async fn reads_and_mutations_are_counted_apart()
+    -> benchcluster_controller::hypervisor::Result<()> {
+        let hv = Instrumented::new(FakeHypervisor::new("net", &[]));
+        hv.inventory(&["net".to_owned()]).await?;
+        hv.domain_owner("lab-x-cp-0").await?;
+        hv.delete_volume("lab-x-cp-0.qcow2").await?;
+        assert_eq!(hv.reads.load(Ordering::Relaxed), 2);
+        assert_eq!(hv.inventory_reads.load(Ordering::Relaxed), 1);
+        assert_eq!(hv.mutations.load(Ordering::Relaxed), 1);
+        Ok(())
     }
 }

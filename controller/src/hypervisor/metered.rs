@@ -1,86 +1,91 @@
-//! [`Metered`]: a [`Hypervisor`] wrapper that reports each mutating call before it
-//! reaches the wrapped hypervisor (reads pass through uncounted).
+//! [`Metered`]: a [`Hypervisor`] wrapper that reports each call, reads included, with
+//! its kind, before it reaches the wrapped hypervisor.
 //!
 //! It knows no metrics registry: whoever builds it passes the recorder (the binary
-//! passes `Metrics::libvirt_mutation`, behind `benchcluster_libvirt_mutations_total`).
-//! A dependency on the metrics module would close an import cycle, since the metrics
-//! module labels the controller's errors, and those include [`HypervisorError`].
+//! passes `Metrics::libvirt_call`, behind `benchcluster_libvirt_calls_total` and
+//! `benchcluster_libvirt_mutations_total`). A dependency on the metrics module would
+//! close an import cycle, since the metrics module labels the controller's errors, and
+//! those include [`HypervisorError`].
 //!
 //! [`HypervisorError`]: super::HypervisorError
 
 use std::sync::Arc;
 
-use super::{
-    DomainInfo, DomainOwner, DomainSpec, Hypervisor, Lease, NetworkInfo, OverlaySpec, Result,
-};
+use super::{DomainOwner, DomainSpec, Hypervisor, Inventory, OverlaySpec, Result};
 
-/// Called with the operation's name (`define_domain`, ...) for each mutating call.
-type Recorder = Arc<dyn Fn(&'static str) + Send + Sync>;
+/// Whether a call reads the host or changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallKind {
+    Read,
+    Mutation,
+}
 
-/// A [`Hypervisor`] that reports the mutating calls reaching the inner one.
+/// Called with the operation's name (`inventory`, `define_domain`, ...) and kind for
+/// each call.
+type Recorder = Arc<dyn Fn(&'static str, CallKind) + Send + Sync>;
+
+/// A [`Hypervisor`] that reports the calls reaching the inner one.
 pub struct Metered<H> {
     pub inner: H,
     record: Recorder,
 }
 
 impl<H> Metered<H> {
-    /// Wraps `inner`; `record` is called with the operation of every mutating call.
-    pub fn new(inner: H, record: impl Fn(&'static str) + Send + Sync + 'static) -> Self {
+    /// Wraps `inner`; `record` is called with the operation and kind of every call.
+    pub fn new(inner: H, record: impl Fn(&'static str, CallKind) + Send + Sync + 'static) -> Self {
         Self {
             inner,
             record: Arc::new(record),
         }
     }
+
+    fn read(&self, operation: &'static str) {
+        (self.record)(operation, CallKind::Read);
+    }
+
+    fn mutation(&self, operation: &'static str) {
+        (self.record)(operation, CallKind::Mutation);
+    }
 }
 
 impl<H: Hypervisor> Hypervisor for Metered<H> {
-    async fn list_domains(&self, name_prefix: &str) -> Result<Vec<DomainInfo>> {
-        self.inner.list_domains(name_prefix).await
-    }
-
-    async fn list_volumes(&self) -> Result<Vec<String>> {
-        self.inner.list_volumes().await
-    }
-
-    async fn network(&self, name: &str) -> Result<Option<NetworkInfo>> {
-        self.inner.network(name).await
-    }
-
-    async fn leases(&self, network: &str, domains: &[String]) -> Result<Vec<Lease>> {
-        self.inner.leases(network, domains).await
+    async fn inventory(&self, networks: &[String]) -> Result<Inventory> {
+        self.read("inventory");
+        self.inner.inventory(networks).await
     }
 
     async fn domain_owner(&self, name: &str) -> Result<DomainOwner> {
+        self.read("domain_owner");
         self.inner.domain_owner(name).await
     }
 
     async fn create_overlay(&self, spec: &OverlaySpec) -> Result<()> {
-        (self.record)("create_overlay");
+        self.mutation("create_overlay");
         self.inner.create_overlay(spec).await
     }
 
     async fn define_domain(&self, spec: &DomainSpec) -> Result<()> {
-        (self.record)("define_domain");
+        self.mutation("define_domain");
         self.inner.define_domain(spec).await
     }
 
     async fn start_domain(&self, name: &str) -> Result<()> {
-        (self.record)("start_domain");
+        self.mutation("start_domain");
         self.inner.start_domain(name).await
     }
 
     async fn remove_domain(&self, name: &str) -> Result<()> {
-        (self.record)("remove_domain");
+        self.mutation("remove_domain");
         self.inner.remove_domain(name).await
     }
 
     async fn create_seed(&self, name: &str, content: &[u8]) -> Result<()> {
-        (self.record)("create_seed");
+        self.mutation("create_seed");
         self.inner.create_seed(name, content).await
     }
 
     async fn delete_volume(&self, name: &str) -> Result<()> {
-        (self.record)("delete_volume");
+        self.mutation("delete_volume");
         self.inner.delete_volume(name).await
     }
 }
@@ -97,24 +102,27 @@ mod tests {
     type TestResult = std::result::Result<(), Box<dyn Error>>;
 
     #[tokio::test]
-    async fn counts_mutations_and_not_reads() -> TestResult {
+    async fn counts_every_call_with_its_kind() -> TestResult {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&seen);
         let hv = Metered::new(
             Libvirt::new(LibvirtConfig::for_uri("test:///default")),
-            move |operation| log.lock().push(operation),
+            move |operation, kind| log.lock().push((operation, kind)),
         );
-        hv.list_domains("mtr-").await?;
-        hv.list_volumes().await?;
-        hv.network("default").await?;
-        hv.leases("default", &[]).await?;
+        hv.inventory(&["default".to_owned()]).await?;
         hv.domain_owner("mtr-absent-w-0").await?;
-        assert!(seen.lock().is_empty(), "reads counted: {:?}", seen.lock());
-
         // Both succeed on what does not exist, so nothing is left behind.
         hv.remove_domain("mtr-absent-w-0").await?;
         hv.delete_volume("mtr-absent.qcow2").await?;
-        assert_eq!(*seen.lock(), ["remove_domain", "delete_volume"]);
+        assert_eq!(
+            *seen.lock(),
+            [
+                ("inventory", CallKind::Read),
+                ("domain_owner", CallKind::Read),
+                ("remove_domain", CallKind::Mutation),
+                ("delete_volume", CallKind::Mutation),
+            ]
+        );
         Ok(())
     }
 }

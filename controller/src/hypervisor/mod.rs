@@ -4,8 +4,10 @@
 //! implements it on the `virt` crate for any libvirt URI (`test:///default` in the api
 //! tier, `qemu:///system` or `qemu+ssh://...` for real VMs).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use benchcluster_crd::{Firmware, Role};
 
@@ -73,6 +75,38 @@ pub struct Lease {
     pub expiry_unix: i64,
 }
 
+/// A requested network in an [`Inventory`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkInventory {
+    /// `None` when the network does not exist.
+    pub info: Option<NetworkInfo>,
+    /// Current DHCP leases on the network of the domains in [`Inventory::domains`]
+    /// (none while the network is missing or inactive).
+    pub leases: Vec<Lease>,
+}
+
+/// The host as one read sees it: everything observe needs of every BenchCluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// Every domain that carries owner metadata, whoever owns it, sorted by name.
+    pub domains: Vec<DomainInfo>,
+    /// Names of the volumes in the node pool, sorted.
+    pub volumes: Vec<String>,
+    /// Each requested network, by name.
+    pub networks: BTreeMap<String, NetworkInventory>,
+}
+
+impl Inventory {
+    /// The domains whose names start with `prefix` (for tests and tools that look at
+    /// one cluster: ownership is still decided by the metadata).
+    pub fn domains_with_prefix(self, prefix: &str) -> Vec<DomainInfo> {
+        self.domains
+            .into_iter()
+            .filter(|d| d.name.starts_with(prefix))
+            .collect()
+    }
+}
+
 /// A qcow2 overlay to create in the node pool, backed by a base image in the image pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlaySpec {
@@ -125,15 +159,26 @@ pub enum HypervisorError {
     Xml(#[from] xml::XmlError),
     #[error("a blocking libvirt task died")]
     Join(#[from] tokio::task::JoinError),
+    /// A read that several passes waited on failed; each of them reports the one error.
+    #[error("the shared host inventory read failed")]
+    Shared(#[source] Arc<HypervisorError>),
 }
 
 impl HypervisorError {
     /// True when retrying the same call cannot help until something outside changes.
     pub fn is_permanent(&self) -> bool {
         matches!(
-            self,
+            self.root(),
             Self::PoolMissing { .. } | Self::ImageMissing { .. } | Self::NameConflict { .. }
         )
+    }
+
+    /// The error itself, or the one a shared read failed with.
+    pub fn root(&self) -> &HypervisorError {
+        match self {
+            Self::Shared(inner) => inner.root(),
+            other => other,
+        }
     }
 }
 
@@ -143,24 +188,11 @@ pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
 /// what already exists (as specified) and removing what is gone both succeed, so a pass
 /// that died half-way can simply run again.
 pub trait Hypervisor: Send + Sync + 'static {
-    /// Every domain whose name starts with `name_prefix` and that carries owner metadata,
-    /// read from the hypervisor itself (no cache). Only matching names are parsed, so a
-    /// host with thousands of domains costs each cluster one cheap name listing.
-    fn list_domains(
-        &self,
-        name_prefix: &str,
-    ) -> impl Future<Output = Result<Vec<DomainInfo>>> + Send;
-    /// Names of the volumes in the node pool.
-    fn list_volumes(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
-    /// The named network, or `None` when it does not exist.
-    fn network(&self, name: &str) -> impl Future<Output = Result<Option<NetworkInfo>>> + Send;
-    /// Current DHCP leases on `network` of the named domains (only those: the cost
-    /// follows the cluster's size, not the host's).
-    fn leases(
-        &self,
-        network: &str,
-        domains: &[String],
-    ) -> impl Future<Output = Result<Vec<Lease>>> + Send;
+    /// The whole host in one read: every domain carrying owner metadata (its owner,
+    /// state and MAC), the node pool's volumes, and each of `networks` with its
+    /// leases. Its cost does not follow the number of clusters: observe reads it once
+    /// per tick for all of them (see `reconcile::inventory`).
+    fn inventory(&self, networks: &[String]) -> impl Future<Output = Result<Inventory>> + Send;
     /// Who holds the domain name now, read from the hypervisor itself.
     fn domain_owner(&self, name: &str) -> impl Future<Output = Result<DomainOwner>> + Send;
     /// Creates the overlay unless a volume of that name exists.

@@ -13,6 +13,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, ResourceExt};
 use parking_lot::Mutex;
 
+use super::inventory::HostInventory;
 use super::operations::Operations;
 use super::secret_index::SecretIndex;
 use super::timeline::{Event, Stamp, Timeline};
@@ -57,6 +58,9 @@ pub struct Settings {
     /// up to the cap.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// How long one read of the host inventory serves the passes of every cluster (a
+    /// tick); a host mutation of this process ends it early.
+    pub inventory_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -70,6 +74,7 @@ impl Default for Settings {
             max_concurrent_reconciles: 32,
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(300),
+            inventory_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -96,6 +101,8 @@ pub struct Context<H, G> {
     applied: Mutex<HashMap<String, Applied>>,
     /// Whether the controller's watch has listed every BenchCluster once.
     synced: AtomicBool,
+    /// The libvirt host as observe reads it, shared by every cluster.
+    pub inventory: HostInventory,
 }
 
 impl<H: Hypervisor, G: Guest> Context<H, G> {
@@ -118,6 +125,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
             outages: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
             synced: AtomicBool::new(false),
+            inventory: HostInventory::default(),
         }
     }
 

@@ -15,6 +15,7 @@
 pub mod act;
 pub mod context;
 pub mod driver;
+pub mod inventory;
 pub mod observe;
 pub mod operations;
 pub mod outcome;

@@ -1,4 +1,5 @@
-//! Stage 1: read the hypervisor and the guest cluster into a [`World`].
+//! Stage 1: read the hypervisor (the cluster's slice of the shared host inventory) and
+//! the guest cluster into a [`World`].
 
 use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -44,8 +45,12 @@ pub async fn observe<H: Hypervisor, G: Guest>(
     ctx: &Context<H, G>,
     guest_api: GuestApi,
 ) -> Result<Observation> {
-    let hv = &ctx.hypervisor;
-    let network = match hv.network(&bc.spec.network.name).await? {
+    let network_name = &bc.spec.network.name;
+    let host = ctx
+        .inventory
+        .snapshot(&ctx.hypervisor, network_name, ctx.settings.inventory_ttl)
+        .await?;
+    let network = match host.network(network_name) {
         None => NetworkState::Missing,
         Some(n) if !n.active => NetworkState::Inactive,
         Some(n) if !n.dhcp => NetworkState::NoDhcp,
@@ -55,8 +60,9 @@ pub async fn observe<H: Hypervisor, G: Guest>(
     let mut nodes: BTreeMap<NodeId, ObservedNode> = BTreeMap::new();
     let mut macs: BTreeMap<NodeId, String> = BTreeMap::new();
     let mut host_keys: BTreeMap<NodeId, String> = BTreeMap::new();
-    for domain in hv.list_domains(&names.domain_prefix()).await? {
-        if domain.owner.uid != names.uid {
+    let prefix = names.domain_prefix();
+    for domain in host.domains_of(&names.uid) {
+        if !domain.name.starts_with(&prefix) {
             continue;
         }
         let id = NodeId {
@@ -68,18 +74,19 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             DomainState::Running => VmState::Running,
             DomainState::Stopped => VmState::Stopped,
         });
-        if let Some(mac) = domain.mac {
-            macs.insert(id, mac);
+        if let Some(mac) = &domain.mac {
+            macs.insert(id, mac.clone());
         }
-        if let Some(key) = domain.owner.host_key {
-            host_keys.insert(id, key);
+        if let Some(key) = &domain.owner.host_key {
+            host_keys.insert(id, key.clone());
         }
     }
-    // Volumes are read after domains: a seed is written before the domain booting from
-    // it is defined, so a domain listed above has its seed in this listing unless the
-    // seed was deleted (a stopped domain whose seed is gone is defined again).
-    for volume in hv.list_volumes().await? {
-        match names.volume_owner(&volume) {
+    // A cluster's volumes are named after its domains, so they share its prefix. The
+    // inventory lists volumes after domains: a seed is written before the domain booting
+    // from it is defined, so a domain listed has its seed in the listing unless the seed
+    // was deleted (a stopped domain whose seed is gone is defined again).
+    for volume in host.volumes_starting_with(&prefix) {
+        match names.volume_owner(volume) {
             Some((id, VolumeKind::Disk)) => nodes.entry(id).or_default().disk = true,
             Some((id, VolumeKind::Seed(seed))) => {
                 nodes.entry(id).or_default().seeds.insert(seed);
@@ -94,13 +101,7 @@ pub async fn observe<H: Hypervisor, G: Guest>(
         }
     }
 
-    let running: Vec<String> = nodes
-        .iter()
-        .filter(|(_, n)| n.domain == Some(VmState::Running))
-        .map(|(id, _)| names.domain(*id))
-        .collect();
-    if network == NetworkState::Ready && !running.is_empty() {
-        let leases = hv.leases(&bc.spec.network.name, &running).await?;
+    if network == NetworkState::Ready {
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -111,7 +112,7 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             }
             // The MAC the domain really has, else the one we would have given it.
             let mac = macs.get(id).cloned().unwrap_or_else(|| names.mac(*id));
-            node.ip = lease_for(&leases, &mac, now_unix);
+            node.ip = lease_for(host.leases(network_name, &mac), &mac, now_unix);
         }
     }
 

@@ -44,6 +44,9 @@ pub fn settings() -> Settings {
         backoff_cap: Duration::from_secs(300),
         // Exact requeue intervals to assert on.
         requeue_jitter: 0.0,
+        // Every observe reads the host anew, so a test that changes it behind the
+        // controller's back sees the change at once (tests/inventory.rs sets a tick).
+        inventory_ttl: Duration::ZERO,
         ..Settings::default()
     }
 }

@@ -112,9 +112,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Wired as the real binary wires libvirt, so the same series appear.
     let metrics = Arc::new(Metrics::new());
     let counted = Arc::clone(&metrics);
-    let hypervisor = Metered::new(hypervisor, move |operation| {
-        counted.libvirt_mutation(operation)
+    let hypervisor = Metered::new(hypervisor, move |operation, kind| {
+        counted.libvirt_call(operation, kind)
     });
+
     let ctx = Arc::new(
         Context::new(client.clone(), hypervisor, guest, settings)
             .with_metrics(Arc::clone(&metrics)),

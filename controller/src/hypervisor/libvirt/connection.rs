@@ -5,14 +5,13 @@
 //! `virt` 0.5's `Connect` has no `close()`: its `Drop` calls `virConnectClose`, so
 //! dropping the last clone is what closes the connection.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 use virt::connect::Connect;
 use virt::error::{Error as VirtError, ErrorDomain, ErrorNumber};
 
-use super::network::Nic;
+use super::inventory::DomainCache;
 use super::{Libvirt, LibvirtConfig, libvirt};
 use crate::hypervisor::{HypervisorError, Result};
 
@@ -25,11 +24,8 @@ pub(super) struct Shared {
     pub(super) config: LibvirtConfig,
     calls: tokio::sync::Semaphore,
     slot: Mutex<Slot>,
-    /// Network interfaces of domains, by domain UUID, so the leases read each domain's
-    /// XML once instead of once per call. Entries leave with their domain (when it is
-    /// removed); a domain removed behind our back leaves one small entry until the
-    /// process restarts.
-    pub(super) nics: Mutex<HashMap<String, Arc<[Nic]>>>,
+    /// What the inventory read learnt of each domain (see `inventory`).
+    pub(super) domains: Mutex<DomainCache>,
 }
 
 /// The cached connection. `generation` counts connections opened, so a call that saw
@@ -94,7 +90,7 @@ impl Libvirt {
                 config,
                 calls: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS),
                 slot: Mutex::new(Slot::default()),
-                nics: Mutex::new(HashMap::new()),
+                domains: Mutex::new(DomainCache::default()),
             }),
         }
     }

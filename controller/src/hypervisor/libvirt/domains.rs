@@ -1,17 +1,15 @@
-//! Domains: listing the owned ones with their state and MAC, reading who holds a
-//! name, defining (only over a domain of the same owner), starting, and removing
-//! (destroy, then undefine with whatever cleanup flags the driver accepts).
+//! Domains: reading who holds a name, defining (only over a domain of the same owner),
+//! starting, and removing (destroy, then undefine with whatever cleanup flags the
+//! driver accepts). Listing them is the inventory's.
 
 use virt::connect::Connect;
 use virt::domain::Domain;
-use virt::error::{Error as VirtError, ErrorNumber};
+use virt::error::ErrorNumber;
 
 use super::connection::Shared;
 use super::{LibvirtConfig, is, libvirt};
 use crate::hypervisor::xml;
-use crate::hypervisor::{
-    DomainInfo, DomainOwner, DomainSpec, DomainState, HypervisorError, Result,
-};
+use crate::hypervisor::{DomainOwner, DomainSpec, HypervisorError, Result};
 
 pub(super) fn lookup_domain(conn: &Connect, name: &str) -> Result<Option<Domain>> {
     match conn.lookup_domain_by_name(name) {
@@ -19,15 +17,6 @@ pub(super) fn lookup_domain(conn: &Connect, name: &str) -> Result<Option<Domain>
         Err(e) if is(&e, ErrorNumber::NoDomain) => Ok(None),
         Err(e) => Err(libvirt("look up domain")(e)),
     }
-}
-
-fn domain_state(domain: &Domain) -> std::result::Result<DomainState, VirtError> {
-    use virt::domain::DomainState as Libvirt;
-    // `info()`, not `state()`: virt 0.5's `state()` discards the call's error.
-    Ok(match domain.info()?.state.known() {
-        Some(Libvirt::Running | Libvirt::Blocked) => DomainState::Running,
-        _ => DomainState::Stopped,
-    })
 }
 
 /// `Ok` when `domain` carries the owner uid of `spec`, `NameConflict` otherwise.
@@ -73,53 +62,6 @@ fn undefine(domain: &Domain) -> Result<()> {
         Some(e) => Err(libvirt("undefine domain")(e)),
         None => Ok(()),
     }
-}
-pub(super) fn list(conn: &Connect, name_prefix: &str) -> Result<Vec<DomainInfo>> {
-    // Flags 0: active and inactive, persistent and transient. One round trip;
-    // a domain's name is then known locally.
-    let domains = conn.list_all_domains(0).map_err(libvirt("list domains"))?;
-    let mut owned = Vec::new();
-    for domain in domains {
-        match domain.name() {
-            Ok(name) if name.starts_with(name_prefix) => {}
-            _ => continue,
-        }
-        let xml = match domain.xml_desc(0) {
-            Ok(xml) => xml,
-            // Undefined since the listing.
-            Err(e) if is(&e, ErrorNumber::NoDomain) => continue,
-            Err(e) => return Err(libvirt("read domain XML")(e)),
-        };
-        let readback = match xml::parse_owner(&xml) {
-            Ok(None) => continue,
-            Ok(Some(_)) => xml::parse_domain(&xml),
-            Err(e) => Err(e),
-        };
-        let readback = match readback {
-            Ok(readback) => readback,
-            Err(error) => {
-                let name = domain.name().unwrap_or_default();
-                tracing::warn!(domain = %name, error = %error, "ignoring a domain whose owner metadata cannot be read");
-                continue;
-            }
-        };
-        let Some(owner) = readback.owner.clone() else {
-            continue;
-        };
-        let state = match domain_state(&domain) {
-            Ok(state) => state,
-            Err(e) if is(&e, ErrorNumber::NoDomain) => continue,
-            Err(e) => return Err(libvirt("get domain state")(e)),
-        };
-        owned.push(DomainInfo {
-            mac: readback.primary_mac(),
-            name: readback.name,
-            owner,
-            state,
-        });
-    }
-    owned.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(owned)
 }
 
 pub(super) fn owner(conn: &Connect, name: &str) -> Result<DomainOwner> {
@@ -183,7 +125,7 @@ pub(super) fn remove(conn: &Connect, shared: &Shared, name: &str) -> Result<()> 
         return Ok(());
     };
     if let Ok(uuid) = domain.uuid_string() {
-        shared.lock_nics().remove(&uuid);
+        shared.forget_domain(&uuid);
     }
     let active = match domain.is_active() {
         Ok(active) => active,
@@ -204,8 +146,8 @@ pub(super) fn remove(conn: &Connect, shared: &Shared, name: &str) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hypervisor::Hypervisor;
     use crate::hypervisor::libvirt::test_support::{TestResult, hypervisor, listed, spec};
+    use crate::hypervisor::{DomainState, Hypervisor};
     use benchcluster_crd::{Firmware, Role};
 
     #[tokio::test]

@@ -1,21 +1,20 @@
 //! [`Hypervisor`] on libvirt, through the `virt` crate: the trait's methods here, each
 //! one call of the file that holds its concern. `connection` opens, shares and drops
-//! the connection and runs every call on the blocking pool; `domains` defines, starts,
-//! lists and removes domains and reads their owner; `storage` creates and deletes the
-//! overlay and seed volumes; `network` reads networks and DHCP leases.
+//! the connection and runs every call on the blocking pool; `inventory` reads the
+//! whole host (domains, volumes, networks and leases); `domains` defines, starts and
+//! removes domains and reads who holds a name; `storage` creates, lists and deletes
+//! the overlay and seed volumes; `network` reads a network's state.
 
 use std::sync::Arc;
 
 use virt::error::{Error as VirtError, ErrorNumber};
 
 use super::xml::DomainHost;
-use super::{
-    DomainInfo, DomainOwner, DomainSpec, Hypervisor, HypervisorError, Lease, NetworkInfo,
-    OverlaySpec, Result,
-};
+use super::{DomainOwner, DomainSpec, Hypervisor, HypervisorError, Inventory, OverlaySpec, Result};
 
 mod connection;
 mod domains;
+mod inventory;
 mod network;
 mod storage;
 
@@ -92,26 +91,10 @@ fn libvirt(operation: &'static str) -> impl FnOnce(VirtError) -> HypervisorError
 }
 
 impl Hypervisor for Libvirt {
-    async fn list_domains(&self, name_prefix: &str) -> Result<Vec<DomainInfo>> {
-        let name_prefix = name_prefix.to_owned();
-        self.run(move |conn, _| domains::list(conn, &name_prefix))
-            .await
-    }
-
-    async fn list_volumes(&self) -> Result<Vec<String>> {
-        self.run(storage::list_volumes).await
-    }
-
-    async fn network(&self, name: &str) -> Result<Option<NetworkInfo>> {
-        let name = name.to_owned();
-        self.run(move |conn, _| network::network(conn, &name)).await
-    }
-
-    async fn leases(&self, network: &str, domains: &[String]) -> Result<Vec<Lease>> {
-        let network = network.to_owned();
-        let names = domains.to_vec();
+    async fn inventory(&self, networks: &[String]) -> Result<Inventory> {
+        let networks = networks.to_vec();
         let shared = Arc::clone(&self.shared);
-        self.run(move |conn, _| network::leases(conn, &shared, &network, &names))
+        self.run(move |conn, config| inventory::read(conn, config, &shared, &networks))
             .await
     }
 

@@ -32,7 +32,9 @@ pub(super) fn lookup_volume(pool: &StoragePool, name: &str) -> Result<Option<Sto
 
 pub(super) fn list_volumes(conn: &Connect, config: &LibvirtConfig) -> Result<Vec<String>> {
     let pool = lookup_pool(conn, &config.node_pool)?;
-    let mut names = pool.list_volumes().map_err(libvirt("list volumes"))?;
+    // One call (`list_volumes` makes two, a count and a listing); names are local.
+    let volumes = pool.list_all_volumes(0).map_err(libvirt("list volumes"))?;
+    let mut names: Vec<String> = volumes.iter().filter_map(|v| v.name().ok()).collect();
     names.sort();
     Ok(names)
 }
@@ -181,7 +183,7 @@ mod tests {
         };
         hv.create_overlay(&overlay).await?;
         hv.create_overlay(&overlay).await?;
-        assert!(hv.list_volumes().await?.contains(&overlay.name));
+        assert!(hv.inventory(&[]).await?.volumes.contains(&overlay.name));
 
         let name = overlay.name.clone();
         let xml = hv
@@ -204,7 +206,7 @@ mod tests {
         );
 
         hv.delete_volume(&overlay.name).await?;
-        assert!(!hv.list_volumes().await?.contains(&overlay.name));
+        assert!(!hv.inventory(&[]).await?.volumes.contains(&overlay.name));
         hv.delete_volume(&overlay.name).await?;
         Ok(())
     }
@@ -222,7 +224,7 @@ mod tests {
             matches!(&result, Err(HypervisorError::ImageMissing { volume, .. }) if *volume == overlay.base_image),
             "{result:?}"
         );
-        assert!(!hv.list_volumes().await?.contains(&overlay.name));
+        assert!(!hv.inventory(&[]).await?.volumes.contains(&overlay.name));
 
         let mut config = LibvirtConfig::for_uri(TEST_URI);
         config.node_pool = "lvt-no-such-pool".to_owned();
@@ -232,7 +234,7 @@ mod tests {
             Err(HypervisorError::PoolMissing { pool }) if pool == "lvt-no-such-pool"
         ));
         assert!(matches!(
-            nopool.list_volumes().await,
+            nopool.inventory(&[]).await,
             Err(HypervisorError::PoolMissing { .. })
         ));
         assert!(matches!(

@@ -39,10 +39,12 @@ pub fn spec(tag: &str, uid: &str) -> DomainSpec {
     }
 }
 
+/// The domain of that name, as the inventory lists it.
 pub async fn listed(hv: &Libvirt, name: &str) -> Result<Option<DomainInfo>> {
     Ok(hv
-        .list_domains(name)
+        .inventory(&[])
         .await?
+        .domains
         .into_iter()
         .find(|d| d.name == name))
 }

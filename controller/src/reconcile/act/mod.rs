@@ -92,6 +92,8 @@ pub async fn act<H: Hypervisor, G: Guest>(
             async move {
                 let mut stamps = Vec::new();
                 for action in actions {
+                    // When a host step ends, the next observe reads the host anew.
+                    let _changing = ctx.inventory.changing(action);
                     match steps.run(action, &mut stamps).await {
                         Ok(StepResult::Done) => {}
                         Ok(StepResult::WaitingForSsh) => {

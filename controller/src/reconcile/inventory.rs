@@ -1,0 +1,444 @@
+//! The host inventory that observe reads: one snapshot of the whole libvirt host
+//! ([`Hypervisor::inventory`]) shared by the passes of every BenchCluster, indexed by
+//! owner UID so a pass projects its cluster's slice in the time of its own nodes.
+//!
+//! - At most one refresh per tick (`Settings::inventory_ttl`): a snapshot taken less
+//!   than a tick before a pass asks serves it.
+//! - Single-flight: a pass that asks while a refresh runs waits for that one (when it
+//!   can serve it) instead of starting another.
+//! - Fresh after our own changes: every host mutation of the act stage bumps a
+//!   generation when it ends ([`HostInventory::changing`]); a snapshot serves only the
+//!   passes that asked at or below the generation it was started at, so the next
+//!   observe after a mutation reads a snapshot begun after the mutation ended. Changes
+//!   made behind the controller's back are seen within a tick.
+//! - A failed refresh is the error of every pass that waited on it, and is not kept:
+//!   the next pass refreshes again.
+//!
+//! The direct read before creating a domain (`Hypervisor::domain_owner`, the guard
+//! against duplicates after a restart or a stale view) does not go through here.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::plan::Action;
+use crate::hypervisor::{DomainInfo, Hypervisor, HypervisorError, Inventory, Lease, NetworkInfo};
+
+/// A network no pass asked for in this long is no longer read (its clusters are gone
+/// or moved); longer than any resync interval in use.
+const NETWORK_IDLE: Duration = Duration::from_secs(30 * 60);
+
+/// The shared inventory: the latest snapshot, the refresh in flight, and the count of
+/// host mutations made by this process.
+#[derive(Default)]
+pub struct HostInventory {
+    /// Host mutations of this process that have ended.
+    generation: AtomicU64,
+    state: Mutex<State>,
+    /// Held by the one refresh running; passes that need a newer snapshot queue here.
+    turn: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The latest successful snapshot.
+    current: Option<Arc<Snapshot>>,
+    /// The latest failed refresh, by number, until a later one succeeds.
+    failed: Option<(u64, Arc<HypervisorError>)>,
+    flight: Option<Flight>,
+    /// Refreshes started so far (the number of the latest).
+    started: u64,
+    /// The networks passes ask for, with when each was last asked for.
+    networks: HashMap<String, Instant>,
+}
+
+/// The refresh running now.
+struct Flight {
+    number: u64,
+    generation: u64,
+    networks: BTreeSet<String>,
+}
+
+/// One read of the whole host, indexed for observe.
+#[derive(Debug)]
+pub struct Snapshot {
+    number: u64,
+    generation: u64,
+    /// When its read began.
+    taken: Instant,
+    /// Domains with owner metadata, by owner UID.
+    domains: HashMap<String, Vec<DomainInfo>>,
+    /// Node-pool volume names, sorted (a cluster's share by name prefix).
+    volumes: BTreeSet<String>,
+    networks: HashMap<String, NetworkSlice>,
+}
+
+#[derive(Debug)]
+struct NetworkSlice {
+    info: Option<NetworkInfo>,
+    /// By lowercase MAC.
+    leases: HashMap<String, Vec<Lease>>,
+}
+
+impl Snapshot {
+    fn new(inventory: Inventory, number: u64, generation: u64, taken: Instant) -> Self {
+        let mut domains: HashMap<String, Vec<DomainInfo>> = HashMap::new();
+        for domain in inventory.domains {
+            domains
+                .entry(domain.owner.uid.clone())
+                .or_default()
+                .push(domain);
+        }
+        let networks = inventory
+            .networks
+            .into_iter()
+            .map(|(name, network)| {
+                let mut leases: HashMap<String, Vec<Lease>> = HashMap::new();
+                for lease in network.leases {
+                    leases
+                        .entry(lease.mac.to_ascii_lowercase())
+                        .or_default()
+                        .push(lease);
+                }
+                let slice = NetworkSlice {
+                    info: network.info,
+                    leases,
+                };
+                (name, slice)
+            })
+            .collect();
+        Self {
+            number,
+            generation,
+            taken,
+            domains,
+            volumes: inventory.volumes.into_iter().collect(),
+            networks,
+        }
+    }
+
+    /// The domains carrying this owner UID, by name.
+    pub fn domains_of(&self, uid: &str) -> &[DomainInfo] {
+        self.domains.get(uid).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Node-pool volumes whose names start with `prefix`.
+    pub fn volumes_starting_with<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> {
+        self.volumes
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .map(String::as_str)
+            .take_while(move |name| name.starts_with(prefix))
+    }
+
+    /// The network, `None` when it does not exist (or was not read).
+    pub fn network(&self, name: &str) -> Option<&NetworkInfo> {
+        self.networks.get(name)?.info.as_ref()
+    }
+
+    /// Leases on `network` for `mac` (any case).
+    pub fn leases(&self, network: &str, mac: &str) -> &[Lease] {
+        self.networks
+            .get(network)
+            .and_then(|n| n.leases.get(&mac.to_ascii_lowercase()))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// Whether it shows every mutation up to `generation` and covers `network`.
+    fn serves(&self, generation: u64, network: &str) -> bool {
+        self.generation >= generation && self.networks.contains_key(network)
+    }
+
+    fn fresh_at(&self, asked: Instant, ttl: Duration) -> bool {
+        asked < self.taken + ttl
+    }
+}
+
+impl HostInventory {
+    /// A snapshot for a pass of a cluster on `network`: the current one while it is
+    /// fresh (less than `ttl` old, no mutation of ours since it began), else the
+    /// refresh in flight, else a new refresh.
+    pub async fn snapshot<H: Hypervisor>(
+        &self,
+        hypervisor: &H,
+        network: &str,
+        ttl: Duration,
+    ) -> Result<Arc<Snapshot>, HypervisorError> {
+        let asked = Instant::now();
+        let wanted = self.generation.load(Ordering::Acquire);
+        // The first refresh whose result may serve this pass: the one in flight if it
+        // began after our last mutation and reads our network, else the next.
+        let first = {
+            let mut state = self.state.lock();
+            state.networks.insert(network.to_owned(), asked);
+            if let Some(current) = &state.current
+                && current.serves(wanted, network)
+                && current.fresh_at(asked, ttl)
+            {
+                return Ok(Arc::clone(current));
+            }
+            match &state.flight {
+                Some(f) if f.generation >= wanted && f.networks.contains(network) => f.number,
+                _ => state.started + 1,
+            }
+        };
+        let _turn = self.turn.lock().await;
+        {
+            let state = self.state.lock();
+            if let Some(current) = &state.current
+                && current.serves(wanted, network)
+                && (current.number >= first || current.fresh_at(asked, ttl))
+            {
+                return Ok(Arc::clone(current));
+            }
+            if let Some((number, error)) = &state.failed
+                && *number >= first
+            {
+                return Err(HypervisorError::Shared(Arc::clone(error)));
+            }
+        }
+        self.refresh(hypervisor).await
+    }
+
+    /// Reads the host; called holding the turn.
+    async fn refresh<H: Hypervisor>(
+        &self,
+        hypervisor: &H,
+    ) -> Result<Arc<Snapshot>, HypervisorError> {
+        let taken = Instant::now();
+        let (number, generation, networks) = {
+            let mut state = self.state.lock();
+            state.started += 1;
+            state
+                .networks
+                .retain(|_, asked| taken.saturating_duration_since(*asked) < NETWORK_IDLE);
+            let networks: BTreeSet<String> = state.networks.keys().cloned().collect();
+            let generation = self.generation.load(Ordering::Acquire);
+            let number = state.started;
+            state.flight = Some(Flight {
+                number,
+                generation,
+                networks: networks.clone(),
+            });
+            (number, generation, networks)
+        };
+        // Clears the flight however the read ends, also when this pass is dropped
+        // mid-read: the passes that waited on it then refresh themselves.
+        let landing = Landing {
+            inventory: self,
+            number,
+        };
+        let names: Vec<String> = networks.into_iter().collect();
+        let result = hypervisor.inventory(&names).await;
+        let outcome = {
+            let mut state = self.state.lock();
+            match result {
+                Ok(inventory) => {
+                    let snapshot = Arc::new(Snapshot::new(inventory, number, generation, taken));
+                    state.current = Some(Arc::clone(&snapshot));
+                    state.failed = None;
+                    Ok(snapshot)
+                }
+                Err(error) => {
+                    let error = Arc::new(error);
+                    state.failed = Some((number, Arc::clone(&error)));
+                    Err(HypervisorError::Shared(error))
+                }
+            }
+        };
+        drop(landing);
+        outcome
+    }
+
+    /// Records that a host mutation ended: no snapshot begun before serves the passes
+    /// after it.
+    pub fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A guard held while the act stage runs `action`: dropped (the step ended, failed
+    /// or was cancelled), it records the change if the action touches the host.
+    pub fn changing(&self, action: Action) -> Changing<'_> {
+        Changing(changes_host(action).then_some(self))
+    }
+}
+
+/// See [`HostInventory::changing`].
+#[must_use = "the change is recorded when the guard is dropped"]
+pub struct Changing<'a>(Option<&'a HostInventory>);
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        if let Some(inventory) = self.0 {
+            inventory.changed();
+        }
+    }
+}
+
+struct Landing<'a> {
+    inventory: &'a HostInventory,
+    number: u64,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        let mut state = self.inventory.state.lock();
+        if state
+            .flight
+            .as_ref()
+            .is_some_and(|f| f.number == self.number)
+        {
+            state.flight = None;
+        }
+    }
+}
+
+/// Whether the step changes domains or volumes on the host.
+fn changes_host(action: Action) -> bool {
+    match action {
+        Action::CreateDisk(_)
+        | Action::DefineDomain(_)
+        | Action::StartDomain(_)
+        | Action::RemoveDomain(_)
+        | Action::DeleteVolumes(_)
+        | Action::DeleteStraySeeds(_) => true,
+        Action::ProbeSsh(_)
+        | Action::ForgetCluster
+        | Action::InitControlPlane
+        | Action::JoinWorker(_)
+        | Action::DrainNode(_)
+        | Action::Uncordon(_)
+        | Action::Abandon(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{DomainState, NetworkInventory, Owner};
+    use crate::names::{ClusterNames, NodeId, VolumeKind};
+    use benchcluster_crd::Role;
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+
+    fn domain(uid: &str, name: &str) -> DomainInfo {
+        DomainInfo {
+            name: name.to_owned(),
+            owner: Owner {
+                uid: uid.to_owned(),
+                namespace: "lab".to_owned(),
+                name: "x".to_owned(),
+                role: Role::Worker,
+                index: 0,
+                host_key: None,
+            },
+            state: DomainState::Running,
+            mac: Some("52:54:00:00:00:01".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_indexes_domains_by_owner_volumes_by_name_and_leases_by_mac() {
+        let names = ClusterNames {
+            namespace: "lab".into(),
+            name: "bench".into(),
+            uid: "11111111-aaaa".into(),
+        };
+        let other = ClusterNames {
+            name: "bench-2".into(),
+            uid: "22222222-bbbb".into(),
+            ..names.clone()
+        };
+        let id = NodeId::worker(3);
+        let lease = |mac: &str, ip| Lease {
+            mac: mac.to_owned(),
+            ip: Ipv4Addr::new(10, 0, 0, ip),
+            expiry_unix: 0,
+        };
+        let inventory = Inventory {
+            domains: vec![
+                domain(&names.uid, &names.domain(id)),
+                domain(&other.uid, &other.domain(id)),
+            ],
+            volumes: vec![
+                "aaa-unrelated".into(),
+                names.disk_volume(id),
+                other.disk_volume(id),
+                names.disk_volume(NodeId::CONTROL_PLANE),
+                "zzz".into(),
+            ],
+            networks: BTreeMap::from([(
+                "net".to_owned(),
+                NetworkInventory {
+                    info: Some(NetworkInfo {
+                        active: true,
+                        dhcp: true,
+                    }),
+                    leases: vec![lease("52:54:00:AA:00:01", 7), lease("52:54:00:bb:00:01", 8)],
+                },
+            )]),
+        };
+        let snapshot = Snapshot::new(inventory, 1, 0, Instant::now());
+
+        let ours = snapshot.domains_of(&names.uid);
+        assert_eq!(ours.len(), 1);
+        assert_eq!(ours[0].name, names.domain(id));
+        assert!(snapshot.domains_of("nobody").is_empty());
+
+        // Every volume of a cluster starts with its domain prefix, so the prefix range
+        // holds them all (and those of clusters whose names extend it, which
+        // `volume_owner` then tells apart).
+        let prefix = names.domain_prefix();
+        let owned: Vec<_> = snapshot
+            .volumes_starting_with(&prefix)
+            .filter_map(|v| names.volume_owner(v))
+            .collect();
+        assert_eq!(
+            owned,
+            [
+                (NodeId::CONTROL_PLANE, VolumeKind::Disk),
+                (id, VolumeKind::Disk)
+            ]
+        );
+        assert_eq!(snapshot.volumes_starting_with(&prefix).count(), 3);
+
+        assert_eq!(
+            snapshot.leases("net", "52:54:00:aa:00:01")[0].ip.octets()[3],
+            7
+        );
+        assert_eq!(snapshot.leases("net", "52:54:00:BB:00:01").len(), 1);
+        assert!(snapshot.leases("net", "52:54:00:cc:00:01").is_empty());
+        assert!(snapshot.leases("other", "52:54:00:aa:00:01").is_empty());
+        assert!(snapshot.network("net").is_some_and(|n| n.dhcp));
+        assert!(snapshot.network("other").is_none());
+    }
+
+    #[test]
+    fn only_host_steps_end_a_snapshot() {
+        let inventory = HostInventory::default();
+        drop(inventory.changing(Action::ProbeSsh(NodeId::CONTROL_PLANE)));
+        drop(inventory.changing(Action::JoinWorker(NodeId::worker(0))));
+        assert_eq!(inventory.generation.load(Ordering::Acquire), 0);
+        for action in [
+            Action::CreateDisk(NodeId::CONTROL_PLANE),
+            Action::DefineDomain(NodeId::CONTROL_PLANE),
+            Action::StartDomain(NodeId::CONTROL_PLANE),
+            Action::RemoveDomain(NodeId::CONTROL_PLANE),
+            Action::DeleteVolumes(NodeId::CONTROL_PLANE),
+        ] {
+            let guard = inventory.changing(action);
+            let before = inventory.generation.load(Ordering::Acquire);
+            drop(guard);
+            assert_eq!(
+                inventory.generation.load(Ordering::Acquire),
+                before + 1,
+                "{action:?} is recorded when it ends"
+            );
+        }
+    }
+}
