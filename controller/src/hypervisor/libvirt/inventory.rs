@@ -553,4 +553,33 @@ mod tests {
         );
         Ok(())
     }
+
+    /// virt 0.5's `StoragePool::list_volumes` stops at 1024 names: at 1000 clusters the
+    /// old listing hid half the disks, and the planner rebuilt their clusters. The
+    /// inventory lists them all.
+    #[tokio::test]
+    async fn more_than_1024_volumes_are_all_listed() -> TestResult {
+        const MANY: usize = 1100;
+        let hv = hypervisor();
+        let create = hv.run(|conn, config| {
+            let pool = storage::lookup_pool(conn, &config.node_pool)?;
+            for i in 0..MANY {
+                let name = format!("lvt-many-{i:04}.img");
+                if storage::lookup_volume(&pool, &name)?.is_none() {
+                    let xml = xml::raw_volume_xml(&name, 1)?;
+                    virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0)
+                        .map_err(libvirt("create volume"))?;
+                }
+            }
+            Ok(())
+        });
+        create.await?;
+        let listed = hv.inventory(&[]).await?.volumes;
+        for i in 0..MANY {
+            hv.delete_volume(&format!("lvt-many-{i:04}.img")).await?;
+        }
+        let many = listed.iter().filter(|v| v.starts_with("lvt-many-")).count();
+        assert_eq!(many, MANY);
+        Ok(())
+    }
 }
