@@ -69,10 +69,12 @@ pub fn volumes(namespace: &str, name: &str) -> anyhow::Result<BTreeSet<String>> 
     let prefix = format!("{namespace}-{name}-");
     let pool = libvirt()?.lookup_storage_pool_by_name(POOL)?;
     pool.refresh(0).ok();
+    // Not `list_volumes`: virt's returns at most 1024 names, silently.
     Ok(pool
-        .list_volumes()
+        .list_all_volumes(0)
         .context("list volumes")?
-        .into_iter()
+        .iter()
+        .filter_map(|v| v.name().ok())
         .filter(|n| n.starts_with(&prefix))
         .collect())
 }
