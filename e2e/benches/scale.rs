@@ -19,7 +19,8 @@
 //!   and over a window at rest (`REST_RESYNCS` resync intervals of the controller, its
 //!   resync shortened to `RESYNC`), API requests per minute (target: no write, and no
 //!   GET or LIST: reads only from watches), libvirt calls per pass and per minute
-//!   (target: flat in the number of clusters) and libvirt mutations (target: 0).
+//!   (target: flat in the number of clusters) and libvirt mutations (target: 0); and the
+//!   Events by reason (a repeated one counted with its series).
 //!
 //! Every count is the controller's alone: from the lifecycles on, the controller runs as
 //! a process of its own (`bench-controller`, the api tier's test bed in a process), one

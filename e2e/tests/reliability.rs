@@ -938,9 +938,11 @@ async fn soak_with_random_kills_leaks_nothing() -> Result<()> {
             .lookup_storage_pool_by_name(testbed::POOL)
             .unwrap();
         pool.refresh(0).ok();
-        pool.list_volumes()
+        // `list_all_volumes`: virt 0.5's `list_volumes` stops at 1024 names.
+        pool.list_all_volumes(0)
             .unwrap()
-            .into_iter()
+            .iter()
+            .filter_map(|v| v.name().ok())
             .filter(|n| n.starts_with(&prefix))
             .collect()
     };
