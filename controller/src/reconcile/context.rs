@@ -45,6 +45,8 @@ pub struct Settings {
     pub dhcp_timeout: Duration,
     /// Requeue interval while something is on its way (boot, lease, SSH).
     pub poll_interval: Duration,
+    /// Delay before the pass after one that changed the host (its changes are news).
+    pub settle_interval: Duration,
     /// Requeue interval once converged, to notice drift behind the controller's back.
     pub resync_interval: Duration,
     /// Up to this fraction of a requeue interval is added at random, so clusters created
@@ -68,6 +70,7 @@ impl Default for Settings {
         Self {
             dhcp_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(2),
+            settle_interval: Duration::from_millis(50),
             resync_interval: Duration::from_secs(300),
             requeue_jitter: 0.25,
             max_parallel_steps: 64,

@@ -24,7 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::act::{act, collect, delete_kubeconfig, publish};
 use super::context::{Context, FIELD_MANAGER};
 use super::observe::{GuestApi, observe};
-use super::plan::{defer_retries, plan, plan_teardown};
+use super::plan::{Action as PlannedAction, defer_retries, plan, plan_teardown};
 use super::secret_index::{MANAGED_BY, SSH_AUTH_TYPE, Stores};
 use super::status;
 use super::timeline::Timeline;
@@ -227,7 +227,15 @@ async fn apply<H: Hypervisor, G: Guest>(
             .any(|c| c.type_ == "Ready" && c.status == "True");
     let in_flight = ctx.operations.in_flight(&names.uid);
     Ok(
-        if converged || bc.spec.paused || only_operations_pending(&next, &in_flight) {
+        if actions.iter().any(|a| {
+            super::inventory::changes_host(*a) && !matches!(a, PlannedAction::StartDomain(_))
+        }) {
+            // This pass changed the host (made a disk, defined a VM, removed one): the
+            // next pass has news to act on and follows at once, without waiting for a
+            // poll. Not after a start alone: a VM that dies as it starts is restarted
+            // at the poll's pace, not in a loop.
+            Action::requeue(ctx.settings.settle_interval)
+        } else if converged || bc.spec.paused || only_operations_pending(&next, &in_flight) {
             // Nothing to poll for: a change of the object, its Secrets or its VMs, or
             // the end of an operation, wakes the cluster; the resync is a safety net.
             Action::requeue(jittered(

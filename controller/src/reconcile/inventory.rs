@@ -299,7 +299,7 @@ impl Drop for Landing<'_> {
 }
 
 /// Whether the step changes domains or volumes on the host.
-fn changes_host(action: Action) -> bool {
+pub(crate) fn changes_host(action: Action) -> bool {
     match action {
         Action::CreateDisk(_)
         | Action::DefineDomain(_)
