@@ -853,9 +853,9 @@ impl Bed {
 /// guests' own work on the critical path. A guest's boot is measured in the guest
 /// (kernel start to sshd active, from systemd); kubeadm init and join are the SSH
 /// commands' durations; Node readiness after kubeadm as the controller saw it (so its
-/// polling counts as guest time, up to one poll interval). What is left is defining,
-/// firmware and boot loader (counted against the controller, conservatively), waiting
-/// between steps and writing status.
+/// polling counts as guest time, up to one poll interval). Firmware and boot loader are
+/// measured from qemu's start to the guest kernel's (`Bed::firmware`). What is left is
+/// defining, waiting between steps (DHCP and SSH probe spacing) and writing status.
 struct Overhead {
     ready: Duration,
     guests: Duration,
@@ -922,7 +922,7 @@ impl Bed {
                 usec.trim()
                     .parse()
                     .with_context(|| format!("sshd's start on {}: {usec:?}", node.name))?,
-            );
+            ) + self.firmware(&guest, &domain).await?;
             let t = &node.timings;
             let ready = ms(t.ready_ms, "ready", &node.name)?;
             if node.name.contains("-cp-") {
@@ -937,6 +937,58 @@ impl Bed {
         let guests = (initialised + cp_ready).max(w_boot.max(initialised) + join + w_ready);
         Ok(Overhead { ready, guests })
     }
+}
+
+impl Bed {
+    /// Firmware and boot loader: from qemu's start (the process libvirt spawned for
+    /// the domain, from its pid file and /proc) to the guest kernel's, which is the
+    /// host's uptime less the guest's, read together over SSH. Both clocks are the
+    /// host's (TCG's virtual clock follows it), at the kernel's tick resolution.
+    async fn firmware(&self, guest: &GuestNode, domain: &str) -> anyhow::Result<Duration> {
+        let pid_file = self
+            .dir
+            .join("state/run/qemu")
+            .join(format!("{domain}.pid"));
+        let pid = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("reading {}", pid_file.display()))?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .with_context(|| format!("qemu of {domain} (pid {})", pid.trim()))?;
+        // Field 22, counted after the parenthesised command name (which may hold spaces).
+        let started_ticks: f64 = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no start time in /proc/{}/stat", pid.trim()))?;
+        let qemu_started = started_ticks / rustix::param::clock_ticks_per_second() as f64;
+        let before = host_uptime()?;
+        let guest_uptime = self
+            .ctx
+            .guest
+            .exec(guest, &self.credentials, &["cat", "/proc/uptime"])
+            .await?;
+        let after = host_uptime()?;
+        let guest_uptime: f64 = guest_uptime
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{}'s /proc/uptime: {guest_uptime:?}", guest.name))?;
+        let kernel_started = (before + after) / 2.0 - guest_uptime;
+        let firmware = kernel_started - qemu_started;
+        ensure!(
+            (0.0..600.0).contains(&firmware),
+            "{domain}: firmware and loader took {firmware:.2} s by the clocks, which cannot be"
+        );
+        eprintln!("  {}: firmware and boot loader {firmware:.1} s", guest.name);
+        Ok(Duration::from_secs_f64(firmware))
+    }
+}
+
+fn host_uptime() -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string("/proc/uptime").context("reading /proc/uptime")?;
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("/proc/uptime: {text:?}"))
 }
 
 /// Per-node phase timings from status, and the last provisioning's.
