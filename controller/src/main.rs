@@ -95,6 +95,22 @@ struct Args {
     /// Seconds any other command over SSH may take (probes, token minting, resets).
     #[arg(long, env = "BENCHCLUSTER_SSH_COMMAND_TIMEOUT_SECONDS", default_value_t = SshConfig::default().command_timeout.as_secs())]
     ssh_command_timeout_seconds: u64,
+    /// vCPUs a BenchCluster may have per host CPU. A cluster whose nodes' vCPUs add up
+    /// to more than the host's CPUs times this is Stalled before any VM is created.
+    #[arg(long, env = "BENCHCLUSTER_CPU_OVERCOMMIT", default_value_t = Settings::default().cpu_overcommit, value_parser = positive_ratio)]
+    cpu_overcommit: f64,
+    /// Memory a BenchCluster may have per byte of host memory, likewise (above 1 only
+    /// where guests leave memory untouched, or with swap).
+    #[arg(long, env = "BENCHCLUSTER_MEMORY_OVERCOMMIT", default_value_t = Settings::default().memory_overcommit, value_parser = positive_ratio)]
+    memory_overcommit: f64,
+}
+
+/// An overcommit ratio: a finite number above 0.
+fn positive_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ratio) if ratio.is_finite() && ratio > 0.0 => Ok(ratio),
+        _ => Err(format!("{text:?} is not a ratio above 0, for example 1.5")),
+    }
 }
 
 impl Args {
@@ -162,6 +178,8 @@ async fn run(args: Args) -> anyhow::Result<Stopped> {
     let settings = Settings {
         max_parallel_steps: args.max_parallel_steps.max(1),
         dhcp_timeout,
+        cpu_overcommit: args.cpu_overcommit,
+        memory_overcommit: args.memory_overcommit,
         ..Settings::default()
     };
     let metrics = Arc::new(Metrics::new());

@@ -1,43 +1,119 @@
 //! Deterministic identity: every name and MAC derives from the BenchCluster and the
-//! node's role and index, so a restarted controller computes the same ones and finds
+//! node's pool and index, so a restarted controller computes the same ones and finds
 //! what it created before.
 
 use std::fmt;
 
-use benchcluster_crd::Role;
+use benchcluster_crd::{DEFAULT_POOL, Role};
 use sha2::{Digest, Sha256};
 
-/// A node of a BenchCluster: its role and index within the role.
+/// Longest pool name ([`benchcluster_crd::pools::MAX_POOL_NAME_LEN`]).
+const POOL_NAME_CAP: usize = benchcluster_crd::pools::MAX_POOL_NAME_LEN;
+
+/// The pool a node belongs to, `cp` for the control plane: a short name held inline, so
+/// node identities stay `Copy` (they key every map of a pass). Only names the CRD
+/// accepts for a pool (lowercase letters and digits, at most 18) are representable.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolName {
+    len: u8,
+    bytes: [u8; POOL_NAME_CAP],
+}
+
+impl PoolName {
+    /// The control plane's.
+    pub const CONTROL_PLANE: PoolName = PoolName::literal("cp");
+    /// The default pool's, `spec.workers`.
+    pub const DEFAULT: PoolName = PoolName::literal(DEFAULT_POOL);
+
+    /// A name known to be valid (a constant); longer input is cut, which no caller has.
+    const fn literal(name: &str) -> Self {
+        let src = name.as_bytes();
+        let mut bytes = [0u8; POOL_NAME_CAP];
+        let mut i = 0;
+        while i < src.len() && i < POOL_NAME_CAP {
+            bytes[i] = src[i];
+            i += 1;
+        }
+        Self {
+            len: i as u8,
+            bytes,
+        }
+    }
+
+    /// The pool of that name, if it is one the CRD accepts (or `w`, `cp`).
+    pub fn new(name: &str) -> Option<Self> {
+        let valid = !name.is_empty()
+            && name.len() <= POOL_NAME_CAP
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        valid.then(|| Self::literal(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII bytes are ever stored.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl PartialOrd for PoolName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PoolName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl fmt::Debug for PoolName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl fmt::Display for PoolName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node of a BenchCluster: its role, its pool and its index within the pool. Ordered
+/// by role first (the control plane before workers), then pool and index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId {
     pub role: Role,
+    pub pool: PoolName,
     pub index: u32,
 }
 
 impl NodeId {
     pub const CONTROL_PLANE: NodeId = NodeId {
         role: Role::ControlPlane,
+        pool: PoolName::CONTROL_PLANE,
         index: 0,
     };
 
+    /// Worker `index` of the default pool.
     pub fn worker(index: u32) -> Self {
-        Self {
-            role: Role::Worker,
-            index,
-        }
+        Self::pooled(PoolName::DEFAULT, index)
     }
 
-    fn role_tag(self) -> &'static str {
-        match self.role {
-            Role::ControlPlane => "cp",
-            Role::Worker => "w",
+    /// Worker `index` of `pool`.
+    pub fn pooled(pool: PoolName, index: u32) -> Self {
+        Self {
+            role: Role::Worker,
+            pool,
+            index,
         }
     }
 }
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.role_tag(), self.index)
+        write!(f, "{}-{}", self.pool, self.index)
     }
 }
 
@@ -108,7 +184,7 @@ pub struct ClusterNames {
 }
 
 impl ClusterNames {
-    /// libvirt domain name: `<namespace>-<name>-cp-0`, `<namespace>-<name>-w-<i>`.
+    /// libvirt domain name: `<namespace>-<name>-cp-0`, `<namespace>-<name>-<pool>-<i>`.
     pub fn domain(&self, node: NodeId) -> String {
         format!("{}-{}-{node}", self.namespace, self.name)
     }
@@ -119,7 +195,7 @@ impl ClusterNames {
         format!("{}-{}-", self.namespace, self.name)
     }
 
-    /// Node name and hostname inside the guest cluster: `<name>-cp-0`, `<name>-w-<i>`.
+    /// Node name and hostname inside the guest cluster: `<name>-cp-0`, `<name>-<pool>-<i>`.
     pub fn node(&self, node: NodeId) -> String {
         format!("{}-{node}", self.name)
     }
@@ -142,8 +218,9 @@ impl ClusterNames {
 
     /// A seed of the node (docs/image-contract.md), tagged like its disk:
     /// `<domain>.<uid tag>.<key tag>.seed.img` for a keyed seed,
-    /// `<domain>.<uid tag>.seed.img` for the legacy one. At most 152 bytes (a
-    /// 63-character namespace, a 40-character name, worker index `u32::MAX`): a file
+    /// `<domain>.<uid tag>.seed.img` for the legacy one. At most 169 bytes (a
+    /// 63-character namespace, a 40-character name, an 18-character pool, worker index
+    /// `u32::MAX`): a file
     /// name in a directory pool, and within libvirt's limits for a volume name.
     pub fn seed_volume(&self, node: NodeId, seed: &Seed) -> String {
         match seed {
@@ -185,38 +262,43 @@ impl ClusterNames {
         Some((parse_node_tag(rest)?, kind))
     }
 
-    /// Deterministic MAC in QEMU's 52:54:00 range: a 24-bit hash of the UID plus the
-    /// node's slot (control plane 0, worker i at i + 1), so MACs within one cluster never
-    /// collide and clusters start at unrelated points of the range.
+    /// Deterministic MAC in QEMU's 52:54:00 range: a 24-bit hash plus the node's slot.
+    /// The control plane and the default pool hash the UID (control plane at slot 0,
+    /// worker i at i + 1, as before pools existed, so their nodes keep their MACs);
+    /// another pool hashes the UID and its name, worker i at slot i. So MACs within a
+    /// pool never collide, and pools and clusters start at unrelated points of the range.
     pub fn mac(&self, node: NodeId) -> String {
-        let digest = Sha256::digest(self.uid.as_bytes());
-        let base = u32::from_be_bytes([0, digest[0], digest[1], digest[2]]);
-        let slot = match node.role {
-            Role::ControlPlane => 0,
-            Role::Worker => node.index.wrapping_add(1),
+        let hash24 = |text: &str| {
+            let digest = Sha256::digest(text.as_bytes());
+            u32::from_be_bytes([0, digest[0], digest[1], digest[2]])
         };
-        let [_, a, b, c] = base.wrapping_add(slot).to_be_bytes();
+        let value = match node.role {
+            Role::ControlPlane => hash24(&self.uid),
+            Role::Worker if node.pool == PoolName::DEFAULT => {
+                hash24(&self.uid).wrapping_add(node.index.wrapping_add(1))
+            }
+            Role::Worker => hash24(&format!("{}/{}", self.uid, node.pool)).wrapping_add(node.index),
+        };
+        let [_, a, b, c] = value.to_be_bytes();
         format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
     }
 }
 
+/// `<pool>-<index>`: `cp-0` for the control plane, else a worker of the pool.
 fn parse_node_tag(tag: &str) -> Option<NodeId> {
-    let (role, index) = tag.split_once('-')?;
-    let role = match role {
-        "cp" => Role::ControlPlane,
-        "w" => Role::Worker,
-        _ => return None,
-    };
+    let (pool, index) = tag.split_once('-')?;
+    let pool = PoolName::new(pool)?;
     if index.is_empty()
         || !index.bytes().all(|b| b.is_ascii_digit())
         || index.starts_with('0') && index.len() > 1
     {
         return None;
     }
-    Some(NodeId {
-        role,
-        index: index.parse().ok()?,
-    })
+    let index = index.parse().ok()?;
+    if pool == PoolName::CONTROL_PLANE {
+        return (index == 0).then_some(NodeId::CONTROL_PLANE);
+    }
+    Some(NodeId::pooled(pool, index))
 }
 
 #[cfg(test)]
@@ -243,6 +325,10 @@ mod tests {
             n.disk_volume(NodeId::worker(3)),
             "bench-small-w-3.0f8fad5b.qcow2"
         );
+        let gpu = NodeId::pooled(PoolName::new("gpu").unwrap(), 1);
+        assert_eq!(n.domain(gpu), "bench-small-gpu-1");
+        assert_eq!(n.node(gpu), "small-gpu-1");
+        assert_eq!(n.disk_volume(gpu), "bench-small-gpu-1.0f8fad5b.qcow2");
         assert_eq!(n.kubeconfig_secret(), "small-kubeconfig");
         let tag = KeyTag::from_sha256(&[0x5c, 0x1e, 0x0a, 0x9d, 0x3f, 0x2b, 0x4e, 0x71, 0xff])
             .expect("8 bytes or more");
@@ -267,11 +353,12 @@ mod tests {
             ..names()
         };
         let tag = KeyTag::from_sha256(&[0xab; 32]).unwrap();
-        let longest = n.seed_volume(NodeId::worker(u32::MAX), &Seed::Keyed(tag.clone()));
-        assert_eq!(longest.len(), 152);
+        let id = NodeId::pooled(PoolName::new(&"p".repeat(18)).unwrap(), u32::MAX);
+        let longest = n.seed_volume(id, &Seed::Keyed(tag.clone()));
+        assert_eq!(longest.len(), 169);
         assert_eq!(
             n.volume_owner(&longest),
-            Some((NodeId::worker(u32::MAX), VolumeKind::Seed(Seed::Keyed(tag))))
+            Some((id, VolumeKind::Seed(Seed::Keyed(tag))))
         );
     }
 
@@ -281,6 +368,13 @@ mod tests {
         assert_eq!(
             n.volume_owner("bench-small-w-12.0f8fad5b.qcow2"),
             Some((NodeId::worker(12), VolumeKind::Disk))
+        );
+        assert_eq!(
+            n.volume_owner("bench-small-gpu-12.0f8fad5b.qcow2"),
+            Some((
+                NodeId::pooled(PoolName::new("gpu").unwrap(), 12),
+                VolumeKind::Disk
+            ))
         );
         assert_eq!(
             n.volume_owner("bench-small-cp-0.0f8fad5b.seed.img"),
@@ -306,7 +400,10 @@ mod tests {
             "bench-small-w-1.aaaaaaaa.qcow2",
             "bench-smaller-w-1.0f8fad5b.qcow2",
             "bench-small-w-01.0f8fad5b.qcow2",
-            "bench-small-x-1.0f8fad5b.qcow2",
+            "bench-small-x-y-1.0f8fad5b.qcow2",
+            "bench-small-cp-1.0f8fad5b.qcow2",
+            "bench-small-Gpu-1.0f8fad5b.qcow2",
+            "bench-small-pppppppppppppppppppp-1.0f8fad5b.qcow2",
             "bench-small-w-.0f8fad5b.qcow2",
             "bench-small-w-1.0f8fad5b.img",
             "base.qcow2",
@@ -317,23 +414,33 @@ mod tests {
 
     proptest! {
         #[test]
-        fn macs_are_valid_deterministic_and_distinct_within_a_cluster(uid in "[0-9a-f-]{36}") {
+        fn macs_are_valid_deterministic_and_distinct_within_a_pool(uid in "[0-9a-f-]{36}", pool in "[a-z0-9]{1,18}") {
             let n = ClusterNames { uid, ..names() };
-            let mut seen = std::collections::HashSet::new();
-            for node in std::iter::once(NodeId::CONTROL_PLANE).chain((0..64).map(NodeId::worker)) {
-                let mac = n.mac(node);
-                prop_assert!(mac.starts_with("52:54:00:"));
-                prop_assert_eq!(mac.len(), 17);
-                prop_assert_eq!(&mac, &n.mac(node));
-                seen.insert(mac);
+            let pool = PoolName::new(&pool).unwrap();
+            prop_assume!(pool != PoolName::CONTROL_PLANE && pool != PoolName::DEFAULT);
+            // The control plane and the default pool share one range, without overlap;
+            // another pool has a range of its own (two pools' ranges meet by chance, 1
+            // in 130,000 for pools of 64).
+            let default: Vec<NodeId> = std::iter::once(NodeId::CONTROL_PLANE).chain((0..64).map(NodeId::worker)).collect();
+            let other: Vec<NodeId> = (0..64).map(|i| NodeId::pooled(pool, i)).collect();
+            for nodes in [default, other] {
+                let mut seen = std::collections::HashSet::new();
+                for &node in &nodes {
+                    let mac = n.mac(node);
+                    prop_assert!(mac.starts_with("52:54:00:"));
+                    prop_assert_eq!(mac.len(), 17);
+                    prop_assert_eq!(&mac, &n.mac(node));
+                    seen.insert(mac);
+                }
+                prop_assert_eq!(seen.len(), nodes.len());
             }
-            prop_assert_eq!(seen.len(), 65);
         }
 
         #[test]
-        fn volume_names_round_trip(index in 0u32..10_000, digest in prop::array::uniform32(any::<u8>()), cp in any::<bool>()) {
+        fn volume_names_round_trip(index in 0u32..10_000, digest in prop::array::uniform32(any::<u8>()), cp in any::<bool>(), pool in "[a-z0-9]{1,18}") {
             let n = names();
-            let id = if cp { NodeId::CONTROL_PLANE } else { NodeId::worker(index) };
+            let pool = PoolName::new(&pool).unwrap();
+            let id = if cp || pool == PoolName::CONTROL_PLANE { NodeId::CONTROL_PLANE } else { NodeId::pooled(pool, index) };
             prop_assert_eq!(n.volume_owner(&n.disk_volume(id)), Some((id, VolumeKind::Disk)));
             let keyed = Seed::Keyed(KeyTag::from_sha256(&digest).unwrap());
             for seed in [keyed, Seed::Legacy] {

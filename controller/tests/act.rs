@@ -11,7 +11,7 @@ use benchcluster_controller::Error;
 use benchcluster_controller::hypervisor::Hypervisor;
 use benchcluster_controller::hypervisor::{DomainSpec, HypervisorError, Owner};
 use benchcluster_controller::names::VolumeKind;
-use benchcluster_controller::names::{NodeId, Seed};
+use benchcluster_controller::names::{NodeId, PoolName, Seed};
 use benchcluster_controller::reconcile::Action;
 use benchcluster_controller::reconcile::act::act;
 use benchcluster_controller::reconcile::timeline::Event;
@@ -25,6 +25,7 @@ use support::{Bed, IMAGE, NAMESPACE, NETWORK};
 const CP: NodeId = NodeId::CONTROL_PLANE;
 const W0: NodeId = NodeId {
     role: Role::Worker,
+    pool: PoolName::DEFAULT,
     index: 0,
 };
 
@@ -70,10 +71,7 @@ async fn define_domain_writes_the_seed_and_pins_a_host_key_once() {
     let domain = bed.hv.domain(&names.domain(W0)).expect("defined");
     assert!(!domain.running);
     assert_eq!(domain.spec.owner.uid, names.uid);
-    assert_eq!(
-        (domain.spec.owner.role, domain.spec.owner.index),
-        (Role::Worker, 0)
-    );
+    assert_eq!(domain.spec.owner.node, W0);
     assert_eq!(domain.spec.vcpus, 1);
     assert_eq!(domain.spec.memory_bytes, 1 << 30);
     assert_eq!(domain.spec.mac, names.mac(W0));
@@ -129,8 +127,7 @@ async fn a_name_held_by_someone_else_is_never_taken_over() {
             uid: "someone-else".into(),
             namespace: "other".into(),
             name: "other".into(),
-            role: Role::Worker,
-            index: 0,
+            node: W0,
             host_key: None,
         },
         vcpus: 1,

@@ -1,5 +1,5 @@
-//! The `BenchCluster` custom resource: a kubeadm cluster of one control-plane VM and N
-//! worker VMs on a libvirt host, declared as a Kubernetes object.
+//! The `BenchCluster` custom resource: a kubeadm cluster of one control-plane VM and
+//! pools of worker VMs on a libvirt host, declared as a Kubernetes object.
 //!
 //! This crate holds types only (no I/O): the spec a user writes, the status the
 //! controller reports, and the validation the API server enforces (OpenAPI bounds and
@@ -11,21 +11,27 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub mod conditions;
+pub mod pools;
 pub mod quantity;
 
 pub use conditions::ConditionType;
+pub use pools::{
+    DEFAULT_POOL, KubeletSettings, NamedWorkerPool, POOL_LABEL, PoolStatus, Reservation, Taint,
+    TaintEffect, WorkerPool, WorkerTemplate,
+};
 
 /// API group of every resource this project defines.
 pub const GROUP: &str = "benchcluster.dev";
 /// Finalizer the controller puts on each BenchCluster so its VMs are removed first.
 pub const FINALIZER: &str = "benchcluster.dev/cleanup";
-/// Upper bound on `spec.workers.replicas`; one libvirt host cannot hold more.
+/// Upper bound on the workers of all pools together; one libvirt host cannot hold more.
 pub const MAX_WORKERS: i32 = 256;
 /// Longest BenchCluster name: node names are `<name>-w-<index>` and must stay DNS labels.
 pub const MAX_NAME_LEN: usize = 40;
 
-/// A disposable kubeadm cluster on a libvirt host: one control-plane VM and
-/// `workers.replicas` worker VMs, each a copy-on-write overlay of its role's base image.
+/// A disposable kubeadm cluster on a libvirt host: one control-plane VM and pools of
+/// worker VMs (`workers`, the default pool, and `pools`), each VM a copy-on-write
+/// overlay of its pool's base image.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[kube(
     group = "benchcluster.dev",
@@ -37,20 +43,22 @@ pub const MAX_NAME_LEN: usize = 40;
     namespaced,
     status = "BenchClusterStatus",
     derive = "PartialEq",
-    doc = "A kubeadm cluster of libvirt VMs for benchmarking Kubernetes: one control plane and N workers.",
+    doc = "A kubeadm cluster of libvirt VMs for benchmarking Kubernetes: one control plane and pools of workers.",
     scale(
         spec_replicas_path = ".spec.workers.replicas",
-        status_replicas_path = ".status.readyWorkers"
+        status_replicas_path = ".status.defaultPoolReady"
     ),
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Workers","type":"integer","jsonPath":".status.readyWorkers"}"#,
-    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.workers.replicas"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredWorkers"}"#,
+    printcolumn = r#"{"name":"Pools","type":"string","priority":1,"jsonPath":".status.poolSummary"}"#,
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.controlPlaneEndpoint"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(NODE_CIDRS_RULE).field_path(".workers.replicas").message(Message::Expression(NODE_CIDRS_MESSAGE.into())))]
+#[x_kube(validation = Rule::new(TOTAL_WORKERS_RULE).field_path(".pools").message(TOTAL_WORKERS_MESSAGE))]
 pub struct BenchClusterSpec {
     /// The single control-plane VM, at least 2 cpus and 2Gi of memory (kubeadm init's
     /// preflight refuses fewer than 2 CPUs or less than 1700 MB seen by the guest).
@@ -61,9 +69,18 @@ pub struct BenchClusterSpec {
         validation = Rule::new("!isQuantity(self.memory) || quantity(self.memory).compareTo(quantity('2Gi')) >= 0").field_path(".memory").message("controlPlane.memory must be at least 2Gi: kubeadm init's preflight refuses a control plane whose guest sees less than 1700 MB"),
     )]
     pub control_plane: NodeTemplate,
-    /// The worker VMs. `replicas` may change at any time (scale by edit, or
-    /// `kubectl scale bc/<name> --replicas=N`); the rest is immutable.
+    /// The default worker pool, named `w`: its nodes are `<name>-w-<index>`, and
+    /// `kubectl scale bc/<name> --replicas=N` sets its `replicas`. `replicas` may change
+    /// at any time; the rest is immutable.
     pub workers: WorkerPool,
+    /// More worker pools, each of its own shape, image, labels, taints and extended
+    /// resources, at most 16; nodes `<name>-<pool>-<index>`. `replicas` of each may
+    /// change at any time; a pool removed from the list has its nodes drained and
+    /// deleted. All pools together hold at most 256 workers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub pools: Vec<NamedWorkerPool>,
     /// The libvirt network the VMs attach to. It must exist on the hypervisor and serve DHCP.
     #[x_kube(validation = Rule::new("self == oldSelf").message("network is immutable"))]
     pub network: NetworkSpec,
@@ -126,43 +143,6 @@ pub enum Firmware {
     Uefi,
 }
 
-/// The worker VMs: a template and a count. Kept as its own struct so named pools can
-/// be added later as a list of these.
-#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkerPool {
-    /// Number of worker VMs, 0 to 256.
-    #[schemars(range(min = 0, max = 256))]
-    pub replicas: i32,
-    /// Size and image of every worker. Immutable.
-    #[serde(flatten)]
-    pub template: WorkerTemplate,
-}
-
-/// The immutable part of a worker pool.
-#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkerTemplate {
-    /// Virtual CPUs of each worker, 1 to 255 (QEMU's limit without an interrupt-remapping
-    /// IOMMU).
-    #[schemars(range(min = 1, max = 255))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("workers.cpus is immutable"))]
-    pub cpus: u32,
-    /// Memory of each worker as a Kubernetes quantity. At least 256Mi.
-    #[schemars(length(min = 1, max = 32))]
-    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('256Mi')) >= 0 && quantity(self).compareTo(quantity('4Ti')) <= 0").message("memory must be a quantity between 256Mi and 4Ti, for example 4Gi"))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("workers.memory is immutable"))]
-    pub memory: String,
-    /// Disk of each worker as a Kubernetes quantity. At least 1Gi.
-    #[schemars(length(min = 1, max = 32))]
-    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1Gi')) >= 0 && quantity(self).compareTo(quantity('64Ti')) <= 0").message("disk must be a quantity between 1Gi and 64Ti, for example 40Gi"))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("workers.disk is immutable"))]
-    pub disk: String,
-    /// Base image of every worker.
-    #[x_kube(validation = Rule::new("self == oldSelf").message("workers.image is immutable"))]
-    pub image: ImageSpec,
-}
-
 /// The libvirt network the VMs attach to.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -217,14 +197,27 @@ const SUBNETS_DISJOINT_RULE: &str = "!isCIDR(self.podSubnet) || !isCIDR(self.ser
 /// A message expression: it names the values, since one of them may be a default.
 const SUBNETS_DISJOINT_MESSAGE: &str = "'podSubnet ' + self.podSubnet + ' overlaps serviceSubnet ' + self.serviceSubnet + ': they must be disjoint, since nodes get no pod range from addresses the services take; for example 10.244.0.0/16 and 10.96.0.0/12'";
 
+/// Workers of every pool, as CEL (Kubernetes' list library has `sum`).
+macro_rules! total_workers {
+    () => {
+        "(self.workers.replicas + (has(self.pools) ? self.pools.map(p, p.replicas).sum() : 0))"
+    };
+}
+const TOTAL_WORKERS_RULE: &str = concat!(total_workers!(), " <= 256");
+const TOTAL_WORKERS_MESSAGE: &str = "the pools (spec.workers and spec.pools together) hold more than 256 workers: one libvirt host cannot hold more";
+
 /// Each node, the control plane included, gets a /24 of the pod subnet, and a node
 /// without one never turns Ready (kube-controller-manager's range allocator has
 /// 2^(24-N) of them in a /N). Only a /16 or smaller can be too small for 1 + 256 nodes.
-const NODE_CIDRS_RULE: &str = "!isCIDR(self.kubernetes.podSubnet) || cidr(self.kubernetes.podSubnet).ip().family() != 4 || cidr(self.kubernetes.podSubnet).prefixLength() < 16 || cidr(self.kubernetes.podSubnet).prefixLength() > 24 || self.workers.replicas < [1, 2, 4, 8, 16, 32, 64, 128, 256][24 - cidr(self.kubernetes.podSubnet).prefixLength()]";
+const NODE_CIDRS_RULE: &str = concat!(
+    "!isCIDR(self.kubernetes.podSubnet) || cidr(self.kubernetes.podSubnet).ip().family() != 4 || cidr(self.kubernetes.podSubnet).prefixLength() < 16 || cidr(self.kubernetes.podSubnet).prefixLength() > 24 || ",
+    total_workers!(),
+    " < [1, 2, 4, 8, 16, 32, 64, 128, 256][24 - cidr(self.kubernetes.podSubnet).prefixLength()]"
+);
 /// A message expression, evaluated only when the rule failed, so on a /16 to /24. No
 /// `string(int)`: its result has no size bound, and the cost estimate then exceeds the
 /// budget; the counts come from a list of literals instead.
-const NODE_CIDRS_MESSAGE: &str = "'workers.replicas is more than kubernetes.podSubnet ' + self.kubernetes.podSubnet + ' holds: each node, the control plane included, takes a /24 of it, so it holds the control plane and ' + ['0', '1', '3', '7', '15', '31', '63', '127', '255'][24 - cidr(self.kubernetes.podSubnet).prefixLength()] + ' workers; use fewer workers or a larger podSubnet'";
+const NODE_CIDRS_MESSAGE: &str = "'the workers of all pools are more than kubernetes.podSubnet ' + self.kubernetes.podSubnet + ' holds: each node, the control plane included, takes a /24 of it, so it holds the control plane and ' + ['0', '1', '3', '7', '15', '31', '63', '127', '255'][24 - cidr(self.kubernetes.podSubnet).prefixLength()] + ' workers; use fewer workers or a larger podSubnet'";
 
 impl Default for KubernetesSpec {
     fn default() -> Self {
@@ -290,9 +283,22 @@ pub struct BenchClusterStatus {
     /// One entry per VM that exists or is being created, control plane first.
     #[serde(default)]
     pub nodes: Vec<NodeStatus>,
-    /// Workers whose Node is Ready (the scale subresource's status replicas).
+    /// Workers whose Node is ready for a benchmark, in every pool.
     #[serde(default)]
     pub ready_workers: i32,
+    /// Workers the spec asks for, in every pool.
+    #[serde(default)]
+    pub desired_workers: i32,
+    /// Workers of the default pool (`spec.workers`) whose Node is ready: the scale
+    /// subresource's status replicas, as `kubectl scale` sets that pool.
+    #[serde(default)]
+    pub default_pool_ready: i32,
+    /// Readiness per pool, the default pool (`w`) first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolStatus>,
+    /// The pools at a glance, `<pool> <ready>/<desired>` each, for `kubectl get -o wide`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_summary: Option<String>,
     /// `https://<control-plane IP>:6443` once the control plane is initialised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane_endpoint: Option<String>,
@@ -349,7 +355,10 @@ pub struct NodeStatus {
     pub name: String,
     /// Control plane or worker.
     pub role: Role,
-    /// Index within the role.
+    /// The worker's pool (`w` for `spec.workers`); absent for the control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Index within the pool (or the control plane's, 0).
     pub index: u32,
     /// libvirt domain name.
     pub domain: String,

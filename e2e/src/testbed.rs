@@ -86,6 +86,11 @@ pub fn hypervisor() -> Instrumented<Libvirt> {
     hypervisor
 }
 
+/// Overcommit for the test driver's host, a fixed 16 CPUs and 3 GiB that the tier's
+/// clusters (sized like real ones, and a thousand of them at once) would not fit in:
+/// what the fit check is given, on both ratios.
+pub const TEST_DRIVER_OVERCOMMIT: f64 = 4096.0;
+
 /// Settings that make the tier fast: short polls and backoff.
 pub fn fast_settings() -> Settings {
     Settings {
@@ -93,6 +98,8 @@ pub fn fast_settings() -> Settings {
         resync_interval: Duration::from_secs(1),
         backoff_base: Duration::from_millis(200),
         backoff_cap: Duration::from_secs(2),
+        cpu_overcommit: TEST_DRIVER_OVERCOMMIT,
+        memory_overcommit: TEST_DRIVER_OVERCOMMIT,
         ..Settings::default()
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use benchcluster_crd::quantity::parse_bytes;
-use benchcluster_crd::{BenchCluster, Firmware};
+use benchcluster_crd::{BenchCluster, Firmware, TaintEffect};
 use benchcluster_e2e::{TestApiServer, create_namespace, wait};
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::core::Status;
@@ -563,7 +563,7 @@ async fn a_service_subnet_outside_kubeadms_size_bounds_is_rejected() -> anyhow::
 #[tokio::test]
 async fn more_workers_than_the_pod_subnet_holds_are_rejected() -> anyhow::Result<()> {
     with_env("crd-pod-capacity", |env| async move {
-        const SAYS: &str = "is more than kubernetes.podSubnet";
+        const SAYS: &str = "are more than kubernetes.podSubnet";
         // A /20 holds 16 node /24s: the control plane and 15 workers.
         let small = |name: &str, replicas: i32| {
             with(
@@ -576,7 +576,7 @@ async fn more_workers_than_the_pod_subnet_holds_are_rejected() -> anyhow::Result
             &env,
             small("x", 16),
             "spec.workers.replicas",
-            "workers.replicas is more than kubernetes.podSubnet 10.244.0.0/20 holds: \
+            "the workers of all pools are more than kubernetes.podSubnet 10.244.0.0/20 holds: \
              each node, the control plane included, takes a /24 of it, so it holds the \
              control plane and 15 workers",
         )
@@ -744,7 +744,11 @@ async fn the_worker_template_is_immutable_but_replicas_are_not() -> anyhow::Resu
     with_env("crd-immutable-workers", |env| async move {
         env.create(minimal("fixed")).await?;
         let result = update(&env, "fixed", "/spec/workers/cpus", json!(8)).await;
-        expect_invalid(result, "spec.workers.cpus", "workers.cpus is immutable")?;
+        expect_invalid(
+            result,
+            "spec.workers.cpus",
+            "cpus of a worker pool is immutable",
+        )?;
 
         update(&env, "fixed", "/spec/workers/replicas", json!(5))
             .await
@@ -816,6 +820,258 @@ async fn kubectl_scale_changes_the_worker_replicas() -> anyhow::Result<()> {
             error.to_string().contains("spec.workers.replicas"),
             "unexpected error: {error:#}"
         );
+        Ok(())
+    })
+    .await
+}
+
+/// A pool for `spec.pools`, shaped like the minimal worker.
+fn pool(name: &str) -> Value {
+    json!({
+        "name": name,
+        "replicas": 1,
+        "cpus": 4,
+        "memory": "4Gi",
+        "disk": "20Gi",
+        "image": {"volume": "worker.qcow2"},
+    })
+}
+
+fn with_pools(pools: Value) -> Value {
+    with(minimal("x"), "/spec/pools", pools)
+}
+
+#[tokio::test]
+async fn pools_with_labels_taints_and_resources_round_trip() -> anyhow::Result<()> {
+    with_env("crd-pools", |env| async move {
+        let mut gpu = pool("gpu");
+        gpu["nodeLabels"] =
+            json!({"example.com/accelerator": "fake", "node-role.kubernetes.io/gpu": ""});
+        gpu["taints"] = json!([{"key": "example.com/accelerator", "effect": "NoSchedule"}]);
+        gpu["extendedResources"] = json!({"example.com/fake-gpu": 2});
+        gpu["kubelet"] =
+            json!({"maxPods": 30, "systemReserved": {"cpu": "250m", "memory": "256Mi"}});
+        env.create(with_pools(json!([pool("big"), gpu]))).await?;
+        let bc = env.typed().get("x").await?;
+        ensure!(bc.spec.pools.len() == 2, "pools {:?}", bc.spec.pools);
+        let gpu = &bc.spec.pools[1];
+        ensure!(gpu.name == "gpu");
+        ensure!(
+            gpu.pool
+                .template
+                .extended_resources
+                .get("example.com/fake-gpu")
+                == Some(&2)
+        );
+        ensure!(gpu.pool.template.taints[0].effect == TaintEffect::NoSchedule);
+        ensure!(gpu.pool.template.kubelet.max_pods == Some(30));
+        // Replicas of a pool change; a pool goes from the list.
+        update(&env, "x", "/spec/pools/1/replicas", json!(3))
+            .await
+            .context("changing a pool's replicas must be allowed")?;
+        let mut current = env.dynamic().get("x").await?;
+        current.data["spec"]["pools"] = json!([current.data["spec"]["pools"][1]]);
+        env.dynamic()
+            .replace("x", &PostParams::default(), &current)
+            .await
+            .context("removing a pool must be allowed")?;
+        let bc = env.typed().get("x").await?;
+        ensure!(
+            bc.spec.pools.len() == 1 && bc.spec.pools[0].pool.replicas == 3,
+            "pools after the edits: {:?}",
+            bc.spec.pools
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bad_pools_are_rejected_naming_the_field() -> anyhow::Result<()> {
+    with_env("crd-bad-pools", |env| async move {
+        let labelled = |labels: Value| {
+            let mut p = pool("p");
+            p["nodeLabels"] = labels;
+            json!([p])
+        };
+        let tainted = |taint: Value| {
+            let mut p = pool("p");
+            p["taints"] = json!([taint]);
+            json!([p])
+        };
+        let resourced = |resources: Value| {
+            let mut p = pool("p");
+            p["extendedResources"] = resources;
+            json!([p])
+        };
+        let many = |replicas: i64| {
+            let mut p = pool("p");
+            p["replicas"] = json!(replicas);
+            json!([p])
+        };
+        let cases: Vec<(&str, Value, &str, &str)> = vec![
+            (
+                "a dash in a pool name",
+                json!([pool("gpu-a")]),
+                "spec.pools[0].name",
+                "lowercase letters and digits",
+            ),
+            (
+                "the default pool's name",
+                json!([pool("w")]),
+                "spec.pools[0].name",
+                "must not be w",
+            ),
+            (
+                "the control plane's name",
+                json!([pool("cp")]),
+                "spec.pools[0].name",
+                "nor cp",
+            ),
+            (
+                "a 19-character pool name",
+                json!([pool(&"p".repeat(19))]),
+                "spec.pools[0].name",
+                "18",
+            ),
+            (
+                "two pools of one name",
+                json!([pool("a"), pool("a")]),
+                "spec.pools[1]",
+                "Duplicate value",
+            ),
+            (
+                "a label key with a space",
+                labelled(json!({"bad key": "x"})),
+                "spec.pools[0].nodeLabels",
+                "label keys",
+            ),
+            (
+                "a label value with a slash",
+                labelled(json!({"rack": "a/b"})),
+                "spec.pools[0].nodeLabels",
+                "label values",
+            ),
+            (
+                "the pool label",
+                labelled(json!({"benchcluster.dev/pool": "x"})),
+                "spec.pools[0].nodeLabels",
+                "benchcluster.dev/",
+            ),
+            (
+                "the kubelet's hostname label",
+                labelled(json!({"kubernetes.io/hostname": "x"})),
+                "spec.pools[0].nodeLabels",
+                "kubernetes.io/hostname",
+            ),
+            (
+                "a taint effect Kubernetes lacks",
+                tainted(json!({"key": "k", "effect": "Sometimes"})),
+                "spec.pools[0].taints[0].effect",
+                "Unsupported value",
+            ),
+            (
+                "a taint key with a space",
+                tainted(json!({"key": "a b", "effect": "NoSchedule"})),
+                "spec.pools[0].taints[0].key",
+                "label key",
+            ),
+            (
+                "an unprefixed extended resource",
+                resourced(json!({"fake-gpu": 1})),
+                "spec.pools[0].extendedResources",
+                "domain-prefixed",
+            ),
+            (
+                "a kubernetes.io extended resource",
+                resourced(json!({"kubernetes.io/gpu": 1})),
+                "spec.pools[0].extendedResources",
+                "kubernetes.io",
+            ),
+            (
+                "no extended resource at all",
+                resourced(json!({"example.com/gpu": 0})),
+                "spec.pools[0].extendedResources",
+                "from 1 to 1000000",
+            ),
+            (
+                "more than 256 workers in all",
+                many(256),
+                "spec.pools",
+                "more than 256 workers",
+            ),
+            (
+                "more pods than a node's /24 holds",
+                {
+                    let mut p = pool("p");
+                    p["kubelet"] = json!({"maxPods": 300});
+                    json!([p])
+                },
+                "spec.pools[0].kubelet.maxPods",
+                "less than or equal to 250",
+            ),
+            (
+                "a reservation that is not a quantity",
+                {
+                    let mut p = pool("p");
+                    p["kubelet"] = json!({"kubeReserved": {"memory": "lots"}});
+                    json!([p])
+                },
+                "spec.pools[0].kubelet.kubeReserved.memory",
+                "non-negative quantity",
+            ),
+            (
+                "seventeen pools",
+                json!((0..17).map(|i| pool(&format!("p{i}"))).collect::<Vec<_>>()),
+                "spec.pools",
+                "17",
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (what, pools, field, says) in cases {
+            if let Err(e) = expect_invalid(env.create(with_pools(pools)).await, field, says) {
+                failures.push(format!("{what}: {e:#}"));
+            }
+        }
+        ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_pools_shape_and_scheduling_properties_are_immutable() -> anyhow::Result<()> {
+    with_env("crd-pool-immutable", |env| async move {
+        env.create(with_pools(json!([pool("big")]))).await?;
+        for (pointer, value, field, says) in [
+            (
+                "/spec/pools/0/cpus",
+                json!(8),
+                "spec.pools[0].cpus",
+                "cpus of a worker pool is immutable",
+            ),
+            (
+                "/spec/pools/0/nodeLabels",
+                json!({"rack": "r2"}),
+                "spec.pools[0].nodeLabels",
+                "nodeLabels of a worker pool are immutable",
+            ),
+            (
+                "/spec/pools/0/taints",
+                json!([{"key": "k", "effect": "NoSchedule"}]),
+                "spec.pools[0].taints",
+                "taints of a worker pool are immutable",
+            ),
+            (
+                "/spec/workers/extendedResources",
+                json!({"example.com/gpu": 1}),
+                "spec.workers.extendedResources",
+                "extendedResources of a worker pool are immutable",
+            ),
+        ] {
+            let result = update(&env, "x", pointer, value).await;
+            expect_invalid(result, field, says).with_context(|| format!("changing {pointer}"))?;
+        }
         Ok(())
     })
     .await

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use benchcluster_controller::guest::{
-    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig,
+    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, NodeConfig,
+    Registration,
 };
 use benchcluster_controller::http::{self, Readiness};
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
@@ -62,10 +63,20 @@ impl Guest for SharedGuest {
         worker: &GuestNode,
         credentials: &Credentials,
         kubeconfig: &AdminKubeconfig,
+        registration: &Registration,
     ) -> benchcluster_controller::guest::Result<()> {
         self.0
-            .join_worker(control_plane, worker, credentials, kubeconfig)
+            .join_worker(control_plane, worker, credentials, kubeconfig, registration)
             .await
+    }
+
+    async fn configure_node(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+        config: &NodeConfig,
+    ) -> benchcluster_controller::guest::Result<()> {
+        self.0.configure_node(kubeconfig, node_name, config).await
     }
 
     async fn cluster_nodes(
@@ -782,6 +793,8 @@ async fn rss_with_100_benchclusters() -> Result<()> {
         SharedGuest::default(),
         Settings {
             poll_interval: Duration::from_millis(500),
+            cpu_overcommit: testbed::TEST_DRIVER_OVERCOMMIT,
+            memory_overcommit: testbed::TEST_DRIVER_OVERCOMMIT,
             ..Settings::default()
         },
     ));

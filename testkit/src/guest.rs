@@ -10,7 +10,8 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 
 use benchcluster_controller::guest::{
-    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig, Result,
+    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig,
+    NodeConfig, Registration, Result,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -18,10 +19,20 @@ use secrecy::{ExposeSecret, SecretString};
 /// status can prove none of them leaked.
 pub const SECRET_MARKER: &str = "FAKE-SECRET-d41d8cd98f00";
 
+/// A Node of a fake cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FakeNode {
+    pub ready: bool,
+    pub labels: BTreeMap<String, String>,
+    /// Extended resources in its capacity.
+    pub extended_resources: BTreeMap<String, i64>,
+    /// How it registered (kubeadm join's labels, taints, kubelet settings).
+    pub registration: Option<Registration>,
+}
+
 #[derive(Debug, Default)]
 struct Cluster {
-    /// Node name -> Ready.
-    nodes: BTreeMap<String, bool>,
+    nodes: BTreeMap<String, FakeNode>,
     /// Nodes cordoned by a drain (`remove_node`) and not uncordoned since.
     cordoned: BTreeSet<String>,
 }
@@ -210,6 +221,33 @@ impl FakeGuest {
         }
     }
 
+    /// The Node as the cluster of that control plane has it.
+    pub fn node(&self, control_plane: &str, node: &str) -> Option<FakeNode> {
+        self.state()
+            .clusters
+            .get(control_plane)
+            .and_then(|c| c.nodes.get(node).cloned())
+    }
+
+    /// Registers the Node again, as a kubelet does when its Node object was recreated:
+    /// what the controller put on it through the API (labels beyond registration,
+    /// extended resources) is gone.
+    pub fn reregister(&self, control_plane: &str, node: &str) {
+        if let Some(n) = self
+            .state()
+            .clusters
+            .get_mut(control_plane)
+            .and_then(|c| c.nodes.get_mut(node))
+        {
+            n.labels = n
+                .registration
+                .as_ref()
+                .map(|r| r.labels.clone())
+                .unwrap_or_default();
+            n.extended_resources.clear();
+        }
+    }
+
     /// Node names registered in the cluster of that control plane.
     pub fn nodes(&self, control_plane: &str) -> Vec<String> {
         self.state()
@@ -286,7 +324,13 @@ impl Guest for FakeGuest {
             self.inits_of_initialised.fetch_add(1, Ordering::Relaxed);
         }
         let cluster = state.clusters.entry(node.name.clone()).or_default();
-        cluster.nodes.insert(node.name.clone(), true);
+        cluster.nodes.insert(
+            node.name.clone(),
+            FakeNode {
+                ready: true,
+                ..FakeNode::default()
+            },
+        );
         Ok(kubeconfig_for(&node.name))
     }
 
@@ -296,6 +340,7 @@ impl Guest for FakeGuest {
         worker: &GuestNode,
         _credentials: &Credentials,
         _kubeconfig: &AdminKubeconfig,
+        registration: &Registration,
     ) -> Result<()> {
         self.called("join", &worker.name);
         self.check_reachable(worker)?;
@@ -310,7 +355,15 @@ impl Guest for FakeGuest {
                 output: "control plane not initialised (fake)".into(),
             }
         })?;
-        cluster.nodes.insert(worker.name.clone(), true);
+        cluster.nodes.insert(
+            worker.name.clone(),
+            FakeNode {
+                ready: true,
+                labels: registration.labels.clone(),
+                extended_resources: BTreeMap::new(),
+                registration: Some(registration.clone()),
+            },
+        );
         self.joins.fetch_add(1, Ordering::Relaxed);
         state.completed.joins += 1;
         Ok(())
@@ -329,12 +382,36 @@ impl Guest for FakeGuest {
         Ok(cluster
             .nodes
             .iter()
-            .map(|(name, ready)| ClusterNode {
+            .map(|(name, node)| ClusterNode {
                 name: name.clone(),
-                ready: *ready,
+                ready: node.ready,
                 cordoned_for_removal: cluster.cordoned.contains(name),
+                labels: node.labels.clone(),
+                extended_resources: node.extended_resources.clone(),
             })
             .collect())
+    }
+
+    async fn configure_node(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+        config: &NodeConfig,
+    ) -> Result<()> {
+        self.called("configure", node_name);
+        self.api_calls.fetch_add(1, Ordering::Relaxed);
+        let cp = control_plane_of(kubeconfig)
+            .ok_or_else(|| GuestError::Api("unparsable fake kubeconfig".into()))?;
+        let mut state = self.state();
+        let node = state
+            .clusters
+            .get_mut(&cp)
+            .and_then(|c| c.nodes.get_mut(node_name))
+            .ok_or_else(|| GuestError::Api(format!("nodes {node_name:?} not found (fake)")))?;
+        node.labels.extend(config.labels.clone());
+        node.extended_resources
+            .extend(config.extended_resources.clone());
+        Ok(())
     }
 
     async fn uncordon(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {

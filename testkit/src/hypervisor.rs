@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use benchcluster_controller::hypervisor::{
-    DomainInfo, DomainOwner, DomainSpec, DomainState, Hypervisor, HypervisorError, Inventory,
-    Lease, NetworkInfo, NetworkInventory, OverlaySpec, Result,
+    DomainInfo, DomainOwner, DomainSpec, DomainState, HostCapacity, Hypervisor, HypervisorError,
+    Inventory, Lease, NetworkInfo, NetworkInventory, OverlaySpec, Result,
 };
 use parking_lot::{Mutex, MutexGuard};
 
@@ -69,6 +69,8 @@ struct State {
     hanging: BTreeSet<Call>,
     /// How long calls take before they answer.
     delays: BTreeMap<Call, Duration>,
+    /// What the host offers; `None` answers no capacity (no fit check).
+    host: Option<HostCapacity>,
     /// Whether a started domain gets a lease at once.
     no_dhcp_answers: bool,
     calls: BTreeMap<Call, u64>,
@@ -98,8 +100,17 @@ impl FakeHypervisor {
                 },
             );
             state.images = images.iter().map(|i| (*i).to_owned()).collect();
+            state.host = Some(HostCapacity {
+                cpus: 64,
+                memory_bytes: 256 << 30,
+            });
         }
         hv
+    }
+
+    /// Makes the host offer this capacity (`None`: it does not say).
+    pub fn set_host(&self, host: Option<HostCapacity>) {
+        self.state().host = host;
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -281,6 +292,7 @@ impl Hypervisor for FakeHypervisor {
             domains,
             volumes: state.volumes.keys().cloned().collect(),
             networks,
+            host: state.host,
         })
     }
 

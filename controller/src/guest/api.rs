@@ -2,7 +2,7 @@
 //! the kubeconfig's hash): listing Nodes, cordon and uncordon, the drain (eviction API,
 //! bounded) and Node deletion, and the bounded wait for a kubelet to register its Node.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -15,7 +15,9 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
 use super::ssh::SshGuest;
-use super::{AdminKubeconfig, CORDONED_FOR_REMOVAL, ClusterNode, GuestError, GuestNode, Result};
+use super::{
+    AdminKubeconfig, CORDONED_FOR_REMOVAL, ClusterNode, GuestError, GuestNode, NodeConfig, Result,
+};
 
 /// How often a registration is polled while a kubelet registers its Node.
 const REGISTRATION_POLL: Duration = Duration::from_secs(2);
@@ -78,19 +80,61 @@ impl SshGuest {
                         .as_ref()
                         .is_some_and(|a| a.contains_key(CORDONED_FOR_REMOVAL));
                 let name = node.metadata.name?;
-                let ready = node
-                    .status
-                    .and_then(|s| s.conditions)
+                let labels = node.metadata.labels.unwrap_or_default();
+                let status = node.status.unwrap_or_default();
+                let ready = status
+                    .conditions
                     .unwrap_or_default()
                     .iter()
                     .any(|c| c.type_ == "Ready" && c.status == "True");
+                let extended_resources = status
+                    .capacity
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(name, _)| is_extended_resource(name))
+                    .filter_map(|(name, quantity)| Some((name, quantity.0.parse().ok()?)))
+                    .collect();
                 Some(ClusterNode {
                     name,
                     ready,
                     cordoned_for_removal,
+                    labels,
+                    extended_resources,
                 })
             })
             .collect())
+    }
+
+    /// Merges the config's labels into the Node's and its extended resources into the
+    /// Node's capacity (the status subresource; the kubelet then derives allocatable).
+    pub(super) async fn configure(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+        config: &NodeConfig,
+    ) -> Result<()> {
+        let nodes = Api::<Node>::all(self.client(kubeconfig).await?);
+        let params = PatchParams::default();
+        if !config.labels.is_empty() {
+            let patch = serde_json::json!({"metadata": {"labels": config.labels}});
+            nodes
+                .patch(node_name, &params, &Patch::Merge(&patch))
+                .await
+                .map_err(|e| self.api_error(kubeconfig, e))?;
+        }
+        if !config.extended_resources.is_empty() {
+            let capacity: BTreeMap<&str, String> = config
+                .extended_resources
+                .iter()
+                .map(|(name, count)| (name.as_str(), count.to_string()))
+                .collect();
+            let patch = serde_json::json!({"status": {"capacity": capacity}});
+            nodes
+                .patch_status(node_name, &params, &Patch::Merge(&patch))
+                .await
+                .map_err(|e| self.api_error(kubeconfig, e))?;
+        }
+        Ok(())
     }
 
     /// Uncordons a Node this controller cordoned (see [`Guest::uncordon`](super::Guest::uncordon)).
@@ -185,6 +229,13 @@ impl SshGuest {
             tokio::time::sleep(REGISTRATION_POLL).await;
         }
     }
+}
+
+/// An extended resource's name: domain-prefixed, outside the `kubernetes.io` domain
+/// (the kubelet's own resources, `hugepages-*` and the like, carry no domain).
+fn is_extended_resource(name: &str) -> bool {
+    name.split_once('/')
+        .is_some_and(|(domain, _)| domain != "kubernetes.io" && !domain.ends_with(".kubernetes.io"))
 }
 
 /// Evicts every pod but DaemonSet and mirror pods, then waits (bounded) for them to go.

@@ -9,10 +9,13 @@ use tracing::{debug, info, warn};
 
 use super::kubeadm::{
     ADMIN_CONF, INIT_CONFIG, INIT_DONE, JOIN_CONFIG, JOIN_DONE, JoinTicket, KUBEADM_STATE,
-    KUBELET_CONF, NODE_CA, cluster_ca, init_configuration, join_configuration, parse_join_command,
+    KUBELET_CONF, KUBELET_PATCH, NODE_CA, cluster_ca, init_configuration, join_configuration,
+    kubelet_patch, parse_join_command,
 };
 use super::ssh::{SshGuest, close};
-use super::{AdminKubeconfig, Credentials, GuestError, GuestNode, InitConfig, Result};
+use super::{
+    AdminKubeconfig, Credentials, GuestError, GuestNode, InitConfig, Registration, Result,
+};
 
 impl SshGuest {
     pub(super) async fn init_on(
@@ -191,6 +194,7 @@ impl SshGuest {
         worker: &GuestNode,
         credentials: &Credentials,
         kubeconfig: &AdminKubeconfig,
+        registration: &Registration,
     ) -> Result<()> {
         // The planner joins only workers whose Node the answering API lacks.
         let joined = self
@@ -240,8 +244,14 @@ impl SshGuest {
         }
         // Minted just in time, so an expired or deleted token is never reused.
         let ticket = self.mint_join_ticket(control_plane, credentials).await?;
-        let document = join_configuration(control_plane, worker, &ticket);
+        let document = join_configuration(worker, &ticket, registration);
         let result = async {
+            // The pool's kubelet settings, as a patch kubeadm applies to the kubelet's
+            // configuration (written first: the join configuration names its directory).
+            if let Some(patch) = kubelet_patch(registration) {
+                self.put_file(worker_session, worker, KUBELET_PATCH, patch.as_bytes())
+                    .await?;
+            }
             self.put_file(
                 worker_session,
                 worker,

@@ -8,10 +8,17 @@ use std::time::Duration;
 use kube::config::Kubeconfig;
 use secrecy::{ExposeSecret, SecretString};
 
+use super::registration::Registration;
 use super::{AdminKubeconfig, GuestNode, InitConfig};
 
 pub(super) const INIT_CONFIG: &str = "/etc/benchcluster/kubeadm-init.yaml";
 pub(super) const JOIN_CONFIG: &str = "/etc/benchcluster/kubeadm-join.yaml";
+/// kubeadm's patches directory on a worker: the pool's kubelet settings, as a patch of
+/// the cluster-wide KubeletConfiguration.
+pub(super) const PATCHES_DIR: &str = "/etc/benchcluster/kubeadm-patches";
+/// The one patch in it: a JSON merge patch of the target `kubeletconfiguration`.
+pub(super) const KUBELET_PATCH: &str =
+    "/etc/benchcluster/kubeadm-patches/kubeletconfiguration+merge.json";
 pub(super) const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 pub(super) const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
 /// The cluster CA a joined node trusts (written by kubeadm).
@@ -144,12 +151,33 @@ pub(super) fn init_configuration(
 }
 
 pub(super) fn join_configuration(
-    control_plane: &GuestNode,
     worker: &GuestNode,
     ticket: &JoinTicket,
+    registration: &Registration,
 ) -> SecretString {
     let ip = worker.ip.to_string();
-    let join = serde_json::json!({
+    let mut kubelet_args = vec![serde_json::json!({"name": "node-ip", "value": ip})];
+    if !registration.labels.is_empty() {
+        // Label keys and values hold neither ',' nor '=' (the CRD's patterns).
+        let labels: Vec<String> = registration
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        kubelet_args.push(serde_json::json!({"name": "node-labels", "value": labels.join(",")}));
+    }
+    let taints: Vec<serde_json::Value> = registration
+        .taints
+        .iter()
+        .map(|t| {
+            let mut taint = serde_json::json!({"key": t.key, "effect": t.effect.as_str()});
+            if !t.value.is_empty() {
+                taint["value"] = serde_json::json!(t.value);
+            }
+            taint
+        })
+        .collect();
+    let mut join = serde_json::json!({
         "apiVersion": "kubeadm.k8s.io/v1beta4",
         "kind": "JoinConfiguration",
         "discovery": {
@@ -163,7 +191,10 @@ pub(super) fn join_configuration(
         "nodeRegistration": {
             "name": worker.name,
             "criSocket": CRI_SOCKET,
-            "kubeletExtraArgs": [{"name": "node-ip", "value": ip}],
+            "kubeletExtraArgs": kubelet_args,
+            // Set when the kubelet registers the Node, so it never exists untainted
+            // (an empty list: none, where absent would mean kubeadm's default).
+            "taints": taints,
         },
         "timeouts": {
             // Discovery against a control plane that just minted the token takes
@@ -174,8 +205,36 @@ pub(super) fn join_configuration(
             "kubernetesAPICall": "5m0s",
         },
     });
-    let _ = control_plane;
+    if kubelet_patch(registration).is_some() {
+        join["patches"] = serde_json::json!({"directory": PATCHES_DIR});
+    }
     SecretString::from(format!("{join}\n"))
+}
+
+/// The pool's kubelet settings as a JSON merge patch of the KubeletConfiguration
+/// kubeadm writes on the node; `None` when the pool sets none.
+pub(super) fn kubelet_patch(registration: &Registration) -> Option<String> {
+    let settings = &registration.kubelet;
+    let mut patch = serde_json::Map::new();
+    if let Some(max_pods) = settings.max_pods {
+        patch.insert("maxPods".into(), serde_json::json!(max_pods));
+    }
+    for (field, reservation) in [
+        ("systemReserved", &settings.system_reserved),
+        ("kubeReserved", &settings.kube_reserved),
+    ] {
+        let mut resources = serde_json::Map::new();
+        if let Some(cpu) = &reservation.cpu {
+            resources.insert("cpu".into(), serde_json::json!(cpu));
+        }
+        if let Some(memory) = &reservation.memory {
+            resources.insert("memory".into(), serde_json::json!(memory));
+        }
+        if !resources.is_empty() {
+            patch.insert(field.into(), serde_json::Value::Object(resources));
+        }
+    }
+    (!patch.is_empty()).then(|| serde_json::Value::Object(patch).to_string())
 }
 
 #[cfg(test)]
@@ -245,7 +304,7 @@ mod tests {
             token: SecretString::from("abcdef.0123456789abcdef"),
             ca_cert_hash: "sha256:ff".into(),
         };
-        let text = join_configuration(&node("x-cp-0"), &node("x-w-0"), &ticket);
+        let text = join_configuration(&node("x-w-0"), &ticket, &Registration::default());
         let doc: serde_json::Value = serde_json::from_str(text.expose_secret()).unwrap();
         assert_eq!(
             doc["discovery"]["bootstrapToken"]["caCertHashes"][0],
@@ -257,6 +316,56 @@ mod tests {
                 .is_none()
         );
         assert_eq!(format!("{text:?}"), "SecretBox<str>([REDACTED])");
+        assert_eq!(doc["nodeRegistration"]["taints"], serde_json::json!([]));
+        assert!(doc.get("patches").is_none());
+    }
+
+    #[test]
+    fn a_pool_registers_with_its_labels_taints_and_kubelet_settings() {
+        use benchcluster_crd::{KubeletSettings, Reservation, Taint, TaintEffect};
+        let ticket = JoinTicket {
+            endpoint: "192.168.222.101:6443".into(),
+            token: SecretString::from("abcdef.0123456789abcdef"),
+            ca_cert_hash: "sha256:ff".into(),
+        };
+        let registration = Registration {
+            labels: [
+                ("benchcluster.dev/pool".to_owned(), "gpu".to_owned()),
+                ("example.com/rack".to_owned(), "r1".to_owned()),
+            ]
+            .into(),
+            taints: vec![Taint {
+                key: "example.com/accelerator".into(),
+                value: String::new(),
+                effect: TaintEffect::NoSchedule,
+            }],
+            kubelet: KubeletSettings {
+                max_pods: Some(30),
+                system_reserved: Reservation {
+                    cpu: Some("250m".into()),
+                    memory: None,
+                },
+                kube_reserved: Reservation::default(),
+            },
+        };
+        let text = join_configuration(&node("x-gpu-0"), &ticket, &registration);
+        let doc: serde_json::Value = serde_json::from_str(text.expose_secret()).unwrap();
+        let registration_doc = &doc["nodeRegistration"];
+        assert_eq!(
+            registration_doc["kubeletExtraArgs"][1],
+            serde_json::json!({"name": "node-labels", "value": "benchcluster.dev/pool=gpu,example.com/rack=r1"})
+        );
+        assert_eq!(
+            registration_doc["taints"],
+            serde_json::json!([{"key": "example.com/accelerator", "effect": "NoSchedule"}])
+        );
+        assert_eq!(doc["patches"]["directory"], PATCHES_DIR);
+        let patch: serde_json::Value =
+            serde_json::from_str(&kubelet_patch(&registration).unwrap()).unwrap();
+        assert_eq!(
+            patch,
+            serde_json::json!({"maxPods": 30, "systemReserved": {"cpu": "250m"}})
+        );
     }
 
     #[test]

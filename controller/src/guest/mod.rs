@@ -5,9 +5,11 @@
 //! The real implementation, `ssh::SshGuest`, is split by concern: `ssh` (sessions,
 //! commands, the kubeadm lock), `pinning` (host keys, local state files), `redact`
 //! (command output shown to users), `kubeadm` (kubeadm's files, markers and
-//! configuration documents), `bootstrap` (init and join) and `api` (the guest cluster's
-//! API: Nodes, drain, registration).
+//! configuration documents), `bootstrap` (init and join), `api` (the guest cluster's
+//! API: Nodes, drain, registration, kube-system's workloads), `registration` (what a
+//! pool's Nodes carry) and `network` (the pod network the controller installs).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 
@@ -18,7 +20,10 @@ mod bootstrap;
 mod kubeadm;
 mod pinning;
 mod redact;
+pub mod registration;
 pub mod ssh;
+
+pub use registration::{NodeConfig, Registration};
 
 /// How to log in to a VM.
 #[derive(Debug, Clone)]
@@ -64,6 +69,10 @@ pub struct ClusterNode {
     /// Unschedulable with [`CORDONED_FOR_REMOVAL`]: cordoned by a drain of this
     /// controller.
     pub cordoned_for_removal: bool,
+    pub labels: BTreeMap<String, String>,
+    /// Extended resources in its capacity (domain-prefixed names outside
+    /// `kubernetes.io`), as whole counts.
+    pub extended_resources: BTreeMap<String, i64>,
 }
 
 /// Failures of the guest edge.
@@ -134,6 +143,16 @@ pub trait Guest: Send + Sync + 'static {
         worker: &GuestNode,
         credentials: &Credentials,
         kubeconfig: &AdminKubeconfig,
+        registration: &Registration,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Puts the config on the registered Node: its labels (merged into the Node's) and
+    /// its extended resources (into the Node's capacity, through its status).
+    fn configure_node(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+        config: &NodeConfig,
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// The Nodes of the guest cluster, through its API.

@@ -30,7 +30,8 @@ use tracing::debug;
 pub use super::redact::redact_tokens;
 use super::redact::shown_output;
 use super::{
-    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig, Result,
+    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig,
+    NodeConfig, Registration, Result,
 };
 
 /// Every kubeadm that changes a node's state runs under this lock (`flock`, util-linux):
@@ -270,6 +271,7 @@ impl Guest for SshGuest {
         worker: &GuestNode,
         credentials: &Credentials,
         kubeconfig: &AdminKubeconfig,
+        registration: &Registration,
     ) -> Result<()> {
         let worker_session = self.connect(worker, credentials).await?;
         let result = self
@@ -279,6 +281,7 @@ impl Guest for SshGuest {
                 worker,
                 credentials,
                 kubeconfig,
+                registration,
             )
             .await;
         close(worker_session).await;
@@ -287,6 +290,15 @@ impl Guest for SshGuest {
 
     async fn cluster_nodes(&self, kubeconfig: &AdminKubeconfig) -> Result<Vec<ClusterNode>> {
         self.list_nodes(kubeconfig).await
+    }
+
+    async fn configure_node(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+        config: &NodeConfig,
+    ) -> Result<()> {
+        self.configure(kubeconfig, node_name, config).await
     }
 
     async fn uncordon(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {

@@ -9,7 +9,9 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use benchcluster_crd::{Firmware, Role};
+use benchcluster_crd::Firmware;
+
+use crate::names::NodeId;
 
 pub mod libvirt;
 pub mod metered;
@@ -23,8 +25,8 @@ pub struct Owner {
     pub uid: String,
     pub namespace: String,
     pub name: String,
-    pub role: Role,
-    pub index: u32,
+    /// Which node of the BenchCluster the domain is.
+    pub node: NodeId,
     /// The VM's pinned SSH host public key (`ssh-ed25519 AAAA...`), recorded with the
     /// domain so a restarted controller still knows which key to expect.
     pub host_key: Option<String>,
@@ -94,6 +96,16 @@ pub struct Inventory {
     pub volumes: Vec<String>,
     /// Each requested network, by name.
     pub networks: BTreeMap<String, NetworkInventory>,
+    /// The host's CPUs and memory, when the hypervisor said.
+    pub host: Option<HostCapacity>,
+}
+
+/// A host's physical capacity (libvirt's node info).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCapacity {
+    /// Active CPUs.
+    pub cpus: u32,
+    pub memory_bytes: u64,
 }
 
 impl Inventory {

@@ -63,6 +63,11 @@ pub struct Settings {
     /// How long one read of the host inventory serves the passes of every cluster (a
     /// tick); a host mutation of this process ends it early.
     pub inventory_ttl: Duration,
+    /// vCPUs a BenchCluster may have per host CPU: the fit check before anything is
+    /// created compares the sum of its nodes' vCPUs with the host's CPUs times this.
+    pub cpu_overcommit: f64,
+    /// Memory a BenchCluster may have per byte of host memory, likewise.
+    pub memory_overcommit: f64,
 }
 
 impl Default for Settings {
@@ -78,6 +83,8 @@ impl Default for Settings {
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(300),
             inventory_ttl: Duration::from_secs(1),
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
         }
     }
 }

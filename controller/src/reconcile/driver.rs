@@ -260,12 +260,11 @@ fn only_operations_pending(
     in_flight: &BTreeMap<NodeId, super::world::Operation>,
 ) -> bool {
     !in_flight.is_empty()
-        && status.nodes.iter().filter(|n| !n.ready).all(|n| {
-            in_flight.contains_key(&NodeId {
-                role: n.role,
-                index: n.index,
-            })
-        })
+        && status
+            .nodes
+            .iter()
+            .filter(|n| !n.ready)
+            .all(|n| status::node_id(n).is_some_and(|id| in_flight.contains_key(&id)))
 }
 
 /// `interval` plus a random part of up to `jitter` times more.
@@ -536,6 +535,7 @@ mod tests {
         let node = |role, index, ready| NodeStatus {
             name: format!("n{index}"),
             role,
+            pool: None,
             index,
             domain: format!("d{index}"),
             mac: String::new(),

@@ -27,7 +27,9 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::plan::Action;
-use crate::hypervisor::{DomainInfo, Hypervisor, HypervisorError, Inventory, Lease, NetworkInfo};
+use crate::hypervisor::{
+    DomainInfo, HostCapacity, Hypervisor, HypervisorError, Inventory, Lease, NetworkInfo,
+};
 
 /// A network no pass asked for in this long is no longer read (its clusters are gone
 /// or moved); longer than any resync interval in use.
@@ -76,6 +78,7 @@ pub struct Snapshot {
     /// Node-pool volume names, sorted (a cluster's share by name prefix).
     volumes: BTreeSet<String>,
     networks: HashMap<String, NetworkSlice>,
+    host: Option<HostCapacity>,
 }
 
 #[derive(Debug)]
@@ -119,7 +122,13 @@ impl Snapshot {
             domains,
             volumes: inventory.volumes.into_iter().collect(),
             networks,
+            host: inventory.host,
         }
+    }
+
+    /// The host's capacity, when the hypervisor said.
+    pub fn host(&self) -> Option<HostCapacity> {
+        self.host
     }
 
     /// The domains carrying this owner UID, by name.
@@ -313,6 +322,7 @@ pub(crate) fn changes_host(action: Action) -> bool {
         | Action::JoinWorker(_)
         | Action::DrainNode(_)
         | Action::Uncordon(_)
+        | Action::ConfigureNode(_)
         | Action::Abandon(_) => false,
     }
 }
@@ -322,7 +332,6 @@ mod tests {
     use super::*;
     use crate::hypervisor::{DomainState, NetworkInventory, Owner};
     use crate::names::{ClusterNames, NodeId, VolumeKind};
-    use benchcluster_crd::Role;
     use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
 
@@ -333,8 +342,7 @@ mod tests {
                 uid: uid.to_owned(),
                 namespace: "lab".to_owned(),
                 name: "x".to_owned(),
-                role: Role::Worker,
-                index: 0,
+                node: crate::names::NodeId::worker(0),
                 host_key: None,
             },
             state: DomainState::Running,
@@ -382,6 +390,7 @@ mod tests {
                     leases: vec![lease("52:54:00:AA:00:01", 7), lease("52:54:00:bb:00:01", 8)],
                 },
             )]),
+            host: None,
         };
         let snapshot = Snapshot::new(inventory, 1, 0, Instant::now());
 

@@ -20,6 +20,7 @@ pub mod observe;
 pub mod operations;
 pub mod outcome;
 pub mod plan;
+pub mod pools;
 pub mod secret_index;
 pub mod status;
 pub mod timeline;

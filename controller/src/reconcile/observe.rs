@@ -8,6 +8,7 @@ use benchcluster_crd::BenchCluster;
 use secrecy::SecretString;
 
 use super::context::Context;
+use super::pools::Capacity;
 use super::timeline::{Event, Stamp};
 use super::world::{GuestCluster, NetworkState, ObservedNode, VmState, World};
 use crate::error::{Error, Result};
@@ -65,10 +66,7 @@ pub async fn observe<H: Hypervisor, G: Guest>(
         if !domain.name.starts_with(&prefix) {
             continue;
         }
-        let id = NodeId {
-            role: domain.owner.role,
-            index: domain.owner.index,
-        };
+        let id = domain.owner.node;
         let entry = nodes.entry(id).or_default();
         entry.domain = Some(match domain.state {
             DomainState::Running => VmState::Running,
@@ -147,6 +145,12 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             nodes,
             cluster,
             operations: ctx.operations.in_flight(&names.uid),
+            capacity: host.host().map(|h| Capacity {
+                cpus: h.cpus,
+                memory_bytes: h.memory_bytes,
+                cpu_overcommit: ctx.settings.cpu_overcommit,
+                memory_overcommit: ctx.settings.memory_overcommit,
+            }),
         },
         kubeconfig,
         host_keys,
@@ -202,6 +206,8 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
                 {
                     node.registered = Some(cluster_node.ready);
                     node.cordoned = cluster_node.cordoned_for_removal;
+                    node.labels = cluster_node.labels;
+                    node.extended_resources = cluster_node.extended_resources;
                 }
             }
             Ok((GuestCluster::Reachable, Some(kubeconfig)))

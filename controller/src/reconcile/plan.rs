@@ -50,6 +50,9 @@ pub enum Action {
     /// Make schedulable again a wanted node that a drain of ours cordoned (the drain
     /// was abandoned: scaled back up, or the controller restarted mid-drain).
     Uncordon(NodeId),
+    /// Put its pool's labels (those the kubelet may not set itself, and any removed
+    /// since) and extended resources on a registered worker's Node.
+    ConfigureNode(NodeId),
     /// Abort the node's operation in flight: its node is no longer wanted or running.
     Abandon(NodeId),
     /// Destroy and undefine the node's domain.
@@ -73,6 +76,7 @@ impl Action {
             | Action::JoinWorker(id)
             | Action::DrainNode(id)
             | Action::Uncordon(id)
+            | Action::ConfigureNode(id)
             | Action::Abandon(id)
             | Action::RemoveDomain(id)
             | Action::DeleteVolumes(id)
@@ -99,18 +103,8 @@ impl Action {
     }
 }
 
-/// The nodes the spec asks for, control plane first.
-pub fn desired_nodes(spec: &BenchClusterSpec) -> impl Iterator<Item = NodeId> {
-    let workers = u32::try_from(spec.workers.replicas).unwrap_or(0);
-    std::iter::once(NodeId::CONTROL_PLANE).chain((0..workers).map(NodeId::worker))
-}
-
-fn is_desired(spec: &BenchClusterSpec, id: NodeId) -> bool {
-    match id.role {
-        Role::ControlPlane => id.index == 0,
-        Role::Worker => i64::from(id.index) < i64::from(spec.workers.replicas),
-    }
-}
+pub use super::pools::desired_nodes;
+use super::pools::{configured, fit, is_desired};
 
 /// Next actions to bring `world` towards `spec`.
 pub fn plan(spec: &BenchClusterSpec, world: &World) -> Vec<Action> {
@@ -131,14 +125,17 @@ pub fn plan(spec: &BenchClusterSpec, world: &World) -> Vec<Action> {
             actions.push(Action::ForgetCluster);
         }
     }
+    // A cluster that does not fit on the host gets no new VM (the status says what is
+    // short); what exists carries on, and surplus still goes.
+    let fits = world.capacity.is_none_or(|c| fit(spec, &c).is_ok());
     for id in desired_nodes(spec) {
         let node = world.node(id).unwrap_or(&empty);
         // First: whatever else the node waits for, its strays can go.
         if !node.stray_seeds().is_empty() {
             actions.push(Action::DeleteStraySeeds(id));
         }
-        if world.network == NetworkState::Ready {
-            create_or_progress(id, node, world, &mut actions);
+        if world.network == NetworkState::Ready && (fits || node.exists()) {
+            create_or_progress(spec, id, node, world, &mut actions);
         }
     }
     let surplus: Vec<NodeId> = world
@@ -199,7 +196,13 @@ pub fn plan_teardown(world: &World) -> Vec<Action> {
     actions
 }
 
-fn create_or_progress(id: NodeId, node: &ObservedNode, world: &World, out: &mut Vec<Action>) {
+fn create_or_progress(
+    spec: &BenchClusterSpec,
+    id: NodeId,
+    node: &ObservedNode,
+    world: &World,
+    out: &mut Vec<Action>,
+) {
     match (node.domain, node.disk) {
         (None, disk) => {
             if !disk {
@@ -274,6 +277,15 @@ fn create_or_progress(id: NodeId, node: &ObservedNode, world: &World, out: &mut 
             {
                 out.push(Action::Uncordon(id));
             }
+            // Registered with what the kubelet may set; the rest (and whatever went
+            // missing since, such as resources a re-registered Node lost) is put on.
+            if id.role == Role::Worker
+                && node.registered.is_some()
+                && world.cluster == GuestCluster::Reachable
+                && !configured(spec, id, node)
+            {
+                out.push(Action::ConfigureNode(id));
+            }
         }
     }
 }
@@ -283,7 +295,7 @@ fn create_or_progress(id: NodeId, node: &ObservedNode, world: &World, out: &mut 
 fn remove(nodes: &[NodeId], world: &World, drain: bool, out: &mut Vec<Action>) {
     let mut ordered: Vec<NodeId> = nodes.to_vec();
     ordered.sort_by(|a, b| b.cmp(a)); // workers before the control plane, index descending
-    let workers_exist = world.worker_indices().next().is_some();
+    let workers_exist = world.has_workers();
     for id in ordered {
         // Removal steps of different nodes run concurrently, so the control plane waits
         // for a pass in which no worker exists at all.
@@ -340,8 +352,13 @@ pub(crate) mod tests {
                     memory: "2Gi".into(),
                     disk: "10Gi".into(),
                     image,
+                    node_labels: BTreeMap::new(),
+                    taints: Vec::new(),
+                    extended_resources: BTreeMap::new(),
+                    kubelet: Default::default(),
                 },
             },
+            pools: Vec::new(),
             network: NetworkSpec { name: "net".into() },
             kubernetes: KubernetesSpec::default(),
             ssh: SshSpec {
@@ -358,6 +375,7 @@ pub(crate) mod tests {
             nodes: BTreeMap::new(),
             cluster: GuestCluster::Uninitialised,
             operations: BTreeMap::new(),
+            capacity: None,
         }
     }
 
@@ -383,6 +401,12 @@ pub(crate) mod tests {
             registered: Some(true),
             reachable: true,
             cordoned: false,
+            labels: [(
+                benchcluster_crd::POOL_LABEL.to_owned(),
+                benchcluster_crd::DEFAULT_POOL.to_owned(),
+            )]
+            .into(),
+            extended_resources: BTreeMap::new(),
         }
     }
 
@@ -435,6 +459,10 @@ pub(crate) mod tests {
                     node.cordoned = true;
                 }
                 Action::Uncordon(_) => node.cordoned = false,
+                Action::ConfigureNode(_) => {
+                    node.labels
+                        .insert(benchcluster_crd::POOL_LABEL.to_owned(), id.pool.to_string());
+                }
                 Action::Abandon(_) => {}
                 Action::RemoveDomain(_) => {
                     node.domain = None;
@@ -465,6 +493,11 @@ pub(crate) mod tests {
             match operation {
                 Operation::Init | Operation::Join if node.ip.is_some() => {
                     node.registered = Some(true);
+                    // The kubelet registers with its pool label.
+                    if operation == Operation::Join {
+                        node.labels
+                            .insert(benchcluster_crd::POOL_LABEL.to_owned(), id.pool.to_string());
+                    }
                     if operation == Operation::Init {
                         world.cluster = GuestCluster::Reachable;
                     }
@@ -740,6 +773,134 @@ pub(crate) mod tests {
         );
     }
 
+    fn gpu() -> crate::names::PoolName {
+        crate::names::PoolName::new("gpu").unwrap()
+    }
+
+    /// `spec(workers)` with a pool `gpu` of `replicas`, labelled and with a resource.
+    fn pooled_spec(workers: i32, replicas: i32) -> BenchClusterSpec {
+        let mut s = spec(workers);
+        let mut pool = s.workers.clone();
+        pool.replicas = replicas;
+        pool.template.node_labels =
+            [("node-role.kubernetes.io/gpu".to_owned(), String::new())].into();
+        pool.template.extended_resources = [("example.com/fake-gpu".to_owned(), 2)].into();
+        s.pools.push(benchcluster_crd::NamedWorkerPool {
+            name: "gpu".into(),
+            pool,
+        });
+        s
+    }
+
+    /// A ready node of the gpu pool, configured as `pooled_spec` asks.
+    fn ready_gpu_node() -> ObservedNode {
+        let mut node = ready_node();
+        node.labels = [
+            (benchcluster_crd::POOL_LABEL.to_owned(), "gpu".to_owned()),
+            ("node-role.kubernetes.io/gpu".to_owned(), String::new()),
+        ]
+        .into();
+        node.extended_resources = [("example.com/fake-gpu".to_owned(), 2)].into();
+        node
+    }
+
+    #[test]
+    fn every_pool_is_created_and_scaling_one_touches_no_other() {
+        let actions = plan(&pooled_spec(1, 2), &empty_world());
+        for id in [
+            NodeId::worker(0),
+            NodeId::pooled(gpu(), 0),
+            NodeId::pooled(gpu(), 1),
+        ] {
+            assert!(
+                actions.contains(&Action::DefineDomain(id)),
+                "{id} not defined"
+            );
+        }
+        // gpu 2 -> 1: only gpu-1 goes, the default pool's worker is left alone.
+        let mut world = ready_world(1);
+        world
+            .nodes
+            .insert(NodeId::pooled(gpu(), 0), ready_gpu_node());
+        world
+            .nodes
+            .insert(NodeId::pooled(gpu(), 1), ready_gpu_node());
+        assert_eq!(plan(&pooled_spec(1, 2), &world), vec![]);
+        let actions = plan(&pooled_spec(1, 1), &world);
+        assert_eq!(
+            actions,
+            vec![
+                Action::DrainNode(NodeId::pooled(gpu(), 1)),
+                Action::RemoveDomain(NodeId::pooled(gpu(), 1)),
+                Action::DeleteVolumes(NodeId::pooled(gpu(), 1)),
+            ]
+        );
+        // A pool gone from the list: its nodes are drained and removed.
+        let actions = plan(&spec(1), &world);
+        for index in [0, 1] {
+            let id = NodeId::pooled(gpu(), index);
+            assert!(actions.contains(&Action::DrainNode(id)), "{id} not drained");
+            assert!(
+                actions.contains(&Action::RemoveDomain(id)),
+                "{id} not removed"
+            );
+        }
+        assert!(!actions.iter().any(|a| a.node() == NodeId::worker(0)));
+    }
+
+    #[test]
+    fn a_registered_worker_gets_what_its_pool_asks_for_and_then_nothing() {
+        let mut world = ready_world(0);
+        let id = NodeId::pooled(gpu(), 0);
+        // Registered with the labels the kubelet may set: the pool label only.
+        let mut node = ready_node();
+        node.labels = [(benchcluster_crd::POOL_LABEL.to_owned(), "gpu".to_owned())].into();
+        world.nodes.insert(id, node);
+        assert_eq!(
+            plan(&pooled_spec(0, 1), &world),
+            vec![Action::ConfigureNode(id)]
+        );
+        world.nodes.insert(id, ready_gpu_node());
+        assert_eq!(plan(&pooled_spec(0, 1), &world), vec![]);
+        // A re-registered Node lost its resources: they are put back.
+        world.nodes.get_mut(&id).unwrap().extended_resources.clear();
+        assert_eq!(
+            plan(&pooled_spec(0, 1), &world),
+            vec![Action::ConfigureNode(id)]
+        );
+        // Not while the guest API does not answer.
+        world.cluster = GuestCluster::Unreachable("timeout".into());
+        assert!(!plan(&pooled_spec(0, 1), &world).contains(&Action::ConfigureNode(id)));
+    }
+
+    #[test]
+    fn a_cluster_that_does_not_fit_creates_nothing_but_keeps_what_exists() {
+        use super::super::pools::Capacity;
+        let small = Capacity {
+            cpus: 2,
+            memory_bytes: 4 << 30,
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+        };
+        // 1 + 2 at 2 cpus and 2Gi each: 6Gi of memory on a 4Gi host.
+        let mut world = empty_world();
+        world.capacity = Some(small);
+        assert_eq!(plan(&spec(2), &world), vec![]);
+        // Fits: everything is created.
+        world.capacity = Some(Capacity {
+            memory_bytes: 6 << 30,
+            ..small
+        });
+        assert!(plan(&spec(2), &world).contains(&Action::DefineDomain(NodeId::worker(1))));
+        // Scaled beyond the host: no new node, the existing ones carry on.
+        let mut world = ready_world(1);
+        world.capacity = Some(small);
+        world.nodes.get_mut(&NodeId::worker(0)).unwrap().registered = None;
+        let actions = plan(&spec(3), &world);
+        assert!(actions.contains(&Action::JoinWorker(NodeId::worker(0))));
+        assert!(!actions.iter().any(|a| a.node().index >= 1));
+    }
+
     #[test]
     fn orphan_disk_from_a_crash_is_reused_not_duplicated() {
         let mut world = empty_world();
@@ -969,6 +1130,13 @@ pub(crate) mod tests {
                         registered,
                         reachable,
                         cordoned: cordoned && registered.is_some(),
+                        // Labelled as its pool asks: configuring is tested on its own.
+                        labels: [(
+                            benchcluster_crd::POOL_LABEL.to_owned(),
+                            benchcluster_crd::DEFAULT_POOL.to_owned(),
+                        )]
+                        .into(),
+                        extended_resources: BTreeMap::new(),
                     }
                 },
             )
@@ -1038,6 +1206,7 @@ pub(crate) mod tests {
                     nodes,
                     cluster,
                     operations,
+                    capacity: None,
                 }
             })
     }
@@ -1119,7 +1288,7 @@ pub(crate) mod tests {
                 let actions = plan_teardown(&world);
                 prop_assert!(
                     !actions.iter().any(|a| a.node() == NodeId::CONTROL_PLANE && a.is_removal())
-                        || world.worker_indices().next().is_none(),
+                        || !world.has_workers(),
                     "control plane removed while workers exist"
                 );
                 simulate(&mut world, &actions);

@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 
 use benchcluster_crd::conditions::{self, ConditionType};
 use benchcluster_crd::{
-    BenchClusterSpec, BenchClusterStatus, NodeState, NodeStatus, PhaseTimings, Role,
+    BenchClusterSpec, BenchClusterStatus, NodeState, NodeStatus, PhaseTimings, PoolStatus, Role,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use super::context::Settings;
 use super::outcome::{Outcome, failure_message};
-use super::plan::desired_nodes;
+use super::pools::{self, desired_nodes, fit};
 use super::timeline::Timeline;
 use super::world::{GuestCluster, NetworkState, Operation, VmState, World};
 use crate::names::{ClusterNames, NodeId};
@@ -68,8 +68,14 @@ fn silent_api_message(since: &Time, reason: &str) -> String {
 /// The node's Node is Ready in the guest cluster and its kubeadm has returned: a Node
 /// turns Ready a moment before `kubeadm join` exits, and until the operation is
 /// collected its phase timings are incomplete, so the status does not call it Ready yet.
-fn node_ready(world: &World, id: NodeId) -> bool {
-    world.ready(id) && !matches!(world.operation(id), Some(Operation::Init | Operation::Join))
+/// A worker also carries its pool's labels and extended resources: until then a
+/// benchmark's pods could not find it.
+fn node_ready(spec: &BenchClusterSpec, world: &World, id: NodeId) -> bool {
+    world.ready(id)
+        && !matches!(world.operation(id), Some(Operation::Init | Operation::Join))
+        && world
+            .node(id)
+            .is_some_and(|node| pools::configured(spec, id, node))
 }
 
 /// The status for this pass.
@@ -116,18 +122,19 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
         let previous_timings = previous
             .nodes
             .iter()
-            .find(|n| n.role == id.role && n.index == id.index)
+            .find(|n| status_is(n, id))
             .map(|n| n.timings.clone())
             .unwrap_or_default();
         nodes.push(NodeStatus {
             name: names.node(id),
             role: id.role,
+            pool: (id.role == Role::Worker).then(|| id.pool.to_string()),
             index: id.index,
             domain: names.domain(id),
             mac: names.mac(id),
             ip: observed.ip.map(|ip| ip.to_string()),
             state,
-            ready: node_ready(world, id),
+            ready: node_ready(spec, world, id),
             timings: match timeline {
                 // Phases this incarnation has not reached yet stay empty rather than
                 // showing those of a VM that no longer exists.
@@ -141,10 +148,28 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
 
     let ready_workers = desired
         .iter()
-        .filter(|id| id.role == Role::Worker && node_ready(world, **id))
+        .filter(|id| id.role == Role::Worker && node_ready(spec, world, **id))
         .count();
     let desired_workers = desired.len() - 1;
-    let control_plane_ready = node_ready(world, NodeId::CONTROL_PLANE);
+    let pool_statuses: Vec<PoolStatus> = pools::pools(spec)
+        .map(|(name, pool)| PoolStatus {
+            name: name.to_string(),
+            replicas: pool.replicas,
+            ready_replicas: count(
+                desired
+                    .iter()
+                    .filter(|id| id.role == Role::Worker && id.pool == name)
+                    .filter(|id| node_ready(spec, world, **id))
+                    .count(),
+            ),
+        })
+        .collect();
+    let pool_summary = pool_statuses
+        .iter()
+        .map(|p| format!("{} {}/{}", p.name, p.ready_replicas, p.replicas))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let control_plane_ready = node_ready(spec, world, NodeId::CONTROL_PLANE);
     let surplus = world.nodes.keys().any(|id| !desired.contains(id));
     let workers_ready = ready_workers == desired_workers && !surplus;
     let ready = control_plane_ready && workers_ready && world.network == NetworkState::Ready;
@@ -265,7 +290,17 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
         observed_generation: *generation,
         conditions: conditions::merge(&previous.conditions, next),
         nodes,
-        ready_workers: i32::try_from(ready_workers).unwrap_or(i32::MAX),
+        ready_workers: count(ready_workers),
+        desired_workers: count(desired_workers),
+        default_pool_ready: pool_statuses.first().map_or(0, |p| p.ready_replicas),
+        // Only with more than the default pool: one pool says nothing the worker
+        // counts do not.
+        pools: if pool_statuses.len() > 1 {
+            pool_statuses
+        } else {
+            Vec::new()
+        },
+        pool_summary: Some(pool_summary),
         control_plane_endpoint: match (initialised, cp_ip) {
             (true, Some(ip)) => Some(format!("https://{ip}:6443")),
             _ => previous
@@ -276,6 +311,30 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
         kubeconfig_secret: initialised.then(|| names.kubeconfig_secret()),
         last_provisioning,
     }
+}
+
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// The node a status entry is about (an entry written before pools existed names no
+/// pool: the default one's).
+pub fn node_id(status: &NodeStatus) -> Option<NodeId> {
+    match status.role {
+        Role::ControlPlane => (status.index == 0).then_some(NodeId::CONTROL_PLANE),
+        Role::Worker => {
+            let pool = status.pool.as_deref().map_or(
+                Some(crate::names::PoolName::DEFAULT),
+                crate::names::PoolName::new,
+            )?;
+            Some(NodeId::pooled(pool, status.index))
+        }
+    }
+}
+
+/// Whether the status entry is the node's.
+fn status_is(status: &NodeStatus, id: NodeId) -> bool {
+    node_id(status) == Some(id)
 }
 
 fn merge_timings(previous: &PhaseTimings, current: &PhaseTimings) -> PhaseTimings {
@@ -342,6 +401,21 @@ fn stall(inputs: &Inputs<'_>) -> (bool, String, String) {
         .find(|(_, e)| e.is_permanent())
     {
         return (true, error.reason().into(), failure_message(*action, error));
+    }
+    // Creating nothing is no progress either: the cluster waits for room on the host.
+    if let Some(short) = inputs
+        .world
+        .capacity
+        .and_then(|c| fit(inputs.spec, &c).err())
+    {
+        return (
+            true,
+            "InsufficientCapacity".into(),
+            format!(
+                "{short}; no VM is created until it fits (fewer or smaller nodes, or the \
+                 controller's --cpu-overcommit and --memory-overcommit)"
+            ),
+        );
     }
     let timeout = inputs.settings.dhcp_timeout;
     if let Some(id) = inputs
@@ -417,7 +491,7 @@ fn state_reason(state: NodeState) -> &'static str {
 fn progress_reason_for(nodes: &[NodeStatus], id: NodeId) -> String {
     nodes
         .iter()
-        .find(|n| n.role == id.role && n.index == id.index)
+        .find(|n| status_is(n, id))
         .map(|n| state_reason(n.state))
         .unwrap_or("CreatingVMs")
         .into()
@@ -426,7 +500,7 @@ fn progress_reason_for(nodes: &[NodeStatus], id: NodeId) -> String {
 fn node_message(nodes: &[NodeStatus], id: NodeId) -> String {
     nodes
         .iter()
-        .find(|n| n.role == id.role && n.index == id.index)
+        .find(|n| status_is(n, id))
         .map(|n| format!("{} is {:?}", n.name, n.state))
         .unwrap_or_default()
 }

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use super::pools::Capacity;
 use crate::names::{KeyTag, NodeId, Seed};
 
 /// What the hypervisor says about the cluster's network.
@@ -49,6 +50,10 @@ pub struct ObservedNode {
     /// Whether its Node is cordoned by a drain of this controller (one that may have
     /// been abandoned since).
     pub cordoned: bool,
+    /// Its Node's labels, when registered.
+    pub labels: BTreeMap<String, String>,
+    /// Extended resources in its Node's capacity, when registered.
+    pub extended_resources: BTreeMap<String, i64>,
 }
 
 impl ObservedNode {
@@ -128,13 +133,15 @@ pub enum GuestCluster {
 }
 
 /// Everything observe found, the only input of the planner besides the spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct World {
     pub network: NetworkState,
     pub nodes: BTreeMap<NodeId, ObservedNode>,
     pub cluster: GuestCluster,
     /// Operations in flight, started by earlier passes of this process.
     pub operations: BTreeMap<NodeId, Operation>,
+    /// What the host offers VMs, when the hypervisor said.
+    pub capacity: Option<Capacity>,
 }
 
 impl World {
@@ -152,11 +159,10 @@ impl World {
         self.node(id).and_then(|n| n.registered).unwrap_or(false)
     }
 
-    /// Worker indices that have a domain or a disk.
-    pub fn worker_indices(&self) -> impl Iterator<Item = u32> + '_ {
+    /// Whether any worker has something on the host.
+    pub fn has_workers(&self) -> bool {
         self.nodes
             .keys()
-            .filter(|id| id.role == benchcluster_crd::Role::Worker)
-            .map(|id| id.index)
+            .any(|id| id.role == benchcluster_crd::Role::Worker)
     }
 }

@@ -75,6 +75,8 @@ impl Args {
             max_concurrent_reconciles: self
                 .max_concurrent_reconciles
                 .unwrap_or(default.max_concurrent_reconciles),
+            cpu_overcommit: testbed::TEST_DRIVER_OVERCOMMIT,
+            memory_overcommit: testbed::TEST_DRIVER_OVERCOMMIT,
             ..default
         }
     }

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
 use benchcluster_controller::guest::{
-    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, Result as GuestResult,
+    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, NodeConfig,
+    Registration, Result as GuestResult,
 };
 use benchcluster_controller::http::{self, Readiness};
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
@@ -71,6 +72,8 @@ pub struct Answer {
 pub struct ProbeOnlyGuest {
     ssh: SshGuest,
     answers: Mutex<BTreeMap<String, Answer>>,
+    /// What the controller put on each "Node" (no cluster exists: it is remembered).
+    configured: Mutex<BTreeMap<String, NodeConfig>>,
 }
 
 impl ProbeOnlyGuest {
@@ -78,6 +81,7 @@ impl ProbeOnlyGuest {
         Self {
             ssh: SshGuest::new(config),
             answers: Mutex::new(BTreeMap::new()),
+            configured: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -134,18 +138,42 @@ impl Guest for ProbeOnlyGuest {
         worker: &GuestNode,
         credentials: &Credentials,
         _kubeconfig: &AdminKubeconfig,
+        _registration: &Registration,
     ) -> GuestResult<()> {
         self.identify(worker, credentials).await
     }
 
+    async fn configure_node(
+        &self,
+        _kubeconfig: &AdminKubeconfig,
+        node_name: &str,
+        config: &NodeConfig,
+    ) -> GuestResult<()> {
+        self.configured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node_name.to_owned(), config.clone());
+        Ok(())
+    }
+
     async fn cluster_nodes(&self, _kubeconfig: &AdminKubeconfig) -> GuestResult<Vec<ClusterNode>> {
+        let configured = self
+            .configured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         Ok(self
             .lock()
             .keys()
-            .map(|name| ClusterNode {
-                name: name.clone(),
-                ready: true,
-                cordoned_for_removal: false,
+            .map(|name| {
+                let config = configured.get(name).cloned().unwrap_or_default();
+                ClusterNode {
+                    name: name.clone(),
+                    ready: true,
+                    cordoned_for_removal: false,
+                    labels: config.labels,
+                    extended_resources: config.extended_resources,
+                }
             })
             .collect())
     }

@@ -148,7 +148,7 @@ mod tests {
     use super::*;
     use crate::hypervisor::libvirt::test_support::{TestResult, hypervisor, listed, spec};
     use crate::hypervisor::{DomainState, Hypervisor};
-    use benchcluster_crd::{Firmware, Role};
+    use benchcluster_crd::Firmware;
 
     #[tokio::test]
     async fn domain_lifecycle_is_idempotent() -> TestResult {
@@ -156,7 +156,7 @@ mod tests {
         let mut spec = spec("lifecycle", "uid-lifecycle");
         spec.firmware = Firmware::Uefi;
         spec.seed_volume = Some("lvt-lifecycle-seed.iso".to_owned());
-        spec.owner.role = Role::ControlPlane;
+        spec.owner.node = crate::names::NodeId::CONTROL_PLANE;
 
         hv.define_domain(&spec).await?;
         hv.define_domain(&spec).await?;

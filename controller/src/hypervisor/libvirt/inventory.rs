@@ -30,7 +30,7 @@ use super::connection::Shared;
 use super::{LibvirtConfig, is, libvirt, network, storage};
 use crate::hypervisor::xml;
 use crate::hypervisor::{
-    DomainInfo, DomainState, Inventory, Lease, NetworkInventory, Owner, Result,
+    DomainInfo, DomainState, HostCapacity, Inventory, Lease, NetworkInventory, Owner, Result,
 };
 
 /// What the inventory remembers of domains between reads, by UUID.
@@ -298,10 +298,18 @@ pub(super) fn read(
         }
     }
 
+    // What the host offers: for the fit check, before anything is created. A driver
+    // that cannot say leaves it out (no check) rather than failing the read.
+    let host = conn.node_info().ok().map(|info| HostCapacity {
+        cpus: info.cpus,
+        memory_bytes: info.memory.saturating_mul(1024),
+    });
+
     Ok(Inventory {
         domains,
         volumes,
         networks: read,
+        host,
     })
 }
 
@@ -393,14 +401,14 @@ mod tests {
         if let Some(known) = hv.shared.domains.lock().known.get_mut(&uuid) {
             let mut changed = foreign(known.name.clone());
             changed.owner = known.owner.clone().map(|mut o| {
-                o.index = 7;
+                o.node.index = 7;
                 o
             });
             changed.mac = known.mac.clone();
             *known = Arc::new(changed);
         }
         let cached = listed(&hv, &first.name).await?.ok_or("not listed")?;
-        assert_eq!(cached.owner.index, 7, "answered from the cache");
+        assert_eq!(cached.owner.node.index, 7, "answered from the cache");
 
         hv.remove_domain(&first.name).await?;
         assert!(!hv.shared.domains.lock().known.contains_key(&uuid));
@@ -409,7 +417,7 @@ mod tests {
         let seen = listed(&hv, &second.name).await?.ok_or("not listed")?;
         hv.remove_domain(&second.name).await?;
         assert_eq!(seen.owner.uid, "uid-invonce-2", "a new domain is read anew");
-        assert_eq!(seen.owner.index, 0);
+        assert_eq!(seen.owner.node.index, 0);
         Ok(())
     }
 

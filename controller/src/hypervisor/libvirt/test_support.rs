@@ -1,7 +1,7 @@
 //! What the libvirt tests share: a hypervisor on `test:///default` and specs whose
 //! names do not collide between tests (every connection in the process sees one state).
 
-use benchcluster_crd::{Firmware, Role};
+use benchcluster_crd::Firmware;
 
 use super::{Libvirt, LibvirtConfig};
 use crate::hypervisor::{DomainInfo, DomainSpec, Hypervisor, Owner, Result};
@@ -23,8 +23,7 @@ pub fn spec(tag: &str, uid: &str) -> DomainSpec {
             uid: uid.to_owned(),
             namespace: "lvt".to_owned(),
             name: tag.to_owned(),
-            role: Role::Worker,
-            index: 0,
+            node: crate::names::NodeId::worker(0),
             host_key: Some(
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheTestDomain".to_owned(),
             ),

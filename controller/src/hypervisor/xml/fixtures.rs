@@ -20,8 +20,10 @@ pub fn owner(role: Role, index: u32) -> Owner {
         uid: "6f1c2b9e-3d4a-4e5f-8a7b-9c0d1e2f3a4b".to_owned(),
         namespace: "bench".to_owned(),
         name: "small".to_owned(),
-        role,
-        index,
+        node: match role {
+            Role::ControlPlane => crate::names::NodeId::CONTROL_PLANE,
+            Role::Worker => crate::names::NodeId::worker(index),
+        },
         host_key: Some(
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPinnedHostKeyForGoldenTests".to_owned(),
         ),

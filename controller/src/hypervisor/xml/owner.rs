@@ -1,5 +1,5 @@
 //! Owner metadata: the element in our own XML namespace inside a domain's `<metadata>`
-//! that says which BenchCluster (UID, namespace, name) and which node (role, index) a
+//! that says which BenchCluster (UID, namespace, name) and which node (role, pool, index) a
 //! domain belongs to, with the VM's pinned SSH host key. Written into the domain
 //! definition, read back to find and adopt domains after a restart or an upgrade.
 //!
@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use super::{Result, XmlError};
 use crate::hypervisor::Owner;
+use crate::names::{NodeId, PoolName};
 
 /// XML namespace of the owner element in a domain's `<metadata>`.
 pub const OWNER_NAMESPACE: &str = "https://benchcluster.dev/xmlns/owner/v1";
@@ -47,6 +48,8 @@ struct OwnerXml<'a> {
     name: &'a str,
     #[serde(rename = "bc:role")]
     role: &'static str,
+    #[serde(rename = "bc:pool")]
+    pool: &'a str,
     #[serde(rename = "bc:index")]
     index: u32,
     #[serde(rename = "bc:hostKey", skip_serializing_if = "Option::is_none")]
@@ -61,8 +64,9 @@ pub(super) fn metadata(owner: &Owner) -> MetadataXml<'_> {
             uid: &owner.uid,
             namespace: &owner.namespace,
             name: &owner.name,
-            role: role_name(owner.role),
-            index: owner.index,
+            role: role_name(owner.node.role),
+            pool: owner.node.pool.as_str(),
+            index: owner.node.index,
             host_key: owner.host_key.as_deref(),
         },
     }
@@ -94,6 +98,7 @@ enum OwnerField {
     Namespace,
     Name,
     Role,
+    Pool,
     Index,
     HostKey,
 }
@@ -105,6 +110,7 @@ impl OwnerField {
             "namespace" => Some(Self::Namespace),
             "name" => Some(Self::Name),
             "role" => Some(Self::Role),
+            "pool" => Some(Self::Pool),
             "index" => Some(Self::Index),
             "hostKey" => Some(Self::HostKey),
             _ => None,
@@ -127,6 +133,7 @@ struct OwnerFields {
     namespace: Option<String>,
     name: Option<String>,
     role: Option<String>,
+    pool: Option<String>,
     index: Option<String>,
     host_key: Option<String>,
 }
@@ -138,6 +145,7 @@ impl OwnerFields {
             OwnerField::Namespace => &mut self.namespace,
             OwnerField::Name => &mut self.name,
             OwnerField::Role => &mut self.role,
+            OwnerField::Pool => &mut self.pool,
             OwnerField::Index => &mut self.index,
             OwnerField::HostKey => &mut self.host_key,
         };
@@ -150,18 +158,38 @@ impl OwnerFields {
                 reason: Cow::Owned(format!("missing {field}")),
             }
         }
+        let invalid = |reason: String| XmlError::InvalidOwner {
+            reason: Cow::Owned(reason),
+        };
         let role = self.role.ok_or_else(|| missing("role"))?;
+        let role = parse_role(&role).ok_or_else(|| invalid(format!("unknown role {role:?}")))?;
         let index = self.index.ok_or_else(|| missing("index"))?;
+        let index = index
+            .parse()
+            .map_err(|_| invalid(format!("index {index:?} is not a number")))?;
+        // Domains defined before pools existed name no pool: the default one's.
+        let node = match (role, self.pool) {
+            (Role::ControlPlane, None) => NodeId::CONTROL_PLANE,
+            (Role::ControlPlane, Some(pool)) if pool == PoolName::CONTROL_PLANE.as_str() => {
+                NodeId::CONTROL_PLANE
+            }
+            (Role::ControlPlane, Some(pool)) => {
+                return Err(invalid(format!("a control plane in pool {pool:?}")));
+            }
+            (Role::Worker, None) => NodeId::worker(index),
+            (Role::Worker, Some(pool)) => match PoolName::new(&pool) {
+                Some(name) if name != PoolName::CONTROL_PLANE => NodeId::pooled(name, index),
+                _ => return Err(invalid(format!("invalid worker pool {pool:?}"))),
+            },
+        };
+        if node.index != index {
+            return Err(invalid(format!("control plane index {index}")));
+        }
         Ok(Owner {
             uid: self.uid.ok_or_else(|| missing("uid"))?,
             namespace: self.namespace.ok_or_else(|| missing("namespace"))?,
             name: self.name.ok_or_else(|| missing("name"))?,
-            role: parse_role(&role).ok_or_else(|| XmlError::InvalidOwner {
-                reason: Cow::Owned(format!("unknown role {role:?}")),
-            })?,
-            index: index.parse().map_err(|_| XmlError::InvalidOwner {
-                reason: Cow::Owned(format!("index {index:?} is not a number")),
-            })?,
+            node,
             host_key: self.host_key,
         })
     }

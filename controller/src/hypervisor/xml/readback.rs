@@ -206,7 +206,7 @@ pub fn parse_domain(xml: &str) -> Result<DomainReadback> {
 
 #[cfg(test)]
 mod tests {
-    use benchcluster_crd::{Firmware, Role};
+    use benchcluster_crd::Firmware;
     use proptest::prelude::*;
     use quick_xml::events::Event;
 
@@ -287,8 +287,7 @@ mod tests {
                 uid: "u-1".to_owned(),
                 namespace: "ns".to_owned(),
                 name: "a&b <c> <d>".to_owned(),
-                role: Role::Worker,
-                index: 7,
+                node: crate::names::NodeId::worker(7),
                 host_key: None,
             })
         );
@@ -336,8 +335,7 @@ mod tests {
                 uid,
                 namespace,
                 name,
-                role: if worker { Role::Worker } else { Role::ControlPlane },
-                index,
+                node: if worker { crate::names::NodeId::worker(index) } else { crate::names::NodeId::CONTROL_PLANE },
                 host_key: None,
             };
             let xml = domain_xml(&spec, &HOST).map_err(|e| TestCaseError::fail(e.to_string()))?;

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use benchcluster_crd::BenchCluster;
 use benchcluster_crd::quantity::parse_bytes;
-use benchcluster_crd::{BenchCluster, Role};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use tracing::info;
@@ -14,6 +14,7 @@ use super::super::context::Context;
 use super::super::observe::Observation;
 use super::super::operations::Output;
 use super::super::plan::Action;
+use super::super::pools;
 use super::super::timeline::{Event, Stamp};
 use super::super::world::Operation;
 use super::{publish, secrets};
@@ -54,6 +55,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
             Action::JoinWorker(id) => self.join_worker(id),
             Action::DrainNode(id) => self.drain_node(id),
             Action::Uncordon(id) => self.uncordon(id).await,
+            Action::ConfigureNode(id) => self.configure_node(id).await,
             Action::Abandon(id) => Ok(self.abandon(id)),
             Action::RemoveDomain(id) => self.remove_domain(id, stamps).await,
             Action::DeleteVolumes(id) => self.delete_volumes(id).await,
@@ -64,11 +66,12 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
     async fn create_disk(&self, id: NodeId, stamps: &mut Vec<Stamp>) -> Result<StepResult> {
         let spec = &self.bc.spec;
         stamps.push(Stamp::new(id, Instant::now(), Event::CreateStarted));
-        let (template_disk, image) = match id.role {
-            Role::ControlPlane => (&spec.control_plane.disk, &spec.control_plane.image),
-            Role::Worker => (&spec.workers.template.disk, &spec.workers.template.image),
-        };
-        let capacity_bytes = parse_bytes(template_disk).map_err(|source| Error::Quantity {
+        let shape = pools::shape(spec, id).ok_or(Error::NotReady {
+            action: "create a node's disk",
+            requirement: "its pool is in the spec",
+        })?;
+        let image = shape.image;
+        let capacity_bytes = parse_bytes(shape.disk).map_err(|source| Error::Quantity {
             field: "disk",
             source,
         })?;
@@ -86,16 +89,11 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
     async fn define_domain(&self, id: NodeId, stamps: &mut Vec<Stamp>) -> Result<StepResult> {
         let (names, hv) = (self.names, &self.ctx.hypervisor);
         let started = Instant::now();
-        let (cpus, memory, image) = match id.role {
-            Role::ControlPlane => {
-                let t = &self.bc.spec.control_plane;
-                (t.cpus, &t.memory, &t.image)
-            }
-            Role::Worker => {
-                let t = &self.bc.spec.workers.template;
-                (t.cpus, &t.memory, &t.image)
-            }
-        };
+        let shape = pools::shape(&self.bc.spec, id).ok_or(Error::NotReady {
+            action: "define a node's domain",
+            requirement: "its pool is in the spec",
+        })?;
+        let (cpus, memory, image) = (shape.cpus, shape.memory, shape.image);
         let memory_bytes = parse_bytes(memory).map_err(|source| Error::Quantity {
             field: "memory",
             source,
@@ -141,8 +139,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
                 uid: names.uid.clone(),
                 namespace: names.namespace.clone(),
                 name: names.name.clone(),
-                role: id.role,
-                index: id.index,
+                node: id,
                 host_key: Some(host_key.public_openssh.clone()),
             },
             vcpus: cpus,
@@ -222,13 +219,33 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
         let worker = self.guest_node(id)?;
         let kubeconfig = self.kubeconfig("join a worker")?;
         let credentials = self.credentials("join a worker")?.clone();
+        let registration = pools::registration(&self.bc.spec, id);
         let guest = Arc::clone(&self.ctx.guest);
         Ok(self.start_operation(id, Operation::Join, async move {
             guest
-                .join_worker(&control_plane, &worker, &credentials, &kubeconfig)
+                .join_worker(
+                    &control_plane,
+                    &worker,
+                    &credentials,
+                    &kubeconfig,
+                    &registration,
+                )
                 .await
                 .map(|()| Output::Joined)
         }))
+    }
+
+    /// Puts its pool's labels and extended resources on the node's Node.
+    async fn configure_node(&self, id: NodeId) -> Result<StepResult> {
+        let kubeconfig = self.kubeconfig("configure a Node")?;
+        let node = self.names.node(id);
+        let config = pools::node_config(&self.bc.spec, id);
+        self.ctx
+            .guest
+            .configure_node(&kubeconfig, &node, &config)
+            .await?;
+        info!(%node, labels = config.labels.len(), extended_resources = config.extended_resources.len(), "Node configured");
+        Ok(StepResult::Done)
     }
 
     fn drain_node(&self, id: NodeId) -> Result<StepResult> {
