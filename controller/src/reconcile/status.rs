@@ -1,7 +1,7 @@
 //! Stage 4: derive the status from what was observed and done. Pure: the caller
 //! passes the clock and the timelines, and writes the result only when it changed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use benchcluster_crd::conditions::{self, ConditionType};
 use benchcluster_crd::{
@@ -91,6 +91,8 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
     let desired: Vec<NodeId> = desired_nodes(spec).collect();
 
     let mut nodes = Vec::new();
+    // Evaluated once per node: the counts below read this set.
+    let mut ready_nodes: BTreeSet<NodeId> = BTreeSet::new();
     let mut ids: Vec<NodeId> = desired.clone();
     ids.extend(world.nodes.keys().filter(|id| !desired.contains(id)));
     for id in ids {
@@ -134,7 +136,13 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
             mac: names.mac(id),
             ip: observed.ip.map(|ip| ip.to_string()),
             state,
-            ready: node_ready(spec, world, id),
+            ready: {
+                let ready = node_ready(spec, world, id);
+                if ready {
+                    ready_nodes.insert(id);
+                }
+                ready
+            },
             timings: match timeline {
                 // Phases this incarnation has not reached yet stay empty rather than
                 // showing those of a VM that no longer exists.
@@ -148,7 +156,7 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
 
     let ready_workers = desired
         .iter()
-        .filter(|id| id.role == Role::Worker && node_ready(spec, world, **id))
+        .filter(|id| id.role == Role::Worker && ready_nodes.contains(*id))
         .count();
     let desired_workers = desired.len() - 1;
     let pool_statuses: Vec<PoolStatus> = pools::pools(spec)
@@ -159,7 +167,7 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
                 desired
                     .iter()
                     .filter(|id| id.role == Role::Worker && id.pool == name)
-                    .filter(|id| node_ready(spec, world, **id))
+                    .filter(|id| ready_nodes.contains(*id))
                     .count(),
             ),
         })
@@ -169,7 +177,7 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
         .map(|p| format!("{} {}/{}", p.name, p.ready_replicas, p.replicas))
         .collect::<Vec<_>>()
         .join(", ");
-    let control_plane_ready = node_ready(spec, world, NodeId::CONTROL_PLANE);
+    let control_plane_ready = ready_nodes.contains(&NodeId::CONTROL_PLANE);
     let surplus = world.nodes.keys().any(|id| !desired.contains(id));
     let workers_ready = ready_workers == desired_workers && !surplus;
     let ready = control_plane_ready && workers_ready && world.network == NetworkState::Ready;
