@@ -8,8 +8,9 @@
 # <hash> covers this script and everything under guest/, so editing either builds a
 # new image. The image follows docs/image-contract.md: BIOS boot with GRUB from
 # /dev/vda1 (ext4), console on ttyS0, DHCP with systemd-networkd, an empty
-# /etc/machine-id, no SSH host key of its own, and the benchcluster-identity unit
-# (guest/) that applies the CIDATA seed at boot.
+# /etc/machine-id, no SSH host key of its own, the benchcluster-identity unit
+# (guest/) that applies the CIDATA seed at boot, and the benchcluster-growroot unit
+# (guest/) that grows the root partition and file system to the disk at every boot.
 #
 # Needs root (debootstrap, chroot, file ownership in the image) but no loop device,
 # no mount other than /proc in the chroot, and no systemd: the file system is written
@@ -25,7 +26,9 @@ SUITE=bookworm
 # image. It has no AHCI/SATA cdrom driver, which nothing needs: the controller attaches
 # the seed as a virtio disk (docs/image-contract.md).
 KERNEL_PACKAGE=linux-image-cloud-amd64
-PACKAGES=systemd,systemd-sysv,udev,dbus,kmod,openssh-server,sudo,iproute2,zstd,initramfs-tools,grub-pc-bin
+# fdisk (sfdisk) and e2fsprogs (resize2fs): benchcluster-growroot grows root to the disk.
+# Not cloud-guest-utils' growpart: it depends on python3.
+PACKAGES=systemd,systemd-sysv,udev,dbus,kmod,openssh-server,sudo,iproute2,zstd,initramfs-tools,grub-pc-bin,fdisk,e2fsprogs
 # Virtual size; node overlays may be larger. Unwritten space costs nothing in qcow2.
 DISK_SIZE_MIB=3072
 PARTITION_START_SECTOR=2048
@@ -106,7 +109,7 @@ log "debootstrap done after $((SECONDS - start))s"
 
 # Our files over the base system (before the kernel, so its initramfs uses our settings).
 cp -a --no-preserve=ownership "$guest/." "$root/"
-chmod 0755 "$root/usr/local/sbin/benchcluster-identity"
+chmod 0755 "$root/usr/local/sbin/benchcluster-identity" "$root/usr/local/sbin/benchcluster-growroot"
 
 mount -t proc proc "$root/proc"
 # No service may start inside the chroot.
@@ -124,7 +127,7 @@ for dir in $PRUNED_MODULE_DIRS; do rm -rf /lib/modules/*/kernel/$dir; done
 for version in $(ls /lib/modules); do depmod "$version"; done
 
 systemctl set-default multi-user.target
-systemctl enable benchcluster-identity.service systemd-networkd.service ssh.service
+systemctl enable benchcluster-identity.service benchcluster-growroot.service systemd-networkd.service ssh.service
 systemctl disable systemd-networkd-wait-online.service
 # Nothing periodic, nothing interactive on first boot, and none of the early units a
 # VM without VGA, fuse, device mapper or persistent journal has no use for: under

@@ -46,6 +46,8 @@ SUITE=bookworm
 KUBE_PACKAGES=containerd,runc,containernetworking-plugins,catatonit,conntrack,iptables,socat,ethtool,ebtables,mount
 # Room for the preloaded images, the containers' writable layers and etcd, under
 # kubelet's eviction thresholds (10-15 % free). Unwritten space costs nothing in qcow2.
+# A node's overlay may be larger (its pool's `disk`): root grows to it at every boot,
+# before containerd and kubelet (guest/'s benchcluster-growroot).
 DISK_SIZE_MIB=8192
 PARTITION_START_SECTOR=2048
 # As in build-guest-image.sh: module trees no VM of ours loads.
@@ -204,7 +206,7 @@ log "debootstrap done after $((SECONDS - start))s"
 # The vm tier's files, then ours (before the kernel, so its initramfs uses the settings).
 cp -a --no-preserve=ownership "$guest/." "$root/"
 cp -a --no-preserve=ownership "$kube_guest/." "$root/"
-chmod 0755 "$root/usr/local/sbin/benchcluster-identity"
+chmod 0755 "$root/usr/local/sbin/benchcluster-identity" "$root/usr/local/sbin/benchcluster-growroot"
 sed -i "s|@PAUSE_IMAGE@|$pause_ref|" "$root/etc/containerd/config.toml"
 for b in $NODE_BINARIES; do install -m 0755 "$k8s_bin/$b" "$root/usr/bin/$b"; done
 # No service may start inside the chroot.
@@ -220,7 +222,7 @@ for dir in $PRUNED_MODULE_DIRS; do rm -rf /lib/modules/*/kernel/$dir; done
 for version in $(ls /lib/modules); do depmod "$version"; done
 
 systemctl set-default multi-user.target
-systemctl enable benchcluster-identity.service systemd-networkd.service ssh.service \
+systemctl enable benchcluster-identity.service benchcluster-growroot.service systemd-networkd.service ssh.service \
   containerd.service kubelet.service
 systemctl disable systemd-networkd-wait-online.service
 # As in the vm tier: nothing periodic, nothing interactive, no unused early units.
