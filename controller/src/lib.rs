@@ -21,4 +21,8 @@ pub mod telemetry;
 pub mod util;
 
 pub use error::{Error, Result};
+
+/// Field manager of every write this controller makes, to its own API server and to the
+/// guest clusters' (also its Events' reporter and its Secrets' managed-by label).
+pub const FIELD_MANAGER: &str = "benchcluster-controller";
 pub use reconcile::{Context, Settings};

@@ -95,11 +95,12 @@ struct Args {
     /// Seconds any other command over SSH may take (probes, token minting, resets).
     #[arg(long, env = "BENCHCLUSTER_SSH_COMMAND_TIMEOUT_SECONDS", default_value_t = SshConfig::default().command_timeout.as_secs())]
     ssh_command_timeout_seconds: u64,
-    /// vCPUs a BenchCluster may have per host CPU. A cluster whose nodes' vCPUs add up
-    /// to more than the host's CPUs times this is Stalled before any VM is created.
+    /// vCPUs the host's domains may have per host CPU. A cluster whose nodes' vCPUs,
+    /// with those of the other domains on the host, add up to more than the host's CPUs
+    /// times this is Stalled before any VM is created.
     #[arg(long, env = "BENCHCLUSTER_CPU_OVERCOMMIT", default_value_t = Settings::default().cpu_overcommit, value_parser = positive_ratio)]
     cpu_overcommit: f64,
-    /// Memory a BenchCluster may have per byte of host memory, likewise (above 1 only
+    /// Memory the host's domains may have per byte of host memory, likewise (above 1 only
     /// where guests leave memory untouched, or with swap).
     #[arg(long, env = "BENCHCLUSTER_MEMORY_OVERCOMMIT", default_value_t = Settings::default().memory_overcommit, value_parser = positive_ratio)]
     memory_overcommit: f64,

@@ -103,6 +103,7 @@ pub fn state_label(state: NodeState) -> &'static str {
         NodeState::Ready => "Ready",
         NodeState::Deleting => "Deleting",
         NodeState::Stopped => "Stopped",
+        NodeState::Replacing => "Replacing",
     }
 }
 

@@ -262,16 +262,11 @@ impl ClusterNames {
         Some((parse_node_tag(rest)?, kind))
     }
 
-    /// Deterministic MAC in QEMU's 52:54:00 range: a 24-bit hash plus the node's slot.
-    /// The control plane and the default pool hash the UID (control plane at slot 0,
-    /// worker i at i + 1, as before pools existed, so their nodes keep their MACs);
-    /// another pool hashes the UID and its name, worker i at slot i. So MACs within a
-    /// pool never collide, and pools and clusters start at unrelated points of the range.
+    /// The node's first MAC candidate, in QEMU's 52:54:00 range: a 24-bit hash plus
+    /// the node's slot. The control plane and the default pool hash the UID (control
+    /// plane at slot 0, worker i at i + 1, as before pools existed, so their nodes keep
+    /// their MACs); another pool hashes the UID and its name, worker i at slot i.
     pub fn mac(&self, node: NodeId) -> String {
-        let hash24 = |text: &str| {
-            let digest = Sha256::digest(text.as_bytes());
-            u32::from_be_bytes([0, digest[0], digest[1], digest[2]])
-        };
         let value = match node.role {
             Role::ControlPlane => hash24(&self.uid),
             Role::Worker if node.pool == PoolName::DEFAULT => {
@@ -279,9 +274,33 @@ impl ClusterNames {
             }
             Role::Worker => hash24(&format!("{}/{}", self.uid, node.pool)).wrapping_add(node.index),
         };
-        let [_, a, b, c] = value.to_be_bytes();
-        format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
+        mac_of(value)
     }
+
+    /// The MACs the node may get, in order: [`ClusterNames::mac`], then rehashes of
+    /// the node's identity. The act stage gives a new domain the first one no domain
+    /// on the host holds, so hashes that collide (two pools, two clusters, someone
+    /// else's VM) still give distinct MACs, the same ones on every run.
+    pub fn mac_candidates(&self, node: NodeId) -> impl Iterator<Item = String> + '_ {
+        std::iter::once(self.mac(node)).chain(
+            (1..MAC_CANDIDATES)
+                .map(move |k| mac_of(hash24(&format!("{}/{}/{}", self.uid, node, k)))),
+        )
+    }
+}
+
+/// How many MACs [`ClusterNames::mac_candidates`] offers a node. Each is taken with
+/// probability under 1e-3 even with 16k domains on the host: 32 are never all taken.
+pub const MAC_CANDIDATES: u32 = 32;
+
+fn hash24(text: &str) -> u32 {
+    let digest = Sha256::digest(text.as_bytes());
+    u32::from_be_bytes([0, digest[0], digest[1], digest[2]])
+}
+
+fn mac_of(value: u32) -> String {
+    let [_, a, b, c] = value.to_be_bytes();
+    format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
 }
 
 /// `<pool>-<index>`: `cp-0` for the control plane, else a worker of the pool.

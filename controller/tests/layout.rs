@@ -1,6 +1,7 @@
 //! The dependency rules of DESIGN.md, checked on the source: what each part of
-//! `controller/src` may import (from its `use crate::`/`super::` paths and client
-//! types), and that no import cycle forms between top-level modules.
+//! `controller/src` may import (from its `crate::`/`super::` paths, followed from module
+//! to module, and client types), and that no import cycle forms between top-level
+//! modules.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -50,33 +51,213 @@ fn offending(files: &[(PathBuf, String)], needles: &[&str]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn the_planner_and_the_world_use_no_edge_no_client_no_clock() {
-    let reconcile = src().join("reconcile");
-    let files: Vec<_> = ["plan.rs", "world.rs"]
-        .iter()
-        .map(|f| {
-            let path = reconcile.join(f);
-            let text = std::fs::read_to_string(&path).unwrap();
-            let code = text.split("#[cfg(test)]").next().unwrap().to_owned();
-            (path, code)
-        })
+/// The edges: no pure module reaches them.
+const EDGES: [&str; 2] = ["guest", "hypervisor"];
+
+/// Clients, clocks and randomness: what a pure module does not use, so its result
+/// depends on its input only.
+const CLIENTS_AND_CLOCKS: [&str; 11] = [
+    "kube::",
+    "tokio",
+    "virt::",
+    "openssh",
+    "hyper::",
+    "axum::",
+    "Instant::now",
+    "SystemTime::now",
+    "rand::",
+    "rand_core",
+    "fastrand",
+];
+
+/// The module path of a file under `src/`: `reconcile/plan.rs` is `reconcile::plan`,
+/// `guest/mod.rs` is `guest`, `lib.rs` the crate root.
+fn module_path(file: &Path) -> Vec<String> {
+    let relative = file.strip_prefix(src()).unwrap().with_extension("");
+    let mut path: Vec<String> = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
-    let bad = offending(
-        &files,
-        &[
-            "crate::hypervisor",
-            "crate::guest",
-            "super::context",
-            "super::act",
-            "kube::",
-            "tokio",
-            "Instant::now",
-            "SystemTime::now",
-            "rand::",
-            "rand_core",
-        ],
-    );
+    if path
+        .last()
+        .is_some_and(|last| last == "mod" || last == "lib")
+    {
+        path.pop();
+    }
+    path
+}
+
+/// The file of a module, if it has one.
+fn module_file(path: &[String]) -> Option<PathBuf> {
+    if path.is_empty() {
+        return Some(src().join("lib.rs"));
+    }
+    let dir = src().join(path.join("/"));
+    [dir.with_extension("rs"), dir.join("mod.rs")]
+        .into_iter()
+        .find(|f| f.is_file())
+}
+
+/// The paths a (possibly grouped) path names, as segments: `a::{self, b::{c, d as e}}`
+/// names `a`, `a::b::c` and `a::b::d`.
+fn expand(path: &str) -> Vec<Vec<String>> {
+    let Some(open) = path.find('{') else {
+        let path = path.split_whitespace().next().unwrap_or_default();
+        let mut segments: Vec<String> = path
+            .split("::")
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        if segments.len() > 1 && segments.last().is_some_and(|s| s == "self" || s == "*") {
+            segments.pop();
+        }
+        return vec![segments];
+    };
+    let (prefix, inner) = (&path[..open], &path[open + 1..path.rfind('}').unwrap()]);
+    let mut parts = Vec::new();
+    let (mut depth, mut from) = (0, 0);
+    for (i, c) in inner.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&inner[from..i]);
+                from = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&inner[from..]);
+    parts
+        .into_iter()
+        .filter(|p| !p.trim().is_empty())
+        .flat_map(|p| expand(&format!("{prefix}{}", p.trim())))
+        .collect()
+}
+
+/// The file of the deepest module a path from module `from` goes through (where what it
+/// names is defined or re-exported). A path not starting with `crate`, `super` or
+/// `self` is a child module's, or another crate's (`None`).
+fn resolve(from: &[String], segments: &[String]) -> Option<PathBuf> {
+    let (mut base, mut rest) = (from.to_vec(), segments);
+    let relative_to_child = match rest.first().map(String::as_str) {
+        Some("crate") => {
+            base.clear();
+            rest = &rest[1..];
+            false
+        }
+        Some("self") => {
+            rest = &rest[1..];
+            false
+        }
+        Some("super") => {
+            while rest.first().is_some_and(|s| s == "super") {
+                base.pop();
+                rest = &rest[1..];
+            }
+            false
+        }
+        _ => true,
+    };
+    (usize::from(relative_to_child)..=rest.len())
+        .rev()
+        .find_map(|n| module_file(&[base.as_slice(), &rest[..n]].concat()))
+}
+
+/// The files of the modules `code` (the code of `file`) imports: every path starting
+/// with `crate::`, `super::` or `self::`, and every `use` of a child module.
+fn imported_modules(file: &Path, code: &str) -> BTreeSet<PathBuf> {
+    let from = module_path(file);
+    let chars: Vec<char> = code.chars().collect();
+    let in_path = |c: char| c.is_alphanumeric() || c == '_' || c == ':';
+    let mut modules = BTreeSet::new();
+    let (mut i, mut after_use) = (0, false);
+    while i < chars.len() {
+        let starts =
+            (chars[i].is_alphabetic() || chars[i] == '_') && (i == 0 || !in_path(chars[i - 1]));
+        if !starts {
+            i += 1;
+            continue;
+        }
+        // The path, with its `{...}` group if any.
+        let mut end = i;
+        let mut depth = 0;
+        while end < chars.len() && (in_path(chars[end]) || chars[end] == '{' || depth > 0) {
+            match chars[end] {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                _ => {}
+            }
+            end += 1;
+        }
+        let path: String = chars[i..end].iter().collect();
+        let first = path.split("::").next().unwrap();
+        if path.contains("::") && (after_use || ["crate", "super", "self"].contains(&first)) {
+            modules.extend(expand(&path).iter().filter_map(|s| resolve(&from, s)));
+        }
+        after_use = path == "use";
+        i = end;
+    }
+    modules
+}
+
+/// What `root` reaches through its imports, module to module, that is an edge or uses
+/// a client or a clock, each with the chain that reaches it. The walk does not enter
+/// `stops`.
+fn impurities(root: &str, stops: &[&str]) -> Vec<String> {
+    let code: BTreeMap<PathBuf, String> = sources(&src()).into_iter().collect();
+    let name = |file: &Path| file.strip_prefix(src()).unwrap().display().to_string();
+    let mut chains = BTreeMap::from([(src().join(root), root.to_owned())]);
+    let mut todo = vec![src().join(root)];
+    let mut bad = Vec::new();
+    while let Some(file) = todo.pop() {
+        let chain = chains[&file].clone();
+        if EDGES
+            .iter()
+            .any(|edge| name(&file).starts_with(&format!("{edge}/")))
+        {
+            bad.push(format!("{chain}: an edge"));
+            continue;
+        }
+        let used: Vec<_> = CLIENTS_AND_CLOCKS
+            .iter()
+            .filter(|n| code[&file].contains(*n))
+            .collect();
+        if !used.is_empty() {
+            bad.push(format!("{chain} uses {used:?}"));
+            continue;
+        }
+        for next in imported_modules(&file, &code[&file]) {
+            if !stops.contains(&name(&next).as_str()) && !chains.contains_key(&next) {
+                chains.insert(next.clone(), format!("{chain} -> {}", name(&next)));
+                todo.push(next);
+            }
+        }
+    }
+    bad
+}
+
+#[test]
+fn the_planner_and_the_world_reach_no_edge_no_client_no_clock() {
+    let bad: Vec<String> = ["reconcile/plan.rs", "reconcile/world.rs"]
+        .iter()
+        .flat_map(|root| impurities(root, &[]))
+        .collect();
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// Where status meets the rest of the pass, and the walk stops: what the act stage did
+/// (its outcome, edge errors among it, and the timelines) and the settings, which live
+/// in the context beside its clients. All else status reads, the pools above all, is pure.
+const WHERE_STATUS_MEETS_THE_PASS: [&str; 3] = [
+    "reconcile/outcome.rs",
+    "reconcile/timeline.rs",
+    "reconcile/context.rs",
+];
+
+#[test]
+fn what_status_reads_beside_the_act_stage_is_pure() {
+    let bad = impurities("reconcile/status.rs", &WHERE_STATUS_MEETS_THE_PASS);
     assert!(bad.is_empty(), "{bad:#?}");
 }
 

@@ -345,6 +345,9 @@ pub enum NodeState {
     Deleting,
     /// The domain exists but is not running.
     Stopped,
+    /// A worker whose VM has other vCPUs or memory than its pool: drained, removed and
+    /// created again with the pool's shape.
+    Replacing,
 }
 
 /// One VM of the cluster.
@@ -362,8 +365,10 @@ pub struct NodeStatus {
     pub index: u32,
     /// libvirt domain name.
     pub domain: String,
-    /// MAC address of the VM's interface.
-    pub mac: String,
+    /// MAC address of the VM's interface, once its domain is defined: the first of the
+    /// node's deterministic candidates that no other domain on the host holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     /// Address from the VM's DHCP lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,

@@ -669,7 +669,11 @@ async fn check_leases(
         let name = cluster.node(id);
         let mac = cluster.mac(id);
         let node = node_of(bc, &name)?;
-        ensure!(node.mac == mac, "{name} has MAC {} in status", node.mac);
+        ensure!(
+            node.mac.as_deref() == Some(mac.as_str()),
+            "{name} has MAC {:?} in status",
+            node.mac
+        );
         let ip: Ipv4Addr = node.ip.as_deref().context("no IP")?.parse()?;
         ensure!(
             range().any(|a| a == ip),

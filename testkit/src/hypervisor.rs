@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use benchcluster_controller::hypervisor::{
-    DomainInfo, DomainOwner, DomainSpec, DomainState, HostCapacity, Hypervisor, HypervisorError,
-    Inventory, Lease, NetworkInfo, NetworkInventory, OverlaySpec, Result,
+    DomainInfo, DomainOwner, DomainSpec, DomainState, Footprint, ForeignDomain, HostCapacity,
+    Hypervisor, HypervisorError, Inventory, Lease, NetworkInfo, NetworkInventory, OverlaySpec,
+    Result,
 };
 use parking_lot::{Mutex, MutexGuard};
 
@@ -74,6 +75,8 @@ struct State {
     /// Whether a started domain gets a lease at once.
     no_dhcp_answers: bool,
     calls: BTreeMap<Call, u64>,
+    /// Every mutating call, with the domain or volume it named, in order.
+    touched: Vec<(Call, String)>,
 }
 
 /// The in-memory hypervisor. Clones share one host (a restarted controller sees the
@@ -158,6 +161,37 @@ impl FakeHypervisor {
                 foreign: true,
             },
         );
+    }
+
+    /// Defines a running domain without owner metadata, as another tool would: it
+    /// holds its MAC and, running, its vCPUs and memory on the host.
+    pub fn add_running_foreign_domain(&self, spec: DomainSpec) {
+        self.state().domains.insert(
+            spec.name.clone(),
+            FakeDomain {
+                spec,
+                running: true,
+                foreign: true,
+            },
+        );
+    }
+
+    /// Undefines a domain behind the controller's back (another tool's `virsh
+    /// undefine`): no call of the trait is counted.
+    pub fn remove_domain_behind(&self, name: &str) {
+        let mut state = self.state();
+        if let Some(domain) = state.domains.remove(name) {
+            state.leases.remove(&domain.spec.mac.to_ascii_lowercase());
+        }
+    }
+
+    /// Every mutating call made so far, with the domain or volume it named, in order.
+    pub fn touched(&self) -> Vec<(Call, String)> {
+        self.state().touched.clone()
+    }
+
+    fn touch(&self, call: Call, name: &str) {
+        self.state().touched.push((call, name.to_owned()));
     }
 
     /// Stops a domain behind the controller's back.
@@ -246,6 +280,13 @@ pub fn libvirt_error(operation: &'static str) -> HypervisorError {
     }
 }
 
+fn footprint(spec: &DomainSpec) -> Footprint {
+    Footprint {
+        vcpus: spec.vcpus,
+        memory_bytes: spec.memory_bytes,
+    }
+}
+
 impl Hypervisor for FakeHypervisor {
     async fn inventory(&self, networks: &[String]) -> Result<Inventory> {
         self.enter(Call::Inventory, "list domains").await?;
@@ -263,6 +304,22 @@ impl Hypervisor for FakeHypervisor {
                     DomainState::Stopped
                 },
                 mac: Some(d.spec.mac.to_ascii_lowercase()),
+                footprint: Some(footprint(&d.spec)),
+            })
+            .collect();
+        let foreign = state
+            .domains
+            .iter()
+            .filter(|(_, d)| d.foreign)
+            .map(|(name, d)| ForeignDomain {
+                name: name.clone(),
+                state: if d.running {
+                    DomainState::Running
+                } else {
+                    DomainState::Stopped
+                },
+                macs: vec![d.spec.mac.to_ascii_lowercase()],
+                footprint: Some(footprint(&d.spec)),
             })
             .collect();
         let networks = networks
@@ -290,6 +347,7 @@ impl Hypervisor for FakeHypervisor {
             .collect();
         Ok(Inventory {
             domains,
+            foreign,
             volumes: state.volumes.keys().cloned().collect(),
             networks,
             host: state.host,
@@ -306,6 +364,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn create_overlay(&self, spec: &OverlaySpec) -> Result<()> {
+        self.touch(Call::CreateOverlay, &spec.name);
         self.enter(Call::CreateOverlay, "create volume").await?;
         let mut state = self.state();
         if !state.images.contains(&spec.base_image) {
@@ -319,6 +378,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn define_domain(&self, spec: &DomainSpec) -> Result<()> {
+        self.touch(Call::DefineDomain, &spec.name);
         self.enter(Call::DefineDomain, "define domain").await?;
         let mut state = self.state();
         match state.domains.get(&spec.name) {
@@ -341,6 +401,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn start_domain(&self, name: &str) -> Result<()> {
+        self.touch(Call::StartDomain, name);
         self.enter(Call::StartDomain, "start domain").await?;
         let mut guard = self.state();
         let state = &mut *guard;
@@ -359,6 +420,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn remove_domain(&self, name: &str) -> Result<()> {
+        self.touch(Call::RemoveDomain, name);
         self.enter(Call::RemoveDomain, "undefine domain").await?;
         let mut state = self.state();
         if let Some(domain) = state.domains.remove(name) {
@@ -368,6 +430,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn create_seed(&self, name: &str, content: &[u8]) -> Result<()> {
+        self.touch(Call::CreateSeed, name);
         self.enter(Call::CreateSeed, "upload volume").await?;
         // Never overwritten, as the trait says.
         self.state()
@@ -378,6 +441,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn delete_volume(&self, name: &str) -> Result<()> {
+        self.touch(Call::DeleteVolume, name);
         self.enter(Call::DeleteVolume, "delete volume").await?;
         self.state().volumes.remove(name);
         Ok(())

@@ -1,12 +1,14 @@
 //! The guest cluster's API, through a kube client on its admin kubeconfig (cached by
 //! the kubeconfig's hash): listing Nodes, cordon and uncordon, the drain (eviction API,
 //! bounded) and Node deletion, and the bounded wait for a kubelet to register its Node.
+//! Every write carries the controller's field manager, so a Node's managed fields say
+//! who set its pool's labels and resources.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use parking_lot::MutexGuard;
@@ -22,20 +24,92 @@ use super::{
 /// How often a registration is polled while a kubelet registers its Node.
 const REGISTRATION_POLL: Duration = Duration::from_secs(2);
 
+/// A client of the guest cluster on its admin kubeconfig. `read_timeout` bounds each
+/// request; a watch has none (kube's watcher bounds its idle time itself).
+pub(super) async fn connect(
+    kubeconfig: &AdminKubeconfig,
+    connect_timeout: Duration,
+    read_timeout: Option<Duration>,
+) -> Result<Client> {
+    // The errors say what is wrong, never what the kubeconfig holds.
+    let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose_secret())
+        .map_err(|_| GuestError::Api("the stored admin kubeconfig does not parse".into()))?;
+    let mut config = Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
+        .await
+        .map_err(|_| GuestError::Api("the stored admin kubeconfig is unusable".into()))?;
+    config.connect_timeout = Some(connect_timeout);
+    config.read_timeout = read_timeout;
+    Client::try_from(config).map_err(|e| GuestError::Api(e.to_string()))
+}
+
+/// Parameters of every patch to the guest cluster: the field manager names this
+/// controller as the writer of the labels, resources and cordons it sets.
+fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(crate::FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    }
+}
+
+/// Parameters of every eviction (a create), likewise.
+fn evict_params() -> EvictParams {
+    EvictParams {
+        post_options: PostParams {
+            field_manager: Some(crate::FIELD_MANAGER.into()),
+            ..PostParams::default()
+        },
+        ..EvictParams::default()
+    }
+}
+
+/// What the controller reads of a Node; `None` for a Node without a name.
+pub(super) fn cluster_node(node: Node) -> Option<ClusterNode> {
+    let cordoned_for_removal = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+        && node
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(CORDONED_FOR_REMOVAL));
+    let name = node.metadata.name?;
+    let labels = node.metadata.labels.unwrap_or_default();
+    let status = node.status.unwrap_or_default();
+    let ready = status
+        .conditions
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let extended_resources = status
+        .capacity
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(name, _)| is_extended_resource(name))
+        .filter_map(|(name, quantity)| Some((name, quantity.0.parse().ok()?)))
+        .collect();
+    Some(ClusterNode {
+        name,
+        ready,
+        cordoned_for_removal,
+        labels,
+        extended_resources,
+    })
+}
+
 impl SshGuest {
     async fn client(&self, kubeconfig: &AdminKubeconfig) -> Result<Client> {
         let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose_secret().as_bytes()).into();
         if let Some(client) = self.lock_clients().get(&digest) {
             return Ok(client.clone());
         }
-        let parsed = Kubeconfig::from_yaml(kubeconfig.0.expose_secret())
-            .map_err(|_| GuestError::Api("the stored admin kubeconfig does not parse".into()))?;
-        let mut config = Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
-            .await
-            .map_err(|_| GuestError::Api("the stored admin kubeconfig is unusable".into()))?;
-        config.connect_timeout = Some(self.config.connect_timeout);
-        config.read_timeout = Some(self.config.api_timeout);
-        let client = Client::try_from(config).map_err(|e| GuestError::Api(e.to_string()))?;
+        let client = connect(
+            kubeconfig,
+            self.config.connect_timeout,
+            Some(self.config.api_timeout),
+        )
+        .await?;
         self.lock_clients().insert(digest, client.clone());
         Ok(client)
     }
@@ -65,44 +139,7 @@ impl SshGuest {
             .list(&ListParams::default())
             .await
             .map_err(|e| self.api_error(kubeconfig, e))?;
-        Ok(nodes
-            .items
-            .into_iter()
-            .filter_map(|node| {
-                let cordoned_for_removal = node
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.unschedulable)
-                    .unwrap_or(false)
-                    && node
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .is_some_and(|a| a.contains_key(CORDONED_FOR_REMOVAL));
-                let name = node.metadata.name?;
-                let labels = node.metadata.labels.unwrap_or_default();
-                let status = node.status.unwrap_or_default();
-                let ready = status
-                    .conditions
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                let extended_resources = status
-                    .capacity
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|(name, _)| is_extended_resource(name))
-                    .filter_map(|(name, quantity)| Some((name, quantity.0.parse().ok()?)))
-                    .collect();
-                Some(ClusterNode {
-                    name,
-                    ready,
-                    cordoned_for_removal,
-                    labels,
-                    extended_resources,
-                })
-            })
-            .collect())
+        Ok(nodes.items.into_iter().filter_map(cluster_node).collect())
     }
 
     /// Merges the config's labels into the Node's and its extended resources into the
@@ -114,7 +151,7 @@ impl SshGuest {
         config: &NodeConfig,
     ) -> Result<()> {
         let nodes = Api::<Node>::all(self.client(kubeconfig).await?);
-        let params = PatchParams::default();
+        let params = patch_params();
         if !config.labels.is_empty() {
             let patch = serde_json::json!({"metadata": {"labels": config.labels}});
             nodes
@@ -149,7 +186,7 @@ impl SshGuest {
             "spec": {"unschedulable": false},
         });
         match Api::<Node>::all(client)
-            .patch(node_name, &PatchParams::default(), &Patch::Merge(&uncordon))
+            .patch(node_name, &patch_params(), &Patch::Merge(&uncordon))
             .await
         {
             Ok(_) => Ok(()),
@@ -172,7 +209,7 @@ impl SshGuest {
             "spec": {"unschedulable": true},
         });
         match nodes
-            .patch(node_name, &PatchParams::default(), &Patch::Merge(&cordon))
+            .patch(node_name, &patch_params(), &Patch::Merge(&cordon))
             .await
         {
             Ok(_) => {}
@@ -233,7 +270,7 @@ impl SshGuest {
 
 /// An extended resource's name: domain-prefixed, outside the `kubernetes.io` domain
 /// (the kubelet's own resources, `hugepages-*` and the like, carry no domain).
-fn is_extended_resource(name: &str) -> bool {
+pub(super) fn is_extended_resource(name: &str) -> bool {
     name.split_once('/')
         .is_some_and(|(domain, _)| domain != "kubernetes.io" && !domain.ends_with(".kubernetes.io"))
 }
@@ -278,10 +315,102 @@ async fn drain(client: &Client, node_name: &str, bound: Duration) -> Result<(), 
             };
             let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
             // 429 means a PodDisruptionBudget says "not now": the loop retries.
-            if let Err(error) = api.evict(name, &EvictParams::default()).await {
+            if let Err(error) = api.evict(name, &evict_params()).await {
                 debug!(%error, pod = %name, "eviction refused for now");
             }
         }
         tokio::time::sleep(Duration::from_secs(2).min(bound)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::sync::Arc;
+
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use parking_lot::Mutex;
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::guest::Guest;
+    use crate::guest::ssh::SshConfig;
+
+    /// The requests the stand-in API server received, method and URI.
+    type Requests = Arc<Mutex<Vec<(Method, String)>>>;
+
+    /// A guest whose client of `kubeconfig` answers from a stand-in API server that
+    /// records each request (method and URI) and answers what the calls expect: one
+    /// pod to evict on the first list of a drain, none after.
+    fn guest(kubeconfig: &AdminKubeconfig) -> (SshGuest, Requests) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let service = tower::service_fn(move |request: Request<Body>| {
+            let log = Arc::clone(&log);
+            async move {
+                let uri = request.uri().to_string();
+                let lists = {
+                    let mut log = log.lock();
+                    log.push((request.method().clone(), uri.clone()));
+                    log.iter()
+                        .filter(|(_, u)| u.starts_with("/api/v1/pods"))
+                        .count()
+                };
+                let body = if uri.starts_with("/api/v1/pods") {
+                    let items = if lists == 1 {
+                        serde_json::json!([{"metadata": {"name": "p", "namespace": "ns"}}])
+                    } else {
+                        serde_json::json!([])
+                    };
+                    serde_json::json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
+                } else if uri.contains("/eviction") {
+                    serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Success"})
+                } else {
+                    serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"}})
+                };
+                Ok::<_, std::convert::Infallible>(Response::new(Body::from(
+                    serde_json::to_vec(&body).unwrap(),
+                )))
+            }
+        });
+        let guest = SshGuest::new(SshConfig::default());
+        let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose_secret().as_bytes()).into();
+        guest
+            .lock_clients()
+            .insert(digest, Client::new(service, "default"));
+        (guest, seen)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_write_to_a_guest_node_names_the_controller_as_its_field_manager() {
+        let kubeconfig = AdminKubeconfig(SecretString::from("kubeconfig"));
+        let (guest, seen) = guest(&kubeconfig);
+        let config = NodeConfig {
+            labels: BTreeMap::from([("benchcluster.dev/pool".into(), "gpu".into())]),
+            extended_resources: BTreeMap::from([("example.com/fake-gpu".into(), 2)]),
+        };
+        guest
+            .configure_node(&kubeconfig, "n", &config)
+            .await
+            .unwrap();
+        guest.uncordon(&kubeconfig, "n").await.unwrap();
+        guest.remove_node(&kubeconfig, "n").await.unwrap();
+
+        let seen = seen.lock();
+        let writes: Vec<&(Method, String)> = seen
+            .iter()
+            .filter(|(method, _)| *method == Method::PATCH || *method == Method::POST)
+            .collect();
+        // Labels, capacity, uncordon, cordon, one eviction.
+        assert_eq!(writes.len(), 5, "{seen:#?}");
+        for (method, uri) in writes {
+            assert!(
+                uri.contains("fieldManager=benchcluster-controller"),
+                "{method} {uri}"
+            );
+        }
+        assert!(seen.iter().any(|(m, _)| *m == Method::DELETE), "{seen:#?}");
     }
 }

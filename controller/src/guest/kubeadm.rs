@@ -8,8 +8,7 @@ use std::time::Duration;
 use kube::config::Kubeconfig;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::registration::Registration;
-use super::{AdminKubeconfig, GuestNode, InitConfig};
+use super::{AdminKubeconfig, GuestNode, InitConfig, Registration};
 
 pub(super) const INIT_CONFIG: &str = "/etc/benchcluster/kubeadm-init.yaml";
 pub(super) const JOIN_CONFIG: &str = "/etc/benchcluster/kubeadm-join.yaml";

@@ -6,8 +6,10 @@
 //! commands, the kubeadm lock), `pinning` (host keys, local state files), `redact`
 //! (command output shown to users), `kubeadm` (kubeadm's files, markers and
 //! configuration documents), `bootstrap` (init and join), `api` (the guest cluster's
-//! API: Nodes, drain, registration, kube-system's workloads), `registration` (what a
-//! pool's Nodes carry) and `network` (the pod network the controller installs).
+//! API: Nodes, their labels and extended resources, the drain, the wait for a Node to
+//! register) and `node_watch` (which Node changed in what the controller reads of it).
+//! What a pool's Nodes carry ([`Registration`], [`NodeConfig`]) is pool data
+//! from the crd crate, which the planner reads too.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,12 +20,12 @@ use secrecy::SecretString;
 mod api;
 mod bootstrap;
 mod kubeadm;
+pub mod node_watch;
 mod pinning;
 mod redact;
-pub mod registration;
 pub mod ssh;
 
-pub use registration::{NodeConfig, Registration};
+pub use benchcluster_crd::pools::{NodeConfig, Registration};
 
 /// How to log in to a VM.
 #[derive(Debug, Clone)]
@@ -176,6 +178,20 @@ pub trait Guest: Send + Sync + 'static {
         kubeconfig: &AdminKubeconfig,
         node_name: &str,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The names of the guest cluster's Nodes as they change in what [`cluster_nodes`]
+    /// reports of them, or appear or go (not at each kubelet heartbeat): a watch that
+    /// retries on its own with backoff. A guest without one announces nothing, and its
+    /// changes are seen at the next pass.
+    ///
+    /// [`cluster_nodes`]: Guest::cluster_nodes
+    fn node_changes(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+    ) -> impl futures::Stream<Item = String> + Send + 'static {
+        let _ = kubeconfig;
+        futures::stream::pending()
+    }
 }
 
 #[cfg(test)]

@@ -308,6 +308,13 @@ impl Guest for SshGuest {
     async fn remove_node(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
         self.cordon_drain_delete(kubeconfig, node_name).await
     }
+
+    fn node_changes(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+    ) -> impl futures::Stream<Item = String> + Send + 'static {
+        super::node_watch::node_changes(kubeconfig.clone(), self.config.connect_timeout)
+    }
 }
 
 impl SshGuest {

@@ -48,6 +48,35 @@ pub struct DomainInfo {
     pub state: DomainState,
     /// MAC of the interface on the cluster network, lowercase.
     pub mac: Option<String>,
+    /// What it is defined with, when its XML says.
+    pub footprint: Option<Footprint>,
+}
+
+/// The vCPUs and memory a domain is defined with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+}
+
+impl Footprint {
+    pub fn plus(self, other: Footprint) -> Footprint {
+        Footprint {
+            vcpus: self.vcpus.saturating_add(other.vcpus),
+            memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+        }
+    }
+}
+
+/// A domain without our owner metadata: someone else's VM, which still holds MACs and,
+/// while it runs, CPUs and memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignDomain {
+    pub name: String,
+    pub state: DomainState,
+    /// MACs of all its interfaces, lowercase.
+    pub macs: Vec<String>,
+    pub footprint: Option<Footprint>,
 }
 
 /// Who holds a domain name, read directly from the hypervisor.
@@ -92,6 +121,8 @@ pub struct NetworkInventory {
 pub struct Inventory {
     /// Every domain that carries owner metadata, whoever owns it, sorted by name.
     pub domains: Vec<DomainInfo>,
+    /// Every other domain on the host.
+    pub foreign: Vec<ForeignDomain>,
     /// Names of the volumes in the node pool, sorted.
     pub volumes: Vec<String>,
     /// Each requested network, by name.
@@ -165,6 +196,10 @@ pub enum HypervisorError {
     ImageMissing { pool: String, volume: String },
     #[error("domain name {name:?} is taken by a domain this BenchCluster does not own")]
     NameConflict { name: String },
+    #[error(
+        "every one of the {tried} MACs domain {domain:?} may get is held by another domain on the host"
+    )]
+    NoFreeMac { domain: String, tried: u32 },
     #[error("upload to volume {volume:?} stopped making progress")]
     UploadStalled { volume: String },
     #[error("domain XML")]

@@ -13,6 +13,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, ResourceExt};
 use parking_lot::Mutex;
 
+use super::guest_watch::GuestWatches;
 use super::inventory::HostInventory;
 use super::operations::Operations;
 use super::secret_index::SecretIndex;
@@ -22,8 +23,7 @@ use crate::hypervisor::Hypervisor;
 use crate::metrics::Metrics;
 use crate::names::NodeId;
 
-/// Field manager of every server-side apply this controller makes.
-pub const FIELD_MANAGER: &str = "benchcluster-controller";
+pub use crate::FIELD_MANAGER;
 
 /// A status this process wrote, at the object's revision the write produced.
 struct Applied {
@@ -63,10 +63,11 @@ pub struct Settings {
     /// How long one read of the host inventory serves the passes of every cluster (a
     /// tick); a host mutation of this process ends it early.
     pub inventory_ttl: Duration,
-    /// vCPUs a BenchCluster may have per host CPU: the fit check before anything is
-    /// created compares the sum of its nodes' vCPUs with the host's CPUs times this.
+    /// vCPUs the host's domains may have per host CPU: the fit check before anything is
+    /// created compares the sum of a cluster's nodes' vCPUs and those of the other
+    /// domains on the host with the host's CPUs times this.
     pub cpu_overcommit: f64,
-    /// Memory a BenchCluster may have per byte of host memory, likewise.
+    /// Memory the host's domains may have per byte of host memory, likewise.
     pub memory_overcommit: f64,
 }
 
@@ -100,6 +101,8 @@ pub struct Context<H, G> {
     timelines: Mutex<HashMap<(String, NodeId), Timeline>>,
     /// Long guest operations in flight (kubeadm init and join, drains).
     pub operations: Operations,
+    /// The watch of each reachable guest cluster's Nodes.
+    pub guest_watches: GuestWatches,
     /// The kubeconfig and SSH key Secrets, from watches once the run loop syncs them.
     pub secrets: SecretIndex,
     /// Backoff of each BenchCluster whose last pass failed.
@@ -130,6 +133,7 @@ impl<H: Hypervisor, G: Guest> Context<H, G> {
             metrics: Arc::new(Metrics::new()),
             timelines: Mutex::new(HashMap::new()),
             operations: Operations::default(),
+            guest_watches: GuestWatches::default(),
             secrets: SecretIndex::default(),
             failures: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),

@@ -139,6 +139,8 @@ async fn apply<H: Hypervisor, G: Guest>(
     ctx.record(&names.uid, std::mem::take(&mut collected.stamps));
     let mut observation = observe(bc, &names, ctx, GuestApi::Ask).await?;
     ctx.record(&names.uid, std::mem::take(&mut observation.stamps));
+    ctx.guest_watches
+        .follow(&names, &observation, ctx.guest.as_ref());
     let failed: Vec<NodeId> = collected.failures.iter().map(|(a, _)| a.node()).collect();
     let actions = defer_retries(plan(&bc.spec, &observation.world), &failed);
     debug!(?actions, "planned");
@@ -305,6 +307,7 @@ async fn cleanup<H: Hypervisor, G: Guest>(
     let names = cluster_names(bc)?;
     // Nothing may keep running on VMs about to go; their results are of no use.
     ctx.operations.abort_cluster(&names.uid);
+    ctx.guest_watches.stop(&names.uid);
     // Workers go in the first pass, the control plane in the second; a third finds
     // nothing unless something failed or appeared meanwhile.
     for _ in 0..3 {
@@ -367,11 +370,13 @@ pub async fn run<H: Hypervisor, G: Guest>(
         None => Api::all(ctx.client.clone()),
     };
     ctx.operations.open();
+    ctx.guest_watches.open();
     let _close = CloseOperations(Arc::clone(&ctx));
     let stopping = Arc::clone(&ctx);
     let shutdown = async move {
         shutdown.await;
         stopping.operations.close();
+        stopping.guest_watches.close();
     };
     // The watch feeds the store every event, but only changes of what a pass acts on
     // trigger one: the controller's own status writes do not.
@@ -429,7 +434,9 @@ pub async fn run<H: Hypervisor, G: Guest>(
                 .concurrency(ctx.settings.max_concurrent_reconciles),
         )
         // A finished guest operation wakes its BenchCluster at once.
-        .reconcile_on(ctx.operations.wakes());
+        .reconcile_on(ctx.operations.wakes())
+        // So does a change of one of its guest Nodes that a pass acts on.
+        .reconcile_on(ctx.guest_watches.wakes());
     let sync_ctx = Arc::clone(&ctx);
     let synced = async move {
         let listed = async {
@@ -485,13 +492,14 @@ fn acted_on(bc: &BenchCluster) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// Aborts every background operation when the controller's run ends, however it ends
-/// (returned, or its task aborted as a crash would).
+/// Aborts every background operation and guest Node watch when the controller's run
+/// ends, however it ends (returned, or its task aborted as a crash would).
 struct CloseOperations<H: Hypervisor, G: Guest>(Arc<Context<H, G>>);
 
 impl<H: Hypervisor, G: Guest> Drop for CloseOperations<H, G> {
     fn drop(&mut self) {
         self.0.operations.close();
+        self.0.guest_watches.close();
     }
 }
 
@@ -538,7 +546,7 @@ mod tests {
             pool: None,
             index,
             domain: format!("d{index}"),
-            mac: String::new(),
+            mac: None,
             ip: None,
             state: NodeState::Joining,
             ready,

@@ -10,11 +10,13 @@
 //! [`driver`] wires them: the finalizer, `apply` (the four stages), `cleanup`, and the
 //! controller's run loop. The pass types the stages share are plain values: [`world`]
 //! (what is), [`outcome`] (what a pass did), [`timeline`] (when each node got how far;
-//! its recorder is the one place phase timings are written).
+//! its recorder is the one place phase timings are written). [`guest_watch`] wakes a
+//! cluster when one of its guest Nodes changes.
 
 pub mod act;
 pub mod context;
 pub mod driver;
+pub mod guest_watch;
 pub mod inventory;
 pub mod observe;
 pub mod operations;

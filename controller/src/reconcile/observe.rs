@@ -10,7 +10,7 @@ use secrecy::SecretString;
 use super::context::Context;
 use super::pools::Capacity;
 use super::timeline::{Event, Stamp};
-use super::world::{GuestCluster, NetworkState, ObservedNode, VmState, World};
+use super::world::{GuestCluster, NetworkState, ObservedNode, VmSize, VmState, World};
 use crate::error::{Error, Result};
 use crate::guest::{AdminKubeconfig, Guest};
 use crate::hypervisor::{DomainState, Hypervisor, Lease};
@@ -59,7 +59,6 @@ pub async fn observe<H: Hypervisor, G: Guest>(
     };
 
     let mut nodes: BTreeMap<NodeId, ObservedNode> = BTreeMap::new();
-    let mut macs: BTreeMap<NodeId, String> = BTreeMap::new();
     let mut host_keys: BTreeMap<NodeId, String> = BTreeMap::new();
     let prefix = names.domain_prefix();
     for domain in host.domains_of(&names.uid) {
@@ -72,9 +71,11 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             DomainState::Running => VmState::Running,
             DomainState::Stopped => VmState::Stopped,
         });
-        if let Some(mac) = &domain.mac {
-            macs.insert(id, mac.clone());
-        }
+        entry.mac = domain.mac.clone();
+        entry.size = domain.footprint.map(|f| VmSize {
+            vcpus: f.vcpus,
+            memory_bytes: f.memory_bytes,
+        });
         if let Some(key) = &domain.owner.host_key {
             host_keys.insert(id, key.clone());
         }
@@ -108,8 +109,8 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             if node.domain != Some(VmState::Running) {
                 continue;
             }
-            // The MAC the domain really has, else the one we would have given it.
-            let mac = macs.get(id).cloned().unwrap_or_else(|| names.mac(*id));
+            // The MAC the domain really has, else the one it most likely got.
+            let mac = node.mac.clone().unwrap_or_else(|| names.mac(*id));
             node.ip = lease_for(host.leases(network_name, &mac), &mac, now_unix);
         }
     }
@@ -145,11 +146,18 @@ pub async fn observe<H: Hypervisor, G: Guest>(
             nodes,
             cluster,
             operations: ctx.operations.in_flight(&names.uid),
-            capacity: host.host().map(|h| Capacity {
-                cpus: h.cpus,
-                memory_bytes: h.memory_bytes,
-                cpu_overcommit: ctx.settings.cpu_overcommit,
-                memory_overcommit: ctx.settings.memory_overcommit,
+            capacity: host.host().map(|h| {
+                let others = host.taken_by_others(&names.uid);
+                Capacity {
+                    cpus: h.cpus,
+                    memory_bytes: h.memory_bytes,
+                    cpu_overcommit: ctx.settings.cpu_overcommit,
+                    memory_overcommit: ctx.settings.memory_overcommit,
+                    taken: VmSize {
+                        vcpus: others.vcpus,
+                        memory_bytes: others.memory_bytes,
+                    },
+                }
             }),
         },
         kubeconfig,

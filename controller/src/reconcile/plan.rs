@@ -104,7 +104,7 @@ impl Action {
 }
 
 pub use super::pools::desired_nodes;
-use super::pools::{configured, fit, is_desired};
+use super::pools::{configured, drifted, fit, is_desired};
 
 /// Next actions to bring `world` towards `spec`.
 pub fn plan(spec: &BenchClusterSpec, world: &World) -> Vec<Action> {
@@ -134,17 +134,22 @@ pub fn plan(spec: &BenchClusterSpec, world: &World) -> Vec<Action> {
         if !node.stray_seeds().is_empty() {
             actions.push(Action::DeleteStraySeeds(id));
         }
+        if replaced(spec, id, node) {
+            continue;
+        }
         if world.network == NetworkState::Ready && (fits || node.exists()) {
             create_or_progress(spec, id, node, world, &mut actions);
         }
     }
-    let surplus: Vec<NodeId> = world
+    // Surplus nodes go; so do workers of another size than their pool's, which later
+    // passes create again with the pool's shape.
+    let leaving: Vec<NodeId> = world
         .nodes
-        .keys()
-        .copied()
-        .filter(|id| !is_desired(spec, *id))
+        .iter()
+        .filter(|(id, node)| !is_desired(spec, **id) || replaced(spec, **id, node))
+        .map(|(id, _)| *id)
         .collect();
-    remove(&surplus, world, true, &mut actions);
+    remove(&leaving, world, true, &mut actions);
     actions
 }
 
@@ -164,8 +169,15 @@ pub fn defer_retries(actions: Vec<Action>, failed: &[NodeId]) -> Vec<Action> {
         .collect()
 }
 
+/// Whether the worker's VM is replaced: its vCPUs or memory differ from its pool's. A
+/// control plane of another size stays (replacing it would lose the cluster); the
+/// status says so.
+fn replaced(spec: &BenchClusterSpec, id: NodeId, node: &ObservedNode) -> bool {
+    id.role == Role::Worker && drifted(spec, id, node)
+}
+
 /// Whether the operation in flight can still achieve something: kubeadm on a desired
-/// node that runs with its address, a drain of a surplus node whose domain exists.
+/// node that runs with its address, a drain of a node that goes whose domain exists.
 fn operation_still_useful(
     spec: &BenchClusterSpec,
     world: &World,
@@ -178,11 +190,14 @@ fn operation_still_useful(
     match operation {
         Operation::Init | Operation::Join => {
             is_desired(spec, id)
+                && !replaced(spec, id, node)
                 && node.domain == Some(VmState::Running)
                 && node.disk
                 && node.ip.is_some()
         }
-        Operation::Drain => !is_desired(spec, id) && node.domain.is_some(),
+        Operation::Drain => {
+            (!is_desired(spec, id) || replaced(spec, id, node)) && node.domain.is_some()
+        }
     }
 }
 
@@ -324,6 +339,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::names::{KeyTag, Seed};
+    use crate::reconcile::world::VmSize;
     use benchcluster_crd::{
         Firmware, ImageSpec, KubernetesSpec, NetworkSpec, NodeTemplate, SecretReference, SshSpec,
         WorkerPool, WorkerTemplate,
@@ -393,6 +409,8 @@ pub(crate) mod tests {
     fn ready_node() -> ObservedNode {
         ObservedNode {
             domain: Some(VmState::Running),
+            mac: None,
+            size: None,
             disk: true,
             seeds: BTreeSet::from([Seed::Keyed(tag(1))]),
             pinned_key: Some(tag(1)),
@@ -422,7 +440,7 @@ pub(crate) mod tests {
 
     /// Applies actions the way a well-behaved hypervisor and guest would: steps at
     /// once, background operations between passes.
-    fn simulate(world: &mut World, actions: &[Action]) {
+    fn simulate(spec: &BenchClusterSpec, world: &mut World, actions: &[Action]) {
         for action in actions {
             let id = action.node();
             if let Action::Abandon(_) = action {
@@ -438,6 +456,10 @@ pub(crate) mod tests {
                     node.pinned_key = Some(key);
                     node.domain = Some(VmState::Stopped);
                     node.reachable = false;
+                    node.size = super::super::pools::shape(spec, id).map(|s| VmSize {
+                        vcpus: s.cpus,
+                        memory_bytes: benchcluster_crd::quantity::parse_bytes(s.memory).unwrap(),
+                    });
                 }
                 Action::StartDomain(_) => node.domain = Some(VmState::Running),
                 Action::ProbeSsh(_) => node.reachable = true,
@@ -466,6 +488,7 @@ pub(crate) mod tests {
                 Action::Abandon(_) => {}
                 Action::RemoveDomain(_) => {
                     node.domain = None;
+                    node.size = None;
                     node.pinned_key = None;
                     node.ip = None;
                     node.reachable = false;
@@ -881,6 +904,7 @@ pub(crate) mod tests {
             memory_bytes: 4 << 30,
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
+            taken: super::super::world::VmSize::default(),
         };
         // 1 + 2 at 2 cpus and 2Gi each: 6Gi of memory on a 4Gi host.
         let mut world = empty_world();
@@ -1008,7 +1032,7 @@ pub(crate) mod tests {
             actions,
             vec![Action::DefineDomain(cp), Action::StartDomain(cp)]
         );
-        simulate(&mut world, &actions);
+        simulate(&spec(0), &mut world, &actions);
         let node = world.node(cp).unwrap();
         assert_eq!(node.seeds.len(), 2);
         assert_eq!(node.stray_seeds(), [written]);
@@ -1044,13 +1068,13 @@ pub(crate) mod tests {
                 Action::DeleteVolumes(NodeId::worker(1)),
             ]
         );
-        simulate(&mut world, &actions);
+        simulate(&spec(1), &mut world, &actions);
         assert!(world.node(NodeId::worker(1)).is_none());
         // Rebuilt (its disk vanished), it boots from a keyed seed; the legacy one is
         // then stray.
         world.nodes.get_mut(&NodeId::worker(0)).unwrap().disk = false;
         let actions = plan(&spec(1), &world);
-        simulate(&mut world, &actions);
+        simulate(&spec(1), &mut world, &actions);
         let w0 = world.node(NodeId::worker(0)).unwrap();
         assert!(matches!(w0.booted_seed(), Some(Seed::Keyed(_))));
         assert_eq!(w0.stray_seeds(), [Seed::Legacy]);
@@ -1102,8 +1126,28 @@ pub(crate) mod tests {
         // Seeds alone are enough for the node to exist, and to be removed.
         assert_eq!(plan(&spec(1), &world), vec![Action::DeleteVolumes(w1)]);
         let actions = plan_teardown(&world);
-        simulate(&mut world, &actions);
+        simulate(&spec(1), &mut world, &actions);
         assert!(world.node(w1).is_none());
+    }
+
+    /// A VM's size: the default pool's and control plane's shape (2 vCPUs, 2Gi), the
+    /// gpu pool's (4, 4Gi), another one, or unknown.
+    fn arb_size() -> impl Strategy<Value = Option<VmSize>> {
+        prop_oneof![
+            Just(Some(VmSize {
+                vcpus: 2,
+                memory_bytes: 2 << 30
+            })),
+            Just(Some(VmSize {
+                vcpus: 4,
+                memory_bytes: 4 << 30
+            })),
+            Just(Some(VmSize {
+                vcpus: 8,
+                memory_bytes: 2 << 30
+            })),
+            Just(None),
+        ]
     }
 
     fn arb_node() -> impl Strategy<Value = ObservedNode> {
@@ -1115,11 +1159,14 @@ pub(crate) mod tests {
             any::<bool>(),
             any::<bool>(),
             arb_seeds(),
+            arb_size(),
         )
             .prop_map(
-                |(domain, disk, ip, registered, reachable, cordoned, (seeds, pinned_key))| {
+                |(domain, disk, ip, registered, reachable, cordoned, (seeds, pinned_key), size)| {
                     ObservedNode {
                         domain,
+                        mac: None,
+                        size: size.filter(|_| domain.is_some()),
                         disk,
                         seeds,
                         // Only a domain pins a key.
@@ -1130,7 +1177,8 @@ pub(crate) mod tests {
                         registered,
                         reachable,
                         cordoned: cordoned && registered.is_some(),
-                        // Labelled as its pool asks: configuring is tested on its own.
+                        // Labelled as the default pool asks: a gpu worker is labelled
+                        // by ConfigureNode.
                         labels: [(
                             benchcluster_crd::POOL_LABEL.to_owned(),
                             benchcluster_crd::DEFAULT_POOL.to_owned(),
@@ -1143,6 +1191,27 @@ pub(crate) mod tests {
             .prop_filter("a node is observed through its domain or volumes", |n| {
                 n.exists()
             })
+    }
+
+    /// `spec(replicas)` with a second pool `gpu` of 4 vCPUs and 4Gi.
+    fn sized_spec(replicas: i32, gpu: i32) -> BenchClusterSpec {
+        let mut s = spec(replicas);
+        let mut pool = s.workers.clone();
+        pool.replicas = gpu;
+        pool.template.cpus = 4;
+        pool.template.memory = "4Gi".into();
+        s.pools.push(benchcluster_crd::NamedWorkerPool {
+            name: "gpu".into(),
+            pool,
+        });
+        s
+    }
+
+    /// The pools a generated worker may be in: the default one, `gpu`, and one the spec
+    /// does not declare.
+    fn pool_of(n: u8) -> crate::names::PoolName {
+        let name = ["w", "gpu", "gone"][usize::from(n % 3)];
+        crate::names::PoolName::new(name).unwrap()
     }
 
     /// Seeds of one node (keyed by keys 0 to 3, and the legacy one) and the key its
@@ -1164,7 +1233,7 @@ pub(crate) mod tests {
     fn arb_world() -> impl Strategy<Value = World> {
         (
             prop::option::of(arb_node()),
-            prop::collection::btree_map(0u32..12, arb_node(), 0..8),
+            prop::collection::btree_map((0u8..3, 0u32..12), arb_node(), 0..8),
             prop_oneof![
                 Just(GuestCluster::Uninitialised),
                 Just(GuestCluster::Reachable),
@@ -1173,7 +1242,7 @@ pub(crate) mod tests {
             // Operations in flight, for nodes that may or may not exist (index 12 is
             // the control plane).
             prop::collection::btree_map(
-                0u32..13,
+                (0u8..3, 0u32..13),
                 prop_oneof![
                     Just(Operation::Init),
                     Just(Operation::Join),
@@ -1185,18 +1254,18 @@ pub(crate) mod tests {
             .prop_map(|(cp, workers, cluster, operations)| {
                 let mut nodes: BTreeMap<NodeId, ObservedNode> = workers
                     .into_iter()
-                    .map(|(i, n)| (NodeId::worker(i), n))
+                    .map(|((p, i), n)| (NodeId::pooled(pool_of(p), i), n))
                     .collect();
                 if let Some(cp) = cp {
                     nodes.insert(NodeId::CONTROL_PLANE, cp);
                 }
                 let operations = operations
                     .into_iter()
-                    .map(|(i, op)| {
+                    .map(|((p, i), op)| {
                         let id = if i == 12 {
                             NodeId::CONTROL_PLANE
                         } else {
-                            NodeId::worker(i)
+                            NodeId::pooled(pool_of(p), i)
                         };
                         (id, op)
                     })
@@ -1213,10 +1282,11 @@ pub(crate) mod tests {
 
     proptest! {
         #[test]
-        fn converges_from_any_world(world in arb_world(), replicas in 0i32..10) {
-            let spec = spec(replicas);
+        fn converges_from_any_world(world in arb_world(), replicas in 0i32..10, gpu in 0i32..4) {
+            let spec = sized_spec(replicas, gpu);
             let mut world = world;
-            for _ in 0..8 {
+            // A worker of another size is drained and removed, then created anew.
+            for _ in 0..12 {
                 let actions = plan(&spec, &world);
                 if actions.is_empty()
                     && world.operations.is_empty()
@@ -1224,11 +1294,17 @@ pub(crate) mod tests {
                 {
                     break;
                 }
-                simulate(&mut world, &actions);
+                simulate(&spec, &mut world, &actions);
             }
             prop_assert!(plan(&spec, &world).is_empty(), "not converged: {:?}", world);
-            let expected: Vec<NodeId> = desired_nodes(&spec).collect();
-            let actual: Vec<NodeId> = world.nodes.keys().copied().collect();
+            for (&id, node) in &world.nodes {
+                if id.role == Role::Worker {
+                    prop_assert!(!drifted(&spec, id, node), "{id} keeps another size: {node:?}");
+                    prop_assert!(configured(&spec, id, node), "{id} lacks its pool's labels");
+                }
+            }
+            let expected: BTreeSet<NodeId> = desired_nodes(&spec).collect();
+            let actual: BTreeSet<NodeId> = world.nodes.keys().copied().collect();
             prop_assert_eq!(actual, expected);
             prop_assert!(world.nodes.values().all(|n| n.registered == Some(true) || n.registered == Some(false)));
             prop_assert!(world.nodes.values().all(|n| !n.cordoned), "a wanted node left cordoned: {:?}", world);
@@ -1244,15 +1320,15 @@ pub(crate) mod tests {
         }
 
         #[test]
-        fn no_plan_deletes_the_seed_a_domain_boots_from(world in arb_world(), replicas in 0i32..10) {
-            let spec = spec(replicas);
+        fn no_plan_deletes_the_seed_a_domain_boots_from(world in arb_world(), replicas in 0i32..10, gpu in 0i32..4) {
+            let spec = sized_spec(replicas, gpu);
             for actions in [plan(&spec, &world), plan_teardown(&world)] {
                 for (&id, node) in &world.nodes {
                     let of_node: Vec<Action> = actions.iter().copied().filter(|a| a.node() == id).collect();
                     let position = |wanted: Action| of_node.iter().position(|a| *a == wanted);
                     if let Some(deleted) = position(Action::DeleteVolumes(id)) {
                         // All its seeds go only with the node, after its domain.
-                        prop_assert!(!is_desired(&spec, id) || actions == plan_teardown(&world), "{:?}", of_node);
+                        prop_assert!(!is_desired(&spec, id) || replaced(&spec, id, node) || actions == plan_teardown(&world), "{:?}", of_node);
                         if node.domain.is_some() {
                             prop_assert!(position(Action::RemoveDomain(id)).is_some_and(|r| r < deleted), "{:?}", of_node);
                         }
@@ -1270,8 +1346,17 @@ pub(crate) mod tests {
         }
 
         #[test]
-        fn kubeadm_starts_only_where_the_cluster_answered_or_never_existed(world in arb_world(), replicas in 0i32..10) {
-            let actions = plan(&spec(replicas), &world);
+        fn kubeadm_starts_only_where_the_cluster_answered_or_never_existed(world in arb_world(), replicas in 0i32..10, gpu in 0i32..4) {
+            let spec = sized_spec(replicas, gpu);
+            let actions = plan(&spec, &world);
+            // Never on a VM that is being replaced, nor on one no pool wants.
+            for action in &actions {
+                if matches!(action, Action::JoinWorker(_) | Action::InitControlPlane) {
+                    let id = action.node();
+                    prop_assert!(is_desired(&spec, id), "{:?}", actions);
+                    prop_assert!(!world.node(id).is_some_and(|n| replaced(&spec, id, n)), "{:?}", actions);
+                }
+            }
             let unreachable = matches!(world.cluster, GuestCluster::Unreachable(_));
             if unreachable {
                 prop_assert!(!actions.contains(&Action::InitControlPlane), "{:?}", actions);
@@ -1291,17 +1376,28 @@ pub(crate) mod tests {
                         || !world.has_workers(),
                     "control plane removed while workers exist"
                 );
-                simulate(&mut world, &actions);
+                simulate(&spec(0), &mut world, &actions);
             }
             prop_assert!(world.nodes.is_empty(), "left: {:?}", world.nodes);
         }
 
         #[test]
-        fn removals_touch_only_surplus_workers_highest_first(world in arb_world(), replicas in 0i32..10) {
-            let spec = spec(replicas);
-            let removed: Vec<u32> = plan(&spec, &world)
+        fn removals_touch_only_surplus_or_resized_workers_highest_first(world in arb_world(), replicas in 0i32..10, gpu in 0i32..4) {
+            let spec = sized_spec(replicas, gpu);
+            let actions = plan(&spec, &world);
+            // (A domain is also removed to rebuild a wanted node: disk or seed gone.)
+            for action in actions.iter().filter(|a| matches!(a, Action::DrainNode(_) | Action::DeleteVolumes(_))) {
+                let id = action.node();
+                let node = world.node(id);
+                prop_assert!(
+                    !is_desired(&spec, id) || node.is_some_and(|n| replaced(&spec, id, n)),
+                    "{id} removed: {:?}", node
+                );
+            }
+            let removed: Vec<u32> = actions
                 .into_iter()
                 .filter(|a| a.is_removal() && a.node().role == Role::Worker)
+                .filter(|a| a.node().pool == crate::names::PoolName::DEFAULT)
                 .map(|a| a.node().index)
                 .filter(|i| i64::from(*i) >= i64::from(replicas))
                 .collect();

@@ -1,14 +1,13 @@
 //! The spec's pools, as the stages read them: which nodes a BenchCluster asks for, what
 //! each of them looks like, and whether they all fit on the host.
 
+use benchcluster_crd::pools::{NodeConfig, Registration, kubelet_may_set};
 use benchcluster_crd::quantity::parse_bytes;
 use benchcluster_crd::{BenchClusterSpec, ImageSpec, POOL_LABEL, Role, WorkerPool, WorkerTemplate};
 
 use std::collections::BTreeMap;
 
-use super::world::ObservedNode;
-use crate::guest::registration::kubelet_may_set;
-use crate::guest::{NodeConfig, Registration};
+use super::world::{ObservedNode, VmSize};
 use crate::names::{NodeId, PoolName};
 
 /// The worker pools of the spec: the default one (`spec.workers`, named `w`), then
@@ -132,13 +131,16 @@ pub fn configured(spec: &BenchClusterSpec, id: NodeId, node: &ObservedNode) -> b
 }
 
 /// What the host offers VMs: its CPUs and memory, each times the overcommit ratio the
-/// operator allows (`--cpu-overcommit`, `--memory-overcommit`).
+/// operator allows (`--cpu-overcommit`, `--memory-overcommit`), and what the other
+/// domains on it take already.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Capacity {
     pub cpus: u32,
     pub memory_bytes: u64,
     pub cpu_overcommit: f64,
     pub memory_overcommit: f64,
+    /// Taken by every domain on the host but the cluster's own.
+    pub taken: VmSize,
 }
 
 impl Capacity {
@@ -149,9 +151,17 @@ impl Capacity {
     fn memory(&self) -> f64 {
         self.memory_bytes as f64 * self.memory_overcommit
     }
+
+    fn free_vcpus(&self) -> f64 {
+        (self.vcpus() - f64::from(self.taken.vcpus)).max(0.0)
+    }
+
+    fn free_memory(&self) -> f64 {
+        (self.memory() - self.taken.memory_bytes as f64).max(0.0)
+    }
 }
 
-/// Why a BenchCluster does not fit on the host: what it needs against what is offered.
+/// Why a BenchCluster does not fit on the host: what it needs against what is free.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shortfall {
     pub vcpus: u64,
@@ -164,31 +174,42 @@ impl std::fmt::Display for Shortfall {
         let c = &self.capacity;
         let gib = |bytes: f64| bytes / f64::from(1u32 << 30);
         let mut short = Vec::new();
-        if self.vcpus as f64 > c.vcpus() {
+        if self.vcpus as f64 > c.free_vcpus() {
             short.push(format!(
-                "{} vCPUs where the host offers {:.0} ({} CPUs x {} overcommit)",
+                "{} vCPUs where the host has {:.0} free ({} CPUs x {} overcommit, {} taken by \
+                 other domains)",
                 self.vcpus,
-                c.vcpus().floor(),
+                c.free_vcpus().floor(),
                 c.cpus,
-                c.cpu_overcommit
+                ratio(c.cpu_overcommit),
+                c.taken.vcpus
             ));
         }
-        if self.memory_bytes as f64 > c.memory() {
+        if self.memory_bytes as f64 > c.free_memory() {
             short.push(format!(
-                "{:.1}Gi of memory where the host offers {:.1}Gi ({:.1}Gi x {} overcommit)",
+                "{:.1}Gi of memory where the host has {:.1}Gi free ({:.1}Gi x {} overcommit, \
+                 {:.1}Gi taken by other domains)",
                 gib(self.memory_bytes as f64),
-                gib(c.memory()),
+                gib(c.free_memory()),
                 gib(c.memory_bytes as f64),
-                c.memory_overcommit
+                ratio(c.memory_overcommit),
+                gib(c.taken.memory_bytes as f64)
             ));
         }
         write!(f, "the cluster needs {}", short.join(" and "))
     }
 }
 
-/// Whether every node the spec asks for fits on the host at once: the sum of their
-/// vCPUs and memory against the host's capacity times the overcommit ratios. A size
-/// that does not parse counts as nothing here (creating that node fails, naming it).
+/// An overcommit ratio as the operator would write it: `4`, `1.5`, `4.33`.
+fn ratio(r: f64) -> String {
+    let text = format!("{r:.2}");
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+/// Whether every node the spec asks for fits on the host at once, beside the other
+/// domains there: the sum of their vCPUs and memory against the host's capacity times
+/// the overcommit ratios, less what the others take. A size that does not parse counts
+/// as nothing here (creating that node fails, naming it).
 pub fn fit(spec: &BenchClusterSpec, capacity: &Capacity) -> Result<(), Shortfall> {
     let (mut vcpus, mut memory_bytes) = (0u64, 0u64);
     for id in desired_nodes(spec) {
@@ -197,7 +218,7 @@ pub fn fit(spec: &BenchClusterSpec, capacity: &Capacity) -> Result<(), Shortfall
             memory_bytes = memory_bytes.saturating_add(parse_bytes(shape.memory).unwrap_or(0));
         }
     }
-    if vcpus as f64 > capacity.vcpus() || memory_bytes as f64 > capacity.memory() {
+    if vcpus as f64 > capacity.free_vcpus() || memory_bytes as f64 > capacity.free_memory() {
         return Err(Shortfall {
             vcpus,
             memory_bytes,
@@ -205,6 +226,20 @@ pub fn fit(spec: &BenchClusterSpec, capacity: &Capacity) -> Result<(), Shortfall
         });
     }
     Ok(())
+}
+
+/// Whether the node's VM was defined with other vCPUs or memory than the spec now
+/// gives it (its pool was declared again with another shape). libvirt keeps memory
+/// rounded up to a MiB, so a difference below that is none.
+pub fn drifted(spec: &BenchClusterSpec, id: NodeId, node: &ObservedNode) -> bool {
+    let (Some(size), Some(shape)) = (node.size, shape(spec, id)) else {
+        return false;
+    };
+    let Ok(memory_bytes) = parse_bytes(shape.memory) else {
+        return false;
+    };
+    node.domain.is_some()
+        && (size.vcpus != shape.cpus || size.memory_bytes.abs_diff(memory_bytes) >= 1 << 20)
 }
 
 #[cfg(test)]
@@ -273,14 +308,16 @@ mod tests {
             memory_bytes: 8 << 30,
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
+            taken: VmSize::default(),
         };
         assert_eq!(fit(&s, &host), Ok(()));
         let short = fit(&spec(4), &host).unwrap_err();
         assert_eq!((short.vcpus, short.memory_bytes), (10, 10 << 30));
         assert_eq!(
             short.to_string(),
-            "the cluster needs 10 vCPUs where the host offers 8 (2 CPUs x 4 overcommit) and \
-             10.0Gi of memory where the host offers 8.0Gi (8.0Gi x 1 overcommit)"
+            "the cluster needs 10 vCPUs where the host has 8 free (2 CPUs x 4 overcommit, 0 \
+             taken by other domains) and 10.0Gi of memory where the host has 8.0Gi free \
+             (8.0Gi x 1 overcommit, 0.0Gi taken by other domains)"
         );
         let roomy = Capacity {
             memory_overcommit: 1.5,
@@ -288,5 +325,74 @@ mod tests {
             ..host
         };
         assert_eq!(fit(&spec(4), &roomy), Ok(()));
+
+        // What other domains take counts: 8 vCPUs and 8Gi free less 2 and 1Gi taken.
+        let shared = Capacity {
+            taken: VmSize {
+                vcpus: 2,
+                memory_bytes: 1 << 30,
+            },
+            ..host
+        };
+        assert_eq!(fit(&spec(2), &shared), Ok(()));
+        let short = fit(&spec(3), &shared).unwrap_err();
+        assert_eq!(
+            short.to_string(),
+            "the cluster needs 8 vCPUs where the host has 6 free (2 CPUs x 4 overcommit, 2 \
+             taken by other domains) and 8.0Gi of memory where the host has 7.0Gi free \
+             (8.0Gi x 1 overcommit, 1.0Gi taken by other domains)"
+        );
+        // Taken beyond what is offered leaves nothing free, not less than nothing.
+        let full = Capacity {
+            taken: VmSize {
+                vcpus: 100,
+                memory_bytes: 100 << 30,
+            },
+            ..host
+        };
+        assert!(
+            fit(&spec(0), &full)
+                .unwrap_err()
+                .to_string()
+                .contains("host has 0 free")
+        );
+    }
+
+    #[test]
+    fn a_vm_of_another_size_than_its_pool_has_drifted() {
+        let s = with_pool(spec(1), "gpu", 1, 4);
+        let gpu = NodeId::pooled(PoolName::new("gpu").unwrap(), 0);
+        let node = |vcpus, memory_bytes| ObservedNode {
+            domain: Some(crate::reconcile::world::VmState::Running),
+            size: Some(VmSize {
+                vcpus,
+                memory_bytes,
+            }),
+            ..ObservedNode::default()
+        };
+        assert!(!drifted(&s, gpu, &node(4, 2 << 30)));
+        assert!(drifted(&s, gpu, &node(2, 2 << 30)), "vCPUs");
+        assert!(drifted(&s, gpu, &node(4, 3 << 30)), "memory");
+        // libvirt's rounding to a MiB is not drift.
+        assert!(!drifted(&s, gpu, &node(4, (2 << 30) + 1024)));
+        // Unknown size, no domain, or a pool gone: nothing to compare.
+        assert!(!drifted(
+            &s,
+            gpu,
+            &ObservedNode {
+                size: None,
+                ..node(2, 1)
+            }
+        ));
+        assert!(!drifted(
+            &s,
+            gpu,
+            &ObservedNode {
+                domain: None,
+                ..node(2, 1)
+            }
+        ));
+        let gone = NodeId::pooled(PoolName::new("gone").unwrap(), 0);
+        assert!(!drifted(&s, gone, &node(2, 1)));
     }
 }

@@ -70,12 +70,14 @@ fn silent_api_message(since: &Time, reason: &str) -> String {
 /// collected its phase timings are incomplete, so the status does not call it Ready yet.
 /// A worker also carries its pool's labels and extended resources: until then a
 /// benchmark's pods could not find it.
+/// A worker being replaced with another size is not.
 fn node_ready(spec: &BenchClusterSpec, world: &World, id: NodeId) -> bool {
     world.ready(id)
         && !matches!(world.operation(id), Some(Operation::Init | Operation::Join))
-        && world
-            .node(id)
-            .is_some_and(|node| pools::configured(spec, id, node))
+        && world.node(id).is_some_and(|node| {
+            pools::configured(spec, id, node)
+                && !(id.role == Role::Worker && pools::drifted(spec, id, node))
+        })
 }
 
 /// The status for this pass.
@@ -100,6 +102,8 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
         let timeline = inputs.timelines.get(&id);
         let state = if !desired.contains(&id) {
             NodeState::Deleting
+        } else if id.role == Role::Worker && pools::drifted(spec, id, &observed) {
+            NodeState::Replacing
         } else if let Some(operation @ (Operation::Init | Operation::Join)) = world.operation(id) {
             match operation {
                 Operation::Init => NodeState::Initializing,
@@ -133,7 +137,7 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
             pool: (id.role == Role::Worker).then(|| id.pool.to_string()),
             index: id.index,
             domain: names.domain(id),
-            mac: names.mac(id),
+            mac: observed.mac.clone(),
             ip: observed.ip.map(|ip| ip.to_string()),
             state,
             ready: {
@@ -180,9 +184,11 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
     let control_plane_ready = ready_nodes.contains(&NodeId::CONTROL_PLANE);
     let surplus = world.nodes.keys().any(|id| !desired.contains(id));
     let workers_ready = ready_workers == desired_workers && !surplus;
-    let ready = control_plane_ready && workers_ready && world.network == NetworkState::Ready;
-
     let (stalled, stall_reason, stall_message) = stall(inputs);
+    // A spec the controller cannot meet (a control plane of another size) is not Ready,
+    // however well the cluster runs: Ready and Stalled never both hold.
+    let ready =
+        control_plane_ready && workers_ready && world.network == NetworkState::Ready && !stalled;
     let (progress_reason, progress_message) = progress(inputs, &nodes);
     let now = inputs.now.clone();
     let cond = |t, status, reason: &str, message: String| {
@@ -410,10 +416,18 @@ fn stall(inputs: &Inputs<'_>) -> (bool, String, String) {
     {
         return (true, error.reason().into(), failure_message(*action, error));
     }
-    // Creating nothing is no progress either: the cluster waits for room on the host.
+    // Creating nothing is no progress either: the cluster waits for room on the host
+    // (while it has a node to create: what exists carries on).
+    let to_create = desired_nodes(inputs.spec).any(|id| {
+        !inputs
+            .world
+            .node(id)
+            .is_some_and(super::world::ObservedNode::exists)
+    });
     if let Some(short) = inputs
         .world
         .capacity
+        .filter(|_| to_create)
         .and_then(|c| fit(inputs.spec, &c).err())
     {
         return (
@@ -422,6 +436,24 @@ fn stall(inputs: &Inputs<'_>) -> (bool, String, String) {
             format!(
                 "{short}; no VM is created until it fits (fewer or smaller nodes, or the \
                  controller's --cpu-overcommit and --memory-overcommit)"
+            ),
+        );
+    }
+    if let Some(cp) = inputs.world.node(NodeId::CONTROL_PLANE)
+        && pools::drifted(inputs.spec, NodeId::CONTROL_PLANE, cp)
+        && let Some(size) = cp.size
+    {
+        return (
+            true,
+            "ControlPlaneSizeDiffers".into(),
+            format!(
+                "the control-plane VM has {} vCPUs and {}Mi of memory, spec.controlPlane asks \
+                 for {} and {}; a control plane is never replaced (its cluster would go): set \
+                 spec.controlPlane back, or delete and re-create the BenchCluster",
+                size.vcpus,
+                size.memory_bytes >> 20,
+                inputs.spec.control_plane.cpus,
+                inputs.spec.control_plane.memory
             ),
         );
     }
@@ -439,7 +471,11 @@ fn stall(inputs: &Inputs<'_>) -> (bool, String, String) {
                 // A fixed bound, not the growing wait, so the status does not change every pass.
                 "{} has had no DHCP lease for its MAC {} for more than {}s on network {network:?}",
                 inputs.names.domain(id),
-                inputs.names.mac(id),
+                inputs
+                    .world
+                    .node(id)
+                    .and_then(|n| n.mac.clone())
+                    .unwrap_or_else(|| inputs.names.mac(id)),
                 timeout.as_secs()
             ),
         );
@@ -489,6 +525,7 @@ fn state_reason(state: NodeState) -> &'static str {
         NodeState::Reachable => "Provisioning",
         NodeState::Initializing => "InitializingControlPlane",
         NodeState::Joining => "JoiningWorkers",
+        NodeState::Replacing => "ReplacingWorkers",
         NodeState::Joined => "WaitingForNodeReady",
         NodeState::Ready => "Ready",
         NodeState::Deleting => "ScalingDown",

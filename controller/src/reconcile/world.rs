@@ -25,11 +25,22 @@ pub enum VmState {
     Stopped,
 }
 
+/// The vCPUs and memory a VM is defined with (or others' VMs take).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+}
+
 /// One node as observed: any of domain, disk and lease may be missing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObservedNode {
     /// Run state of the owned domain, if one exists.
     pub domain: Option<VmState>,
+    /// Its domain's MAC on the cluster network.
+    pub mac: Option<String>,
+    /// What its domain is defined with, when its XML says.
+    pub size: Option<VmSize>,
     /// Whether the node's disk overlay exists.
     pub disk: bool,
     /// The node's identity seed volumes that exist: the one its domain boots from, and

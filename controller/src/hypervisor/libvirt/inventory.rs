@@ -30,7 +30,8 @@ use super::connection::Shared;
 use super::{LibvirtConfig, is, libvirt, network, storage};
 use crate::hypervisor::xml;
 use crate::hypervisor::{
-    DomainInfo, DomainState, HostCapacity, Inventory, Lease, NetworkInventory, Owner, Result,
+    DomainInfo, DomainState, Footprint, ForeignDomain, HostCapacity, Inventory, Lease,
+    NetworkInventory, Owner, Result,
 };
 
 /// What the inventory remembers of domains between reads, by UUID.
@@ -47,7 +48,10 @@ struct Known {
     name: String,
     /// MAC of the cluster interface, lowercase.
     mac: Option<String>,
+    /// MACs of every interface, lowercase.
+    macs: Vec<String>,
     nics: Vec<Nic>,
+    footprint: Option<Footprint>,
 }
 
 /// A domain's interface on a libvirt network.
@@ -167,32 +171,41 @@ impl Shared {
 
 fn parse(domain: &Domain, xml: &str) -> Known {
     let name = || domain.name().unwrap_or_default();
-    let readback = match xml::parse_owner(xml) {
-        Ok(None) => None,
-        Ok(Some(_)) => Some(xml::parse_domain(xml)),
-        Err(e) => Some(Err(e)),
-    };
-    match readback {
-        Some(Ok(readback)) => Known {
-            mac: readback.primary_mac(),
-            nics: readback
-                .interfaces
-                .iter()
-                .filter_map(|i| {
-                    Some(Nic {
-                        mac: i.mac.as_deref()?.to_ascii_lowercase(),
-                        network: i.network.clone()?,
-                    })
-                })
-                .collect(),
-            owner: readback.owner,
-            name: readback.name,
-        },
-        Some(Err(error)) => {
-            tracing::warn!(domain = %name(), error = %error, "ignoring a domain whose owner metadata cannot be read");
-            foreign(name())
+    // Every domain's XML is read: one without our metadata still holds MACs and room.
+    let readback = match xml::parse_domain(xml) {
+        Ok(readback) => readback,
+        Err(error) => {
+            tracing::warn!(domain = %name(), error = %error, "a domain whose XML cannot be read counts as foreign, without MACs or size");
+            return foreign(name());
         }
-        None => foreign(name()),
+    };
+    let footprint = match (readback.vcpus, readback.memory_bytes) {
+        (Some(vcpus), Some(memory_bytes)) => Some(Footprint {
+            vcpus,
+            memory_bytes,
+        }),
+        _ => None,
+    };
+    Known {
+        mac: readback.primary_mac(),
+        macs: readback
+            .interfaces
+            .iter()
+            .filter_map(|i| Some(i.mac.as_deref()?.to_ascii_lowercase()))
+            .collect(),
+        nics: readback
+            .interfaces
+            .iter()
+            .filter_map(|i| {
+                Some(Nic {
+                    mac: i.mac.as_deref()?.to_ascii_lowercase(),
+                    network: i.network.clone()?,
+                })
+            })
+            .collect(),
+        owner: readback.owner,
+        name: readback.name,
+        footprint,
     }
 }
 
@@ -201,7 +214,9 @@ fn foreign(name: String) -> Known {
         owner: None,
         name,
         mac: None,
+        macs: Vec::new(),
         nics: Vec::new(),
+        footprint: None,
     }
 }
 
@@ -221,6 +236,7 @@ pub(super) fn read(
         .collect();
     let mut listed = HashSet::with_capacity(all.len());
     let mut domains = Vec::new();
+    let mut foreign = Vec::new();
     let mut leasable = Vec::new();
     for domain in all {
         let Ok(uuid) = domain.uuid_string() else {
@@ -230,19 +246,26 @@ pub(super) fn read(
         let Some(known) = shared.known(&domain, &uuid)? else {
             continue;
         };
-        let Some(owner) = known.owner.clone() else {
-            continue;
-        };
         let state = if running.contains(&uuid) {
             DomainState::Running
         } else {
             DomainState::Stopped
+        };
+        let Some(owner) = known.owner.clone() else {
+            foreign.push(ForeignDomain {
+                name: known.name.clone(),
+                state,
+                macs: known.macs.clone(),
+                footprint: known.footprint,
+            });
+            continue;
         };
         domains.push(DomainInfo {
             name: known.name.clone(),
             owner,
             state,
             mac: known.mac.clone(),
+            footprint: known.footprint,
         });
         if state == DomainState::Running {
             leasable.push((domain, uuid, known));
@@ -250,6 +273,7 @@ pub(super) fn read(
     }
     shared.retain_domains(&listed);
     domains.sort_by(|a, b| a.name.cmp(&b.name));
+    foreign.sort_by(|a, b| a.name.cmp(&b.name));
 
     let volumes = storage::list_volumes(conn, config)?;
 
@@ -307,6 +331,7 @@ pub(super) fn read(
 
     Ok(Inventory {
         domains,
+        foreign,
         volumes,
         networks: read,
         host,
@@ -422,11 +447,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn foreign_domains_are_not_listed_and_volumes_are() -> TestResult {
+    async fn foreign_domains_are_listed_apart_with_their_macs_and_size() -> TestResult {
         let hv = hypervisor();
         hv.run(|conn, _| {
             let xml = "<domain type='test'><name>lvt-invforeign-w-0</name>\
-                       <memory unit='KiB'>262144</memory><os><type>hvm</type></os></domain>";
+                       <memory unit='KiB'>262144</memory><vcpu>3</vcpu><os><type>hvm</type></os>\
+                       <devices><interface type='network'><mac address='52:54:00:AB:CD:EF'/>\
+                       <source network='default'/></interface></devices></domain>";
             conn.define_domain_xml(xml).map_err(libvirt("define"))?;
             Ok(())
         })
@@ -438,6 +465,19 @@ mod tests {
                 .domains
                 .iter()
                 .any(|d| d.name == "lvt-invforeign-w-0")
+        );
+        let foreign = inventory
+            .foreign
+            .iter()
+            .find(|d| d.name == "lvt-invforeign-w-0")
+            .ok_or("foreign domain not listed")?;
+        assert_eq!(foreign.macs, ["52:54:00:ab:cd:ef"]);
+        assert_eq!(
+            foreign.footprint,
+            Some(Footprint {
+                vcpus: 3,
+                memory_bytes: 256 << 20
+            })
         );
         assert!(inventory.networks.is_empty(), "none asked for");
         let mut sorted = inventory.volumes.clone();

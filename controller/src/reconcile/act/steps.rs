@@ -21,7 +21,7 @@ use super::{publish, secrets};
 use crate::error::{Error, Result};
 use crate::guest::{Credentials, Guest, GuestError, GuestNode, InitConfig};
 use crate::hypervisor::{DomainOwner, DomainSpec, Hypervisor, HypervisorError, OverlaySpec, Owner};
-use crate::names::{ClusterNames, NodeId, Seed};
+use crate::names::{ClusterNames, MAC_CANDIDATES, NodeId, Seed};
 use crate::seed::{self, HostKey, Identity};
 
 pub(super) enum StepResult {
@@ -132,6 +132,15 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
             authorized_key: &credentials.public_key,
             host_key: &host_key,
         })?;
+        // Claimed before the seed: a define that cannot get a MAC leaves nothing behind.
+        let mac = self
+            .ctx
+            .inventory
+            .claim_mac(names.mac_candidates(id))
+            .ok_or_else(|| HypervisorError::NoFreeMac {
+                domain: domain.clone(),
+                tried: MAC_CANDIDATES,
+            })?;
         hv.create_seed(&seed_volume, &seed_image).await?;
         hv.define_domain(&DomainSpec {
             name: domain,
@@ -146,11 +155,12 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
             memory_bytes,
             disk_volume: names.disk_volume(id),
             seed_volume: Some(seed_volume),
-            mac: names.mac(id),
+            mac: mac.mac().to_owned(),
             network: self.bc.spec.network.name.clone(),
             firmware: image.firmware,
         })
         .await?;
+        drop(mac);
         stamps.push(Stamp::new(id, Instant::now(), Event::Defined));
         Ok(StepResult::Done)
     }
