@@ -163,15 +163,7 @@ impl GuestWatches {
 
     /// BenchClusters one of whose Nodes changed, for the controller's triggers.
     pub fn wakes(&self) -> impl Stream<Item = ObjectRef<BenchCluster>> + Send + 'static {
-        futures::stream::unfold(self.wake.subscribe(), |mut receiver| async move {
-            loop {
-                match receiver.recv().await {
-                    Ok(object) => return Some((object, receiver)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
+        super::operations::wake_stream(self.wake.subscribe())
     }
 }
 

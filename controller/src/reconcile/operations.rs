@@ -237,17 +237,25 @@ impl Operations {
 
     /// BenchClusters whose operation just ended, for the controller's triggers.
     pub fn wakes(&self) -> impl Stream<Item = ObjectRef<BenchCluster>> + Send + 'static {
-        futures::stream::unfold(self.wake.subscribe(), |mut receiver| async move {
-            loop {
-                match receiver.recv().await {
-                    Ok(object) => return Some((object, receiver)),
-                    // Missed wakes are covered by the requeue poll.
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
+        wake_stream(self.wake.subscribe())
     }
+}
+
+/// The BenchClusters sent on a wake channel, as a stream for the controller's
+/// triggers; it ends when the channel closes.
+pub(super) fn wake_stream(
+    receiver: broadcast::Receiver<ObjectRef<BenchCluster>>,
+) -> impl Stream<Item = ObjectRef<BenchCluster>> + Send + 'static {
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(object) => return Some((object, receiver)),
+                // Missed wakes are covered by the requeue poll.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
 }
 
 impl Drop for Operations {
