@@ -47,3 +47,28 @@ pub async fn create_ssh_secret(
         .with_context(|| format!("creating the SSH key Secret {namespace}/{name}"))?;
     Ok(())
 }
+
+/// The key pair in the `kubernetes.io/ssh-auth` Secret `name` (as `create_ssh_secret`
+/// writes it), to log in as `user`.
+pub async fn read_ssh_secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    user: &str,
+) -> anyhow::Result<Credentials> {
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .with_context(|| format!("reading Secret {namespace}/{name}"))?;
+    let data = secret.data.unwrap_or_default();
+    let text = |key: &str| {
+        data.get(key)
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .with_context(|| format!("Secret {namespace}/{name} has no {key}"))
+    };
+    Ok(Credentials {
+        user: user.to_owned(),
+        private_key: SecretString::from(text(SSH_PRIVATE_KEY)?),
+        public_key: text(SSH_PUBLIC_KEY)?,
+    })
+}

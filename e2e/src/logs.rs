@@ -30,20 +30,76 @@ impl LogCapture {
 
     /// Lines holding every one of `parts`.
     pub fn count(&self, parts: &[&str]) -> usize {
-        self.text()
-            .lines()
-            .filter(|l| parts.iter().all(|p| l.contains(p)))
-            .count()
+        count_lines(&self.text(), parts)
     }
 
     /// The lines holding `part`, for failure messages.
     pub fn matching(&self, part: &str) -> String {
-        self.text()
-            .lines()
-            .filter(|l| l.contains(part))
-            .collect::<Vec<_>>()
-            .join("\n")
+        matching_lines(&self.text(), part)
     }
+}
+
+fn count_lines(text: &str, parts: &[&str]) -> usize {
+    text.lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .count()
+}
+
+fn matching_lines(text: &str, part: &str) -> String {
+    text.lines()
+        .filter(|l| l.contains(part))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The controller's log: captured in this process, or the file a controller process
+/// writes (`cargo xtask up`'s), read anew at every look.
+#[derive(Clone)]
+pub enum ControllerLog {
+    Captured(LogCapture),
+    File(std::path::PathBuf),
+}
+
+impl ControllerLog {
+    /// What was logged so far, without terminal colour codes.
+    pub fn text(&self) -> String {
+        match self {
+            Self::Captured(capture) => capture.text(),
+            Self::File(path) => strip_ansi(&String::from_utf8_lossy(
+                &std::fs::read(path).unwrap_or_default(),
+            )),
+        }
+    }
+
+    /// Lines holding every one of `parts`.
+    pub fn count(&self, parts: &[&str]) -> usize {
+        count_lines(&self.text(), parts)
+    }
+
+    /// The lines holding `part`, for failure messages.
+    pub fn matching(&self, part: &str) -> String {
+        matching_lines(&self.text(), part)
+    }
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 impl Write for LogCapture {
@@ -90,5 +146,11 @@ mod tests {
             capture.matching("join"),
             "started node=b operation=\"kubeadm join\""
         );
+    }
+
+    #[test]
+    fn colour_codes_are_stripped() {
+        let line = "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[3moperation\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"kubeadm init\"";
+        assert_eq!(strip_ansi(line), "2026  INFO operation=\"kubeadm init\"");
     }
 }

@@ -655,29 +655,7 @@ impl Sandbox {
         Fut: Future<Output = anyhow::Result<T>>,
         T: Send + 'static,
     {
-        let netns_file = Path::new("/run/netns").join(&self.netns);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name(format!("in-{}", self.netns))
-            .spawn(move || {
-                let result = (|| {
-                    let file = std::fs::File::open(&netns_file)
-                        .with_context(|| format!("opening {}", netns_file.display()))?;
-                    rustix::thread::move_into_link_name_space(
-                        file.as_fd(),
-                        Some(rustix::thread::LinkNameSpaceType::Network),
-                    )
-                    .context("entering the sandbox's network namespace")?;
-                    let runtime = tokio::runtime::Builder::new_multi_thread()
-                        .worker_threads(2)
-                        .enable_all()
-                        .build()?;
-                    runtime.block_on(f())
-                })();
-                let _ = tx.send(result);
-            })?;
-        rx.await
-            .map_err(|_| anyhow!("the thread inside {} panicked", self.netns))?
+        run_in_netns(&self.netns, f).await
     }
 
     /// Runs `virsh -c <uri> args...` and returns its stdout.
@@ -909,6 +887,39 @@ pub async fn output(
     tokio::time::timeout(deadline, run(command))
         .await
         .map_err(|_| anyhow!("`{text}` took over {deadline:?}"))?
+}
+
+/// Runs `f` on a thread of its own inside the network namespace `netns` (a name under
+/// /run/netns), with a runtime of its own.
+pub async fn run_in_netns<F, Fut, T>(netns: &str, f: F) -> anyhow::Result<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<T>>,
+    T: Send + 'static,
+{
+    let netns_file = Path::new("/run/netns").join(netns);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("in-{netns}"))
+        .spawn(move || {
+            let result = (|| {
+                let file = std::fs::File::open(&netns_file)
+                    .with_context(|| format!("opening {}", netns_file.display()))?;
+                rustix::thread::move_into_link_name_space(
+                    file.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .context("entering the network namespace")?;
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(f())
+            })();
+            let _ = tx.send(result);
+        })?;
+    rx.await
+        .map_err(|_| anyhow!("the thread inside {netns} panicked"))?
 }
 
 /// Runs a command to completion (killed if the future is dropped) and returns its

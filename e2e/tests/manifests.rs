@@ -232,17 +232,19 @@ async fn the_examples_pass_a_server_side_dry_run() -> anyhow::Result<()> {
     with_server(|server| async move {
         let client = server.client().await?;
         let ns = create_namespace(&client, "manifests-examples").await?;
-        let examples = yaml_files(&manifests_dir().join("examples"))?;
+        let mut examples = yaml_files(&manifests_dir().join("examples"))?;
         let names: Vec<String> = examples
             .iter()
             .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
             .collect();
-        for wanted in ["small.yaml", "medium.yaml"] {
+        for wanted in ["small.yaml", "medium.yaml", "scheduler-benchmark.yaml"] {
             ensure!(
                 names.iter().any(|n| n == wanted),
                 "manifests/examples has no {wanted}: {names:?}"
             );
         }
+        // The e2e tier's cluster, which `cargo xtask up e2e/cluster.yaml` applies too.
+        examples.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.yaml"));
         for example in &examples {
             // An example that names its namespace is applied there (kubectl refuses -n
             // with a different one); the others go into this test's namespace.

@@ -9,15 +9,21 @@
 //! cargo xtask test vm                the vm tier (root, libvirtd, qemu): builds the guest image
 //!                                    if not cached, then every e2e/tests/*.rs whose first line
 //!                                    is `//! vm tier...`, one test at a time
-//! cargo xtask test e2e               the e2e tier (root): kubeadm for real in VMs; builds the
-//!                                    e2e image if not cached, then every `//! e2e tier` file
+//! cargo xtask test e2e [--scenario NAME]... [--on-up]
+//!                                    the e2e tier (root): kubeadm for real in VMs; builds the
+//!                                    e2e image if not cached, then every `//! e2e tier` file;
+//!                                    --scenario runs only the named scenarios (repeatable),
+//!                                    --on-up runs them on the cluster `up` left running
+//!                                    (no image build, no cluster of its own)
 //! cargo xtask test all               every tier: unit, api, vm, e2e (root for the last two)
 //! cargo xtask bench                  the benchmarks: scale (api tier) and vm (real VMs)
 //! cargo xtask lint                   rustfmt and clippy, warnings denied
-//! cargo xtask up                     the local sandbox (root): installs the Debian packages,
+//! cargo xtask up [FILE]              the local sandbox (root): installs the Debian packages,
 //!                                    builds what is missing, starts libvirtd, an API server and
-//!                                    the controller, applies manifests/examples/benchcluster.yaml
-//!                                    and waits for it to be Ready; leaves it all running
+//!                                    the controller, applies the BenchCluster of FILE (default
+//!                                    manifests/examples/benchcluster.yaml; e2e/cluster.yaml is
+//!                                    the e2e tier's) and waits for it to be Ready; leaves it all
+//!                                    running
 //! cargo xtask down                   stops what `up` started and removes it
 //! ```
 //!
@@ -47,6 +53,11 @@ const BUILD_GUEST_IMAGE: &str = "e2e/hack/build-guest-image.sh";
 const GUEST_IMAGE_ENV: &str = "BENCHCLUSTER_GUEST_IMAGE";
 /// Set to 1 to let the e2e tier's test run instead of skipping itself.
 const E2E_TESTS_ENV: &str = "BENCHCLUSTER_E2E_TESTS";
+/// The e2e scenarios to run, comma-separated (unset: all).
+const E2E_SCENARIOS_ENV: &str = "BENCHCLUSTER_E2E_SCENARIOS";
+/// The state directory of the sandbox `cargo xtask up` left running: the e2e tier runs
+/// on its cluster instead of forming one.
+const E2E_ON_UP_ENV: &str = "BENCHCLUSTER_E2E_ON_UP";
 /// Builds (or finds in its cache) the e2e image: containerd, kubeadm, kubelet and the
 /// control-plane images preloaded; prints its path.
 const BUILD_KUBE_IMAGE: &str = "e2e/hack/build-kube-image.sh";
@@ -67,12 +78,16 @@ const USAGE: &str = "usage: cargo xtask <task>
   test api [--test-threads N] api tier: kube-apiserver + etcd on loopback (builds them on first use)
   test vm                     vm tier: real VMs in a network namespace (root, libvirtd, qemu;
                               builds the guest image on first use)
-  test e2e                    e2e tier: kubeadm, kubelet and containerd in the VMs (root;
-                              builds the e2e image on first use)
+  test e2e [--scenario NAME]... [--on-up]
+                              e2e tier: kubeadm, kubelet and containerd in the VMs (root;
+                              builds the e2e image on first use); --scenario NAME runs only
+                              that scenario (repeatable: pools, outage, rejoin, scale, delete);
+                              --on-up runs on the cluster `up e2e/cluster.yaml` left running
   test all [--test-threads N] every tier: unit, api, vm, e2e (the last two need root)
   bench                       benchmarks: scale (api tier) and vm (real VMs), printed figures
   lint                        cargo fmt --check, cargo clippy -D warnings
-  up                          the local sandbox with the example BenchCluster, left running
+  up [FILE]                   the local sandbox with the BenchCluster of FILE, left running
+                              (default manifests/examples/benchcluster.yaml)
   down                        stop and remove what `up` started";
 
 /// A command that ran and failed; its exit code becomes ours.
@@ -128,12 +143,13 @@ fn run(args: &[&str]) -> anyhow::Result<()> {
             test_unit(&root)?;
             test_api(&root, threads)?;
             test_vm(&root)?;
-            test_e2e(&root)
+            test_e2e(&root, &E2eOptions::default())
         }
         ["test", "vm"] => test_vm(&root),
-        ["test", "e2e"] => test_e2e(&root),
+        ["test", "e2e", rest @ ..] => test_e2e(&root, &E2eOptions::parse(rest)?),
         ["bench"] => bench(&root),
-        ["up"] => up::up(&root),
+        ["up"] => up::up(&root, None),
+        ["up", file] => up::up(&root, Some(file)),
         ["down"] => up::down(&root),
         ["lint"] => lint(&root),
         ["help" | "--help" | "-h"] => {
@@ -153,6 +169,36 @@ fn test_threads(args: &[&str]) -> anyhow::Result<u32> {
             .filter(|n| *n > 0)
             .ok_or_else(|| anyhow!("--test-threads wants a positive number, not {n:?}")),
         _ => bail!("unexpected arguments {args:?}\n{USAGE}"),
+    }
+}
+
+/// `cargo xtask test e2e`'s options.
+#[derive(Debug, Default, PartialEq)]
+struct E2eOptions {
+    /// Only these scenarios (empty: all).
+    scenarios: Vec<String>,
+    /// On the cluster `cargo xtask up` left running.
+    on_up: bool,
+}
+
+impl E2eOptions {
+    fn parse(args: &[&str]) -> anyhow::Result<Self> {
+        let mut options = Self::default();
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            match *arg {
+                "--scenario" => {
+                    let name = args
+                        .next()
+                        .filter(|n| !n.is_empty() && !n.starts_with('-') && !n.contains(','))
+                        .ok_or_else(|| anyhow!("--scenario wants a scenario's name\n{USAGE}"))?;
+                    options.scenarios.push((*name).to_owned());
+                }
+                "--on-up" => options.on_up = true,
+                _ => bail!("unexpected argument {arg:?} to `test e2e`\n{USAGE}"),
+            }
+        }
+        Ok(options)
     }
 }
 
@@ -436,15 +482,26 @@ fn test_vm(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn test_e2e(root: &Path) -> anyhow::Result<()> {
+fn test_e2e(root: &Path, options: &E2eOptions) -> anyhow::Result<()> {
     let start = Instant::now();
+    // Checked first: without a running sandbox there is nothing to build for.
+    let on_up = if options.on_up {
+        Some(up::running_state_dir(root)?)
+    } else {
+        None
+    };
     let bin_dir = k8s_bin_dir(root)?;
-    let image = kube_image(root)?;
     let mut test = cargo(root);
-    test.env(E2E_TESTS_ENV, "1")
-        .env(KUBE_IMAGE_ENV, &image)
-        .env(K8S_BIN_ENV, &bin_dir)
-        .args(["test", "-p", "benchcluster-e2e"]);
+    test.env(E2E_TESTS_ENV, "1").env(K8S_BIN_ENV, &bin_dir);
+    match &on_up {
+        // The up cluster's VMs boot from the image `up` gave them.
+        Some(dir) => test.env(E2E_ON_UP_ENV, dir),
+        None => test.env(KUBE_IMAGE_ENV, kube_image(root)?),
+    };
+    if !options.scenarios.is_empty() {
+        test.env(E2E_SCENARIOS_ENV, options.scenarios.join(","));
+    }
+    test.args(["test", "-p", "benchcluster-e2e"]);
     for name in tier_tests(&root.join(E2E_TESTS), "e2e")? {
         test.args(["--test", &name]);
     }
@@ -452,8 +509,13 @@ fn test_e2e(root: &Path) -> anyhow::Result<()> {
     // the phase timings it prints are part of what this tier reports.
     test.args(["--", "--test-threads=1", "--nocapture"]);
     step(test)?;
+    let what = if on_up.is_some() {
+        "on the up cluster"
+    } else {
+        "image included"
+    };
     println!(
-        "e2e tier done in {:.1}s (image included)",
+        "e2e tier done in {:.1}s ({what})",
         start.elapsed().as_secs_f64()
     );
     Ok(())
@@ -582,6 +644,22 @@ mod tests {
         assert_eq!(declared_tier("//! api tiers: no\n"), None);
         assert_eq!(declared_tier("use std::fs;\n"), None);
         assert_eq!(declared_tier(""), None);
+    }
+
+    #[test]
+    fn e2e_options_parse() {
+        assert_eq!(E2eOptions::parse(&[]).ok(), Some(E2eOptions::default()));
+        assert_eq!(
+            E2eOptions::parse(&["--scenario", "pools", "--on-up", "--scenario", "scale"]).ok(),
+            Some(E2eOptions {
+                scenarios: vec!["pools".into(), "scale".into()],
+                on_up: true,
+            })
+        );
+        assert!(E2eOptions::parse(&["--scenario"]).is_err());
+        assert!(E2eOptions::parse(&["--scenario", "--on-up"]).is_err());
+        assert!(E2eOptions::parse(&["--scenario", "a,b"]).is_err());
+        assert!(E2eOptions::parse(&["--bogus"]).is_err());
     }
 
     #[test]

@@ -4,18 +4,21 @@
 //!
 //! - a [`Sandbox`]: libvirtd, the `scheduler_benchmark_net` network and the storage
 //!   pools in a network namespace of its own (`--netns`), with the e2e image in the
-//!   image pool under the names the example BenchCluster asks for;
+//!   image pool under the names the BenchCluster asks for (`--volume`);
 //! - inside that namespace, a kube-apiserver + etcd (the management cluster), the CRD,
-//!   the SSH key Secret the example names, and the `benchcluster-controller` binary
-//!   against the sandbox's libvirtd (restarted with a backoff if it dies);
+//!   the SSH key Secret the BenchCluster names (`--ssh-secret`), and the
+//!   `benchcluster-controller` binary against the sandbox's libvirtd (restarted with a
+//!   backoff if it dies);
 //! - a forward from 127.0.0.1 outside the namespace to the management API, so plain
 //!   `kubectl` works from the host with `<state-dir>/kubeconfig`;
-//! - the manifests given with `--apply` (the example BenchCluster), applied once.
+//! - the manifests given with `--apply` (the BenchCluster `--example` names), applied
+//!   once.
 //!
-//! Then it writes `<state-dir>/env` and waits for SIGTERM or SIGINT (`cargo xtask
-//! down`), on which it stops the controller and tears everything down: VMs, libvirtd,
-//! the namespace and their files. Nothing listens outside loopback; the VMs' network
-//! exists only inside the namespace.
+//! Then it writes `<state-dir>/env`: what `kubectl` needs from the host, and what a test
+//! needs to attach from inside the namespace (`BENCHCLUSTER_*` lines). Then it waits
+//! for SIGTERM or SIGINT (`cargo xtask down`), on which it stops the controller and
+//! tears everything down: VMs, libvirtd, the namespace and their files. Nothing listens
+//! outside loopback; the VMs' network exists only inside the namespace.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
@@ -53,6 +56,10 @@ struct Args {
     /// key pair (the example's `spec.ssh.keySecret`).
     #[arg(long, default_value = "default/benchcluster-ssh")]
     ssh_secret: String,
+    /// Namespace and name of the BenchCluster the `--apply` manifests create, written to
+    /// the env file for tests that attach to it.
+    #[arg(long, default_value = "default/example")]
+    example: String,
 }
 
 /// The example's image volumes: one per role, both the e2e image here.
@@ -64,6 +71,9 @@ const CONTROLLER_HTTP: &str = "127.0.0.1:8080";
 /// `kubeadm init` under software emulation takes minutes, more on a busy host.
 const KUBEADM_TIMEOUT_SECONDS: u32 = 45 * 60;
 const SSH_COMMAND_TIMEOUT_SECONDS: u32 = 180;
+/// vCPUs per host CPU: the e2e cluster (`e2e/cluster.yaml`) peaks at 9 vCPUs, and this
+/// machine may have 2 cores; emulated guests idle most of theirs.
+const CPU_OVERCOMMIT: &str = "8";
 const CONTROLLER_STOP_DEADLINE: Duration = Duration::from_secs(30);
 const RESTART_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// A controller that ran this long before dying starts again without backoff.
@@ -103,6 +113,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .split_once('/')
         .context("--ssh-secret wants <namespace>/<name>")?;
     let (secret_namespace, secret_name) = (secret_namespace.to_owned(), secret_name.to_owned());
+    if !args.example.contains('/') {
+        bail!("--example wants <namespace>/<name>, not {:?}", args.example);
+    }
     // Signals are caught from the start, so a `down` during start-up also cleans up.
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -140,6 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listener,
         secret_namespace,
         secret_name,
+        example: args.example.clone(),
     };
     let shutdown = async move {
         tokio::select! {
@@ -178,6 +192,8 @@ struct Inside {
     listener: std::net::TcpListener,
     secret_namespace: String,
     secret_name: String,
+    /// `<namespace>/<name>` of the applied BenchCluster.
+    example: String,
 }
 
 impl Inside {
@@ -186,6 +202,8 @@ impl Inside {
         server.install_crd().await?;
         let client = server.client().await?;
         let credentials = keys::client_credentials(USER, "benchcluster-sandbox")?;
+        // A BenchCluster (and so its key Secret) may live outside `default`.
+        ensure_namespace(&client, &self.secret_namespace).await?;
         keys::create_ssh_secret(
             &client,
             &self.secret_namespace,
@@ -218,6 +236,7 @@ impl Inside {
             .args(["--libvirt-uri", &self.uri])
             .args(["--image-pool", IMAGE_POOL, "--node-pool", NODE_POOL])
             .args(["--domain-type", "qemu", "--http-addr", CONTROLLER_HTTP])
+            .args(["--cpu-overcommit", CPU_OVERCOMMIT])
             .arg("--state-dir")
             .arg(&controller_state)
             .args([
@@ -251,11 +270,22 @@ impl Inside {
              export KUBECONFIG={kubeconfig}\n\
              export PATH={bin}:$PATH\n\
              BENCHCLUSTER_NETNS={netns}\n\
-             BENCHCLUSTER_CONTROLLER_LOG={log}\n",
+             BENCHCLUSTER_CONTROLLER_LOG={log}\n\
+             # For a test attaching from inside the namespace (`cargo xtask test e2e --on-up`).\n\
+             BENCHCLUSTER_LIBVIRT_URI={uri}\n\
+             BENCHCLUSTER_INSIDE_KUBECONFIG={inside}\n\
+             BENCHCLUSTER_SSH_SECRET={secret_namespace}/{secret_name}\n\
+             BENCHCLUSTER_K8S_BIN={bin}\n\
+             BENCHCLUSTER_EXAMPLE={example}\n",
             kubeconfig = kubeconfig.display(),
             bin = server.bin_dir().display(),
             netns = self.netns,
             log = controller_log.display(),
+            uri = self.uri,
+            inside = server.kubeconfig_path().display(),
+            secret_namespace = self.secret_namespace,
+            secret_name = self.secret_name,
+            example = self.example,
         );
         write_private(&self.state_dir.join("env"), &env)?;
         log("ready");
@@ -361,6 +391,26 @@ impl Controller {
             }
         }
     }
+}
+
+/// Creates `namespace` unless it exists (server-side apply, so a second run is a no-op).
+async fn ensure_namespace(client: &kube::Client, namespace: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, Patch, PatchParams};
+    let object = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": namespace},
+    });
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            namespace,
+            &PatchParams::apply("benchcluster-sandbox"),
+            &Patch::Apply(&object),
+        )
+        .await
+        .with_context(|| format!("creating the namespace {namespace}"))?;
+    Ok(())
 }
 
 /// `https://127.0.0.1:<port>` -> `127.0.0.1:<port>`.
