@@ -153,24 +153,21 @@ impl FakeHypervisor {
 
     /// Defines a domain without owner metadata under `name`, as another tool would.
     pub fn add_foreign_domain(&self, spec: DomainSpec) {
-        self.state().domains.insert(
-            spec.name.clone(),
-            FakeDomain {
-                spec,
-                running: false,
-                foreign: true,
-            },
-        );
+        self.insert_foreign(spec, false);
     }
 
     /// Defines a running domain without owner metadata, as another tool would: it
     /// holds its MAC and, running, its vCPUs and memory on the host.
     pub fn add_running_foreign_domain(&self, spec: DomainSpec) {
+        self.insert_foreign(spec, true);
+    }
+
+    fn insert_foreign(&self, spec: DomainSpec, running: bool) {
         self.state().domains.insert(
             spec.name.clone(),
             FakeDomain {
                 spec,
-                running: true,
+                running,
                 foreign: true,
             },
         );
