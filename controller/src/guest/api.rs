@@ -82,8 +82,9 @@ pub(super) fn cluster_node(node: Node) -> Option<ClusterNode> {
         .unwrap_or_default()
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True");
+    // Allocatable, not capacity: what the scheduler reads.
     let extended_resources = status
-        .capacity
+        .allocatable
         .unwrap_or_default()
         .into_iter()
         .filter(|(name, _)| is_extended_resource(name))
@@ -143,7 +144,8 @@ impl SshGuest {
     }
 
     /// Merges the config's labels into the Node's and its extended resources into the
-    /// Node's capacity (the status subresource; the kubelet then derives allocatable).
+    /// Node's capacity and allocatable (the status subresource). The kubelet would derive
+    /// allocatable at its next status update; written here, pods can use them at once.
     pub(super) async fn configure(
         &self,
         kubeconfig: &AdminKubeconfig,
@@ -165,7 +167,8 @@ impl SshGuest {
                 .iter()
                 .map(|(name, count)| (name.as_str(), count.to_string()))
                 .collect();
-            let patch = serde_json::json!({"status": {"capacity": capacity}});
+            let patch =
+                serde_json::json!({"status": {"capacity": capacity, "allocatable": capacity}});
             nodes
                 .patch_status(node_name, &params, &Patch::Merge(&patch))
                 .await
@@ -270,7 +273,7 @@ impl SshGuest {
 
 /// An extended resource's name: domain-prefixed, outside the `kubernetes.io` domain
 /// (the kubelet's own resources, `hugepages-*` and the like, carry no domain).
-pub(super) fn is_extended_resource(name: &str) -> bool {
+fn is_extended_resource(name: &str) -> bool {
     name.split_once('/')
         .is_some_and(|(domain, _)| domain != "kubernetes.io" && !domain.ends_with(".kubernetes.io"))
 }

@@ -72,7 +72,7 @@ pub struct ClusterNode {
     /// controller.
     pub cordoned_for_removal: bool,
     pub labels: BTreeMap<String, String>,
-    /// Extended resources in its capacity (domain-prefixed names outside
+    /// Extended resources in its allocatable (domain-prefixed names outside
     /// `kubernetes.io`), as whole counts.
     pub extended_resources: BTreeMap<String, i64>,
 }
@@ -149,7 +149,7 @@ pub trait Guest: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// Puts the config on the registered Node: its labels (merged into the Node's) and
-    /// its extended resources (into the Node's capacity, through its status).
+    /// its extended resources (into the Node's capacity and allocatable, through its status).
     fn configure_node(
         &self,
         kubeconfig: &AdminKubeconfig,

@@ -1,10 +1,10 @@
 //! A watch on the guest cluster's Nodes that says which Node changed in what the
-//! controller reads of it (a [`ClusterNode`]: labels, extended resources, readiness,
-//! the cordon for removal; and its allocatable extended resources), appeared or went.
+//! controller reads of it (a [`ClusterNode`]: labels, allocatable extended resources,
+//! readiness, the cordon for removal), appeared or went.
 //! A kubelet's heartbeats (condition times and resourceVersion, every ~10 s) change none
 //! of that and pass silently.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -14,7 +14,7 @@ use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use tracing::debug;
 
-use super::api::{cluster_node, connect, is_extended_resource};
+use super::api::{cluster_node, connect};
 use super::{AdminKubeconfig, ClusterNode};
 
 /// The names of the guest cluster's Nodes as they change, for as long as the stream is
@@ -48,34 +48,9 @@ where
     events.flat_map(move |event| futures::stream::iter(seen.apply(event)))
 }
 
-/// What of a Node matters to a pass.
-#[derive(Debug, PartialEq, Eq)]
-struct Matters {
-    node: ClusterNode,
-    allocatable: BTreeMap<String, String>,
-}
-
-fn matters(node: Node) -> Option<Matters> {
-    let allocatable = node
-        .status
-        .as_ref()
-        .and_then(|s| s.allocatable.as_ref())
-        .map(|a| {
-            a.iter()
-                .filter(|(name, _)| is_extended_resource(name))
-                .map(|(name, quantity)| (name.clone(), quantity.0.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
-    Some(Matters {
-        node: cluster_node(node)?,
-        allocatable,
-    })
-}
-
 #[derive(Default)]
 struct Seen {
-    nodes: HashMap<String, Matters>,
+    nodes: HashMap<String, ClusterNode>,
     /// The names listed so far, while a listing is under way.
     listing: Option<HashSet<String>>,
     /// Whether the first listing completed.
@@ -145,7 +120,7 @@ impl Seen {
 
     /// Records what matters of the Node; returns whether it differs from before.
     fn record(&mut self, name: &str, node: Node) -> bool {
-        let Some(now) = matters(node) else {
+        let Some(now) = cluster_node(node) else {
             return false;
         };
         if self.nodes.get(name) == Some(&now) {
@@ -159,6 +134,8 @@ impl Seen {
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::collections::BTreeMap;
 
     use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -225,17 +202,20 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn lost_resources_readiness_arrival_and_departure_are_changes() {
+        // Allocatable is what the scheduler reads: losing it there is the change.
         let mut lost = node("c-gpu-0", 20);
         let status = lost.status.as_mut().unwrap();
-        for resources in [&mut status.capacity, &mut status.allocatable] {
-            resources.as_mut().unwrap().remove("example.com/fake-gpu");
-        }
-        let mut allocatable_only = node("c-gpu-0", 20);
-        allocatable_only
+        status
+            .allocatable
+            .as_mut()
+            .unwrap()
+            .remove("example.com/fake-gpu");
+        let mut capacity_too = lost.clone();
+        capacity_too
             .status
             .as_mut()
             .unwrap()
-            .allocatable
+            .capacity
             .as_mut()
             .unwrap()
             .remove("example.com/fake-gpu");
@@ -251,15 +231,15 @@ pub(crate) mod tests {
 
         let mut events = listed(&[node("c-gpu-0", 10)]);
         events.extend([
-            Ok(Event::Apply(allocatable_only)),
             Ok(Event::Apply(lost)),
+            Ok(Event::Apply(capacity_too)),
             Ok(Event::Apply(not_ready)),
             Ok(Event::Apply(node("c-gpu-1", 10))),
             Ok(Event::Delete(node("c-gpu-1", 10))),
         ]);
         assert_eq!(
             changed(events).await,
-            ["c-gpu-0", "c-gpu-0", "c-gpu-0", "c-gpu-1", "c-gpu-1"]
+            ["c-gpu-0", "c-gpu-0", "c-gpu-1", "c-gpu-1"]
         );
     }
 
