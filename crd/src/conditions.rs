@@ -12,6 +12,8 @@ pub enum ConditionType {
     ControlPlaneReady,
     /// Every desired worker is joined and Ready.
     WorkersReady,
+    /// The scheduler runs the spec's configuration and is healthy.
+    SchedulerReady,
     /// The controller is making progress towards the spec.
     Reconciling,
     /// Progress is blocked on something the controller cannot fix by itself.
@@ -19,10 +21,11 @@ pub enum ConditionType {
 }
 
 impl ConditionType {
-    pub const ALL: [ConditionType; 5] = [
+    pub const ALL: [ConditionType; 6] = [
         Self::Ready,
         Self::ControlPlaneReady,
         Self::WorkersReady,
+        Self::SchedulerReady,
         Self::Reconciling,
         Self::Stalled,
     ];
@@ -32,6 +35,7 @@ impl ConditionType {
             Self::Ready => "Ready",
             Self::ControlPlaneReady => "ControlPlaneReady",
             Self::WorkersReady => "WorkersReady",
+            Self::SchedulerReady => "SchedulerReady",
             Self::Reconciling => "Reconciling",
             Self::Stalled => "Stalled",
         }

@@ -13,12 +13,14 @@ use serde::{Deserialize, Serialize};
 pub mod conditions;
 pub mod pools;
 pub mod quantity;
+pub mod scheduler;
 
 pub use conditions::ConditionType;
 pub use pools::{
     DEFAULT_POOL, KubeletSettings, NamedWorkerPool, POOL_LABEL, PoolStatus, Reservation, Taint,
     TaintEffect, WorkerPool, WorkerTemplate,
 };
+pub use scheduler::{KubeSchedulerConfiguration, RejectedConfig, SchedulerSpec, SchedulerStatus};
 
 /// API group of every resource this project defines.
 pub const GROUP: &str = "benchcluster.dev";
@@ -89,6 +91,9 @@ pub struct BenchClusterSpec {
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("kubernetes is immutable"))]
     pub kubernetes: KubernetesSpec,
+    /// The guest cluster's scheduler, the variable of a scheduler benchmark.
+    #[serde(default)]
+    pub scheduler: SchedulerSpec,
     /// How the controller reaches the VMs over SSH.
     pub ssh: SshSpec,
     /// While true the controller takes no libvirt or SSH action for this cluster.
@@ -276,7 +281,8 @@ pub struct BenchClusterStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// kstatus conditions: Ready, ControlPlaneReady, WorkersReady, Reconciling, Stalled.
+    /// kstatus conditions: Ready, ControlPlaneReady, WorkersReady, SchedulerReady,
+    /// Reconciling, Stalled.
     #[serde(default)]
     #[schemars(schema_with = "conditions::list_map_schema")]
     pub conditions: Vec<Condition>,
@@ -308,6 +314,9 @@ pub struct BenchClusterStatus {
     /// Phase timings of the most recent provisioning, each the slowest node's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_provisioning: Option<PhaseTimings>,
+    /// The guest cluster's scheduler as observed, once the control plane answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<SchedulerStatus>,
 }
 
 /// A VM's role in the cluster.

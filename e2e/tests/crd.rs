@@ -1076,3 +1076,179 @@ async fn a_pools_shape_and_scheduling_properties_are_immutable() -> anyhow::Resu
     })
     .await
 }
+
+/// A KubeSchedulerConfiguration whose one profile packs pods (`NodeResourcesFit` scoring
+/// with `MostAllocated`), as a benchmark would compare with the default spreading.
+fn most_allocated() -> Value {
+    json!({
+        "apiVersion": "kubescheduler.config.k8s.io/v1",
+        "kind": "KubeSchedulerConfiguration",
+        "profiles": [{
+            "schedulerName": "default-scheduler",
+            "pluginConfig": [{
+                "name": "NodeResourcesFit",
+                "args": {
+                    "scoringStrategy": {
+                        "type": "MostAllocated",
+                        "resources": [{"name": "cpu", "weight": 1}, {"name": "memory", "weight": 1}],
+                    },
+                },
+            }],
+        }],
+    })
+}
+
+fn with_scheduler_config(config: Value) -> Value {
+    with(minimal("x"), "/spec/scheduler", json!({"config": config}))
+}
+
+#[tokio::test]
+async fn a_scheduler_config_is_stored_with_every_field_as_written() -> anyhow::Result<()> {
+    with_env("crd-scheduler", |env| async move {
+        env.create(with_scheduler_config(most_allocated())).await?;
+        // Fields the schema does not declare (pluginConfig and below) are kept, not pruned.
+        let raw = env.dynamic().get("x").await?;
+        let stored = &raw.data["spec"]["scheduler"]["config"];
+        ensure!(
+            *stored == most_allocated(),
+            "stored config differs from the one sent: {stored:#}"
+        );
+        let bc = env.typed().get("x").await?;
+        let config = bc.spec.scheduler.config.context("config missing")?;
+        ensure!(
+            Value::Object(config.0) == most_allocated(),
+            "typed config differs"
+        );
+        // A cluster without one gets kube-scheduler's defaults; the field may change
+        // (a benchmark's next run) and go.
+        env.create(minimal("plain")).await?;
+        let plain = env.typed().get("plain").await?;
+        ensure!(plain.spec.scheduler.config.is_none());
+        let mut changed = most_allocated();
+        changed["profiles"][0]["schedulerName"] = json!("packing");
+        update(&env, "x", "/spec/scheduler/config", changed)
+            .await
+            .context("changing the scheduler config must be allowed")?;
+        update(&env, "x", "/spec/scheduler", json!({}))
+            .await
+            .context("removing the scheduler config must be allowed")?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bad_scheduler_configs_are_rejected_naming_the_field() -> anyhow::Result<()> {
+    with_env("crd-bad-scheduler", |env| async move {
+        let set = |pointer: &str, value: Value| with(most_allocated(), pointer, value);
+        let without = |key: &str| {
+            let mut config = most_allocated();
+            config.as_object_mut().unwrap().remove(key);
+            config
+        };
+        let profile = |name: &str| json!({"schedulerName": name});
+        let cases: Vec<(&str, Value, &str, &str)> = vec![
+            (
+                "an older apiVersion",
+                set("/apiVersion", json!("kubescheduler.config.k8s.io/v1beta3")),
+                "spec.scheduler.config.apiVersion",
+                "must be kubescheduler.config.k8s.io/v1",
+            ),
+            (
+                "no apiVersion",
+                without("apiVersion"),
+                "spec.scheduler.config.apiVersion",
+                "must be kubescheduler.config.k8s.io/v1",
+            ),
+            (
+                "another kind",
+                set("/kind", json!("KubeletConfiguration")),
+                "spec.scheduler.config.kind",
+                "must be KubeSchedulerConfiguration",
+            ),
+            (
+                "no kind",
+                without("kind"),
+                "spec.scheduler.config.kind",
+                "must be KubeSchedulerConfiguration",
+            ),
+            (
+                "clientConnection",
+                set(
+                    "/clientConnection",
+                    json!({"kubeconfig": "/etc/kubernetes/admin.conf"}),
+                ),
+                "spec.scheduler.config.clientConnection",
+                "the controller manages it",
+            ),
+            (
+                "leaderElection",
+                set("/leaderElection", json!({"leaderElect": true})),
+                "spec.scheduler.config.leaderElection",
+                "the controller manages it",
+            ),
+            (
+                "a config that is a string",
+                json!("apiVersion: kubescheduler.config.k8s.io/v1"),
+                "spec.scheduler.config",
+                "must be of type object",
+            ),
+            (
+                "a config that is a list",
+                json!([most_allocated()]),
+                "spec.scheduler.config",
+                "must be of type object",
+            ),
+            (
+                "profiles that are not a list",
+                set("/profiles", profile("default-scheduler")),
+                "spec.scheduler.config.profiles",
+                "must be of type array",
+            ),
+            (
+                "a profile without a schedulerName",
+                set("/profiles", json!([{"plugins": {}}])),
+                "spec.scheduler.config.profiles[0].schedulerName",
+                "must have a schedulerName",
+            ),
+            (
+                "a profile with an empty schedulerName",
+                set("/profiles", json!([profile("")])),
+                "spec.scheduler.config.profiles[0].schedulerName",
+                "at least 1",
+            ),
+            (
+                "two profiles of one schedulerName",
+                set(
+                    "/profiles",
+                    json!([profile("a"), profile("b"), profile("a")]),
+                ),
+                "spec.scheduler.config.profiles",
+                "must not repeat a schedulerName",
+            ),
+            (
+                "seventeen profiles",
+                set(
+                    "/profiles",
+                    json!(
+                        (0..17)
+                            .map(|i| profile(&format!("p{i}")))
+                            .collect::<Vec<_>>()
+                    ),
+                ),
+                "spec.scheduler.config.profiles",
+                "17",
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (what, config, field, says) in cases {
+            let result = env.create(with_scheduler_config(config)).await;
+            if let Err(e) = expect_invalid(result, field, says) {
+                failures.push(format!("{what}: {e:#}"));
+            }
+        }
+        ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
+        Ok(())
+    })
+    .await
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use benchcluster_controller::guest::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, NodeConfig,
-    Registration,
+    Registration, RunningScheduler,
 };
 use benchcluster_controller::http::{self, Readiness};
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
@@ -84,6 +84,26 @@ impl Guest for SharedGuest {
         kubeconfig: &AdminKubeconfig,
     ) -> benchcluster_controller::guest::Result<Vec<ClusterNode>> {
         self.0.cluster_nodes(kubeconfig).await
+    }
+
+    async fn scheduler(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        control_plane: &str,
+    ) -> benchcluster_controller::guest::Result<Option<RunningScheduler>> {
+        self.0.scheduler(kubeconfig, control_plane).await
+    }
+
+    async fn switch_scheduler(
+        &self,
+        control_plane: &GuestNode,
+        credentials: &Credentials,
+        kubeconfig: &AdminKubeconfig,
+        config: &InitConfig,
+    ) -> benchcluster_controller::guest::Result<RunningScheduler> {
+        self.0
+            .switch_scheduler(control_plane, credentials, kubeconfig, config)
+            .await
     }
 
     async fn uncordon(

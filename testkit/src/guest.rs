@@ -11,9 +11,13 @@ use parking_lot::{Mutex, MutexGuard};
 
 use benchcluster_controller::guest::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig,
-    NodeConfig, Registration, Result,
+    NodeConfig, Registration, Result, RunningScheduler,
 };
 use secrecy::{ExposeSecret, SecretString};
+
+/// A plugin no scheduler has: a configuration naming it is refused, with the error
+/// kube-scheduler prints.
+pub const UNKNOWN_PLUGIN: &str = "NoSuchPlugin";
 
 /// Marker in every fake kubeconfig and private key, so a scrape of logs, events and
 /// status can prove none of them leaked.
@@ -33,6 +37,8 @@ pub struct FakeNode {
 #[derive(Debug, Default)]
 struct Cluster {
     nodes: BTreeMap<String, FakeNode>,
+    /// The configuration hash its scheduler runs.
+    scheduler: String,
     /// Nodes cordoned by a drain (`remove_node`) and not uncordoned since.
     cordoned: BTreeSet<String>,
 }
@@ -88,6 +94,8 @@ pub struct FakeGuest {
     pub joins: AtomicU64,
     pub removals: AtomicU64,
     pub uncordons: AtomicU64,
+    /// Scheduler switches started, refused ones included.
+    pub scheduler_switches: AtomicU64,
     /// Calls to a guest cluster's API (list its Nodes, remove a Node), failed ones
     /// included.
     pub api_calls: AtomicU64,
@@ -302,7 +310,7 @@ impl Guest for FakeGuest {
         &self,
         node: &GuestNode,
         _credentials: &Credentials,
-        _config: &InitConfig,
+        config: &InitConfig,
     ) -> Result<AdminKubeconfig> {
         self.called("init", &node.name);
         self.check_reachable(node)?;
@@ -324,6 +332,7 @@ impl Guest for FakeGuest {
             self.inits_of_initialised.fetch_add(1, Ordering::Relaxed);
         }
         let cluster = state.clusters.entry(node.name.clone()).or_default();
+        cluster.scheduler = config.scheduler.config_hash();
         cluster.nodes.insert(
             node.name.clone(),
             FakeNode {
@@ -412,6 +421,69 @@ impl Guest for FakeGuest {
         node.extended_resources
             .extend(config.extended_resources.clone());
         Ok(())
+    }
+
+    async fn scheduler(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        control_plane: &str,
+    ) -> Result<Option<RunningScheduler>> {
+        self.api_calls.fetch_add(1, Ordering::Relaxed);
+        let cp = control_plane_of(kubeconfig)
+            .ok_or_else(|| GuestError::Api("unparsable fake kubeconfig".into()))?;
+        let state = self.state();
+        if state.api_down.contains(&cp) {
+            return Err(GuestError::Api(format!("{cp}: connection refused (fake)")));
+        }
+        Ok(state
+            .clusters
+            .get(&cp)
+            .filter(|c| c.nodes.contains_key(control_plane))
+            .map(|c| RunningScheduler {
+                config_hash: c.scheduler.clone(),
+                image: "registry.k8s.io/kube-scheduler:v1.35.4".into(),
+                started: None,
+                healthy: true,
+            }))
+    }
+
+    async fn switch_scheduler(
+        &self,
+        control_plane: &GuestNode,
+        _credentials: &Credentials,
+        _kubeconfig: &AdminKubeconfig,
+        config: &InitConfig,
+    ) -> Result<RunningScheduler> {
+        self.called("switch_scheduler", &control_plane.name);
+        self.scheduler_switches.fetch_add(1, Ordering::Relaxed);
+        self.check_reachable(control_plane)?;
+        self.latency().await;
+        let wanted = config.scheduler.config_hash();
+        let refused = config.scheduler.config.as_ref().is_some_and(|c| {
+            serde_json::Value::Object(c.0.clone())
+                .to_string()
+                .contains(UNKNOWN_PLUGIN)
+        });
+        let mut state = self.state();
+        let cluster = state
+            .clusters
+            .get_mut(&control_plane.name)
+            .ok_or_else(|| GuestError::Api(format!("{}: no cluster (fake)", control_plane.name)))?;
+        if refused {
+            return Err(GuestError::SchedulerRejected {
+                config_hash: wanted,
+                message: format!(
+                    "\"command failed\" err=\"initializing profiles: creating profile for scheduler name default-scheduler: \\\"{UNKNOWN_PLUGIN}\\\" does not exist\""
+                ),
+            });
+        }
+        cluster.scheduler = wanted.clone();
+        Ok(RunningScheduler {
+            config_hash: wanted,
+            image: "registry.k8s.io/kube-scheduler:v1.35.4".into(),
+            started: None,
+            healthy: true,
+        })
     }
 
     async fn uncordon(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {

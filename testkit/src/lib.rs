@@ -13,7 +13,7 @@ pub mod hypervisor;
 pub mod instrumented;
 
 pub use api::FakeApi;
-pub use guest::{Completed, FakeGuest, SECRET_MARKER};
+pub use guest::{Completed, FakeGuest, SECRET_MARKER, UNKNOWN_PLUGIN};
 /// HTTP methods, for [`FakeApi::fail`] and [`FakeApi::count`].
 pub use http::Method;
 pub use hypervisor::{Call, FakeHypervisor};

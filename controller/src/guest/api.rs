@@ -100,7 +100,7 @@ pub(super) fn cluster_node(node: Node) -> Option<ClusterNode> {
 }
 
 impl SshGuest {
-    async fn client(&self, kubeconfig: &AdminKubeconfig) -> Result<Client> {
+    pub(super) async fn client(&self, kubeconfig: &AdminKubeconfig) -> Result<Client> {
         let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose_secret().as_bytes()).into();
         if let Some(client) = self.lock_clients().get(&digest) {
             return Ok(client.clone());
@@ -118,7 +118,7 @@ impl SshGuest {
     /// Maps a failed request to the guest cluster. A failure below HTTP (timeout,
     /// refused or reset connection) also drops the cached client, so the next request
     /// opens a fresh connection instead of waiting on a dead pooled one.
-    fn api_error(&self, kubeconfig: &AdminKubeconfig, error: kube::Error) -> GuestError {
+    pub(super) fn api_error(&self, kubeconfig: &AdminKubeconfig, error: kube::Error) -> GuestError {
         if !matches!(error, kube::Error::Api(_)) {
             let digest: [u8; 32] = Sha256::digest(kubeconfig.0.expose_secret().as_bytes()).into();
             self.lock_clients().remove(&digest);

@@ -12,6 +12,7 @@ use super::kubeadm::{
     KUBELET_CONF, KUBELET_PATCH, NODE_CA, cluster_ca, init_configuration, join_configuration,
     kubelet_patch, parse_join_command,
 };
+use super::scheduler;
 use super::ssh::{SshGuest, close};
 use super::{
     AdminKubeconfig, Credentials, GuestError, GuestNode, InitConfig, Registration, Result,
@@ -86,7 +87,28 @@ impl SshGuest {
             )
             .await?;
         let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
-        let document = init_configuration(node, config, &version, self.config.join_token_ttl);
+        // Written first: the ClusterConfiguration points the scheduler at it.
+        let scheduler_file = match &config.scheduler.config {
+            Some(document) => {
+                let path = scheduler::config_path(&config.scheduler.config_hash());
+                self.put_file(
+                    session,
+                    node,
+                    &path,
+                    scheduler::config_file(document).as_bytes(),
+                )
+                .await?;
+                Some(path)
+            }
+            None => None,
+        };
+        let document = init_configuration(
+            node,
+            config,
+            &version,
+            self.config.join_token_ttl,
+            scheduler::component(scheduler_file.as_deref(), None),
+        );
         self.put_file(session, node, INIT_CONFIG, document.as_bytes())
             .await?;
         self.kubeadm(

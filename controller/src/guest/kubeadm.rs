@@ -8,6 +8,8 @@ use std::time::Duration;
 use kube::config::Kubeconfig;
 use secrecy::{ExposeSecret, SecretString};
 
+#[cfg(doc)]
+use super::scheduler;
 use super::{AdminKubeconfig, GuestNode, InitConfig, Registration};
 
 pub(super) const INIT_CONFIG: &str = "/etc/benchcluster/kubeadm-init.yaml";
@@ -94,11 +96,14 @@ pub(super) fn parse_join_command(text: &str) -> Option<JoinTicket> {
 
 /// kubeadm's InitConfiguration + ClusterConfiguration + KubeletConfiguration, as JSON
 /// documents (JSON is YAML), so no value can change the document's structure.
+/// `scheduler` is the ClusterConfiguration's scheduler section
+/// ([`scheduler::component`]).
 pub(super) fn init_configuration(
     node: &GuestNode,
     config: &InitConfig,
     version: &str,
     token_ttl: Duration,
+    scheduler: serde_json::Value,
 ) -> String {
     let ip = node.ip.to_string();
     let timeouts = serde_json::json!({
@@ -139,7 +144,7 @@ pub(super) fn init_configuration(
         // renewals, and kube-controller-manager and kube-scheduler exit and restart
         // over and over: no podCIDR gets allocated, no Node turns Ready.
         "controllerManager": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
-        "scheduler": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
+        "scheduler": scheduler,
     });
     let kubelet = serde_json::json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -240,6 +245,8 @@ pub(super) fn kubelet_patch(registration: &Registration) -> Option<String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::guest::SchedulerSpec;
+    use crate::guest::scheduler;
     use crate::guest::ssh::tests::node;
 
     #[test]
@@ -263,12 +270,14 @@ mod tests {
         let config = InitConfig {
             pod_subnet: "10.244.0.0/16\"\n---\nkind: Evil".into(),
             service_subnet: "10.96.0.0/12".into(),
+            scheduler: SchedulerSpec::default(),
         };
         let text = init_configuration(
             &node("x-cp-0"),
             &config,
             "v1.35.4",
             Duration::from_secs(600),
+            scheduler::component(None, None),
         );
         let documents: Vec<&str> = text.split("\n---\n").collect();
         assert_eq!(documents.len(), 3);
@@ -284,6 +293,8 @@ mod tests {
                 serde_json::json!([{"name": "leader-elect", "value": "false"}])
             );
         }
+        // Without a scheduler config, kubeadm's scheduler is left as it is.
+        assert!(cluster["scheduler"].get("extraVolumes").is_none());
         let init: serde_json::Value = serde_json::from_str(documents[0]).unwrap();
         assert_eq!(init["nodeRegistration"]["name"], "x-cp-0");
         assert_eq!(
@@ -294,6 +305,59 @@ mod tests {
             init["skipPhases"],
             serde_json::json!(["addon/coredns", "addon/kube-proxy"])
         );
+    }
+
+    #[test]
+    fn a_scheduler_config_is_read_by_kubeadms_scheduler_from_a_read_only_mount() {
+        let scheduler = SchedulerSpec {
+            config: Some(
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "kubescheduler.config.k8s.io/v1",
+                    "kind": "KubeSchedulerConfiguration",
+                    "profiles": [{"schedulerName": "default-scheduler"}],
+                }))
+                .unwrap(),
+            ),
+        };
+        let config = InitConfig {
+            pod_subnet: "10.244.0.0/16".into(),
+            service_subnet: "10.96.0.0/12".into(),
+            scheduler,
+        };
+        let path = scheduler::config_path(&config.scheduler.config_hash());
+        let text = init_configuration(
+            &node("x-cp-0"),
+            &config,
+            "v1.35.4",
+            Duration::from_secs(600),
+            scheduler::component(Some(&path), None),
+        );
+        let documents: Vec<&str> = text.split("\n---\n").collect();
+        assert_eq!(documents.len(), 3);
+        let cluster: serde_json::Value = serde_json::from_str(documents[1]).unwrap();
+        assert_eq!(
+            cluster["scheduler"],
+            serde_json::json!({
+                "extraArgs": [
+                    {"name": "leader-elect", "value": "false"},
+                    {"name": "config", "value": path},
+                ],
+                "extraVolumes": [{
+                    "name": "benchcluster-scheduler-config",
+                    "hostPath": "/etc/kubernetes/benchcluster/scheduler",
+                    "mountPath": "/etc/kubernetes/benchcluster/scheduler",
+                    "readOnly": true,
+                    "pathType": "Directory",
+                }],
+            })
+        );
+        // Only the scheduler changes.
+        assert_eq!(
+            cluster["controllerManager"]["extraArgs"],
+            serde_json::json!([{"name": "leader-elect", "value": "false"}])
+        );
+        // The config itself travels in its own file, not in kubeadm's documents.
+        assert!(!text.contains("kubescheduler.config.k8s.io"));
     }
 
     #[test]

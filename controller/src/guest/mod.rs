@@ -5,9 +5,10 @@
 //! The real implementation, `ssh::SshGuest`, is split by concern: `ssh` (sessions,
 //! commands, the kubeadm lock), `pinning` (host keys, local state files), `redact`
 //! (command output shown to users), `kubeadm` (kubeadm's files, markers and
-//! configuration documents), `bootstrap` (init and join), `api` (the guest cluster's
-//! API: Nodes, their labels and extended resources, the drain, the wait for a Node to
-//! register) and `node_watch` (which Node changed in what the controller reads of it).
+//! configuration documents), `scheduler` (kube-scheduler's configuration file and its
+//! kubeadm section), `bootstrap` (init and join), `api` (the guest cluster's API: Nodes,
+//! their labels and extended resources, the drain, the wait for a Node to register) and
+//! `node_watch` (which Node changed in what the controller reads of it).
 //! What a pool's Nodes carry ([`Registration`], [`NodeConfig`]) is pool data
 //! from the crd crate, which the planner reads too.
 
@@ -15,6 +16,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use secrecy::SecretString;
 
 mod api;
@@ -23,9 +25,11 @@ mod kubeadm;
 pub mod node_watch;
 mod pinning;
 mod redact;
+mod scheduler;
 pub mod ssh;
 
 pub use benchcluster_crd::pools::{NodeConfig, Registration};
+pub use benchcluster_crd::scheduler::SchedulerSpec;
 
 /// How to log in to a VM.
 #[derive(Debug, Clone)]
@@ -52,6 +56,20 @@ pub struct GuestNode {
 pub struct InitConfig {
     pub pod_subnet: String,
     pub service_subnet: String,
+    /// The scheduler the control plane starts with.
+    pub scheduler: SchedulerSpec,
+}
+
+/// The scheduler a control plane runs, from its static pod as the guest API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningScheduler {
+    /// [`SchedulerSpec::config_hash`] of the configuration it reads.
+    pub config_hash: String,
+    pub image: String,
+    /// When its container started.
+    pub started: Option<Time>,
+    /// Running and ready (its readiness probe asks `/readyz`).
+    pub healthy: bool,
 }
 
 /// The admin kubeconfig of a guest cluster, with its server set to the control plane
@@ -108,6 +126,14 @@ pub enum GuestError {
     /// The guest cluster's API failed.
     #[error("guest cluster API: {0}")]
     Api(String),
+    /// kube-scheduler did not turn healthy with a configuration; the one it ran
+    /// before was put back.
+    #[error("kube-scheduler refused configuration {config_hash}: {message}")]
+    SchedulerRejected {
+        config_hash: String,
+        /// The scheduler's own error, from its log.
+        message: String,
+    },
 }
 
 pub type Result<T, E = GuestError> = std::result::Result<T, E>;
@@ -178,6 +204,26 @@ pub trait Guest: Send + Sync + 'static {
         kubeconfig: &AdminKubeconfig,
         node_name: &str,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The scheduler the control plane `control_plane` (its Node name) runs; `None`
+    /// while its static pod is not in the API.
+    fn scheduler(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        control_plane: &str,
+    ) -> impl Future<Output = Result<Option<RunningScheduler>>> + Send;
+
+    /// Makes the control plane's scheduler run `config.scheduler` and returns it once
+    /// healthy. A configuration the scheduler refuses is rolled back to the one that ran
+    /// before (or kube-scheduler's defaults when that one was not healthy), and the
+    /// error is [`GuestError::SchedulerRejected`].
+    fn switch_scheduler(
+        &self,
+        control_plane: &GuestNode,
+        credentials: &Credentials,
+        kubeconfig: &AdminKubeconfig,
+        config: &InitConfig,
+    ) -> impl Future<Output = Result<RunningScheduler>> + Send;
 
     /// The names of the guest cluster's Nodes as they change in what [`cluster_nodes`]
     /// reports of them, or appear or go (not at each kubelet heartbeat): a watch that

@@ -31,7 +31,7 @@ pub use super::redact::redact_tokens;
 use super::redact::shown_output;
 use super::{
     AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig,
-    NodeConfig, Registration, Result,
+    NodeConfig, Registration, Result, RunningScheduler,
 };
 
 /// Every kubeadm that changes a node's state runs under this lock (`flock`, util-linux):
@@ -65,6 +65,9 @@ pub struct SshConfig {
     pub registration_timeout: Duration,
     /// Lifetime of a join token; minted just before each join.
     pub join_token_ttl: Duration,
+    /// How long a restarted kube-scheduler may take to turn healthy before its
+    /// configuration counts as refused.
+    pub scheduler_timeout: Duration,
 }
 
 impl Default for SshConfig {
@@ -79,6 +82,7 @@ impl Default for SshConfig {
             drain_timeout: Duration::from_secs(120),
             registration_timeout: Duration::from_secs(300),
             join_token_ttl: Duration::from_secs(600),
+            scheduler_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -307,6 +311,29 @@ impl Guest for SshGuest {
 
     async fn remove_node(&self, kubeconfig: &AdminKubeconfig, node_name: &str) -> Result<()> {
         self.cordon_drain_delete(kubeconfig, node_name).await
+    }
+
+    async fn scheduler(
+        &self,
+        kubeconfig: &AdminKubeconfig,
+        control_plane: &str,
+    ) -> Result<Option<RunningScheduler>> {
+        self.observe_scheduler(kubeconfig, control_plane).await
+    }
+
+    async fn switch_scheduler(
+        &self,
+        control_plane: &GuestNode,
+        credentials: &Credentials,
+        kubeconfig: &AdminKubeconfig,
+        config: &InitConfig,
+    ) -> Result<RunningScheduler> {
+        let session = self.connect(control_plane, credentials).await?;
+        let result = self
+            .switch_scheduler_on(&session, control_plane, kubeconfig, config)
+            .await;
+        close(session).await;
+        result
     }
 
     fn node_changes(

@@ -26,9 +26,9 @@ use super::context::{Context, FIELD_MANAGER};
 use super::observe::{GuestApi, observe};
 use super::plan::{Action as PlannedAction, defer_retries, plan, plan_teardown};
 use super::secret_index::{MANAGED_BY, SSH_AUTH_TYPE, Stores};
-use super::status;
 use super::timeline::Timeline;
 use super::world::GuestCluster;
+use super::{scheduler, status};
 use crate::error::{Error, Result};
 use crate::guest::Guest;
 use crate::hypervisor::Hypervisor;
@@ -141,6 +141,10 @@ async fn apply<H: Hypervisor, G: Guest>(
     ctx.record(&names.uid, std::mem::take(&mut observation.stamps));
     ctx.guest_watches
         .follow(&names, &observation, ctx.guest.as_ref());
+    let previous = ctx.last_status(bc);
+    // A configuration the scheduler refused is not tried again until the spec changes.
+    observation.world.rejected_scheduler =
+        scheduler::rejected(&bc.spec, &previous, &collected, &status::now()).map(|r| r.config_hash);
     let failed: Vec<NodeId> = collected.failures.iter().map(|(a, _)| a.node()).collect();
     let actions = defer_retries(plan(&bc.spec, &observation.world), &failed);
     debug!(?actions, "planned");
@@ -158,7 +162,6 @@ async fn apply<H: Hypervisor, G: Guest>(
         .guest_api_outage(&names.uid, silent_api.is_none())
         .map(|since| Time(Timestamp::try_from(since).unwrap_or_else(|_| Timestamp::now())));
 
-    let previous = ctx.last_status(bc);
     let timelines: BTreeMap<NodeId, Timeline> = observation
         .world
         .nodes

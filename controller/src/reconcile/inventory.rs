@@ -423,6 +423,7 @@ pub(crate) fn changes_host(action: Action) -> bool {
         | Action::DrainNode(_)
         | Action::Uncordon(_)
         | Action::ConfigureNode(_)
+        | Action::SwitchScheduler
         | Action::Abandon(_) => false,
     }
 }

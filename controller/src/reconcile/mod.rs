@@ -23,6 +23,7 @@ pub mod operations;
 pub mod outcome;
 pub mod plan;
 pub mod pools;
+pub mod scheduler;
 pub mod secret_index;
 pub mod status;
 pub mod timeline;

@@ -6,11 +6,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use benchcluster_crd::BenchCluster;
 use secrecy::SecretString;
+use tracing::debug;
 
 use super::context::Context;
 use super::pools::Capacity;
 use super::timeline::{Event, Stamp};
-use super::world::{GuestCluster, NetworkState, ObservedNode, VmSize, VmState, World};
+use super::world::{
+    GuestCluster, NetworkState, ObservedNode, ObservedScheduler, VmSize, VmState, World,
+};
 use crate::error::{Error, Result};
 use crate::guest::{AdminKubeconfig, Guest};
 use crate::hypervisor::{DomainState, Hypervisor, Lease};
@@ -115,10 +118,11 @@ pub async fn observe<H: Hypervisor, G: Guest>(
         }
     }
 
-    let (cluster, kubeconfig) = match guest_api {
+    let (cluster, kubeconfig, scheduler) = match guest_api {
         GuestApi::Ask => observe_guest_cluster(names, ctx, &mut nodes).await?,
         GuestApi::Skip => (
             GuestCluster::Unreachable("not asked: the BenchCluster is being deleted".into()),
+            None,
             None,
         ),
     };
@@ -159,6 +163,9 @@ pub async fn observe<H: Hypervisor, G: Guest>(
                     },
                 }
             }),
+            scheduler,
+            // The driver's to set: it holds the last status and this pass's results.
+            rejected_scheduler: None,
         },
         kubeconfig,
         host_keys,
@@ -187,7 +194,11 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
     names: &ClusterNames,
     ctx: &Context<H, G>,
     nodes: &mut BTreeMap<NodeId, ObservedNode>,
-) -> Result<(GuestCluster, Option<AdminKubeconfig>)> {
+) -> Result<(
+    GuestCluster,
+    Option<AdminKubeconfig>,
+    Option<ObservedScheduler>,
+)> {
     let secret = ctx
         .secrets
         .kubeconfig(&ctx.client, &names.namespace, &names.kubeconfig_secret())
@@ -200,10 +211,14 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
         .and_then(|bytes| std::str::from_utf8(&bytes.0).ok())
         .map(|text| AdminKubeconfig(SecretString::from(text.to_owned())))
     else {
-        return Ok((GuestCluster::Uninitialised, None));
+        return Ok((GuestCluster::Uninitialised, None, None));
     };
     if let Some(reason) = control_plane_unavailable(nodes) {
-        return Ok((GuestCluster::Unreachable(reason.into()), Some(kubeconfig)));
+        return Ok((
+            GuestCluster::Unreachable(reason.into()),
+            Some(kubeconfig),
+            None,
+        ));
     }
     match ctx.guest.cluster_nodes(&kubeconfig).await {
         Ok(cluster_nodes) => {
@@ -218,9 +233,26 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
                     node.extended_resources = cluster_node.extended_resources;
                 }
             }
-            Ok((GuestCluster::Reachable, Some(kubeconfig)))
+            let control_plane = names.node(NodeId::CONTROL_PLANE);
+            let scheduler = match ctx.guest.scheduler(&kubeconfig, &control_plane).await {
+                Ok(scheduler) => scheduler.map(|s| ObservedScheduler {
+                    config_hash: s.config_hash,
+                    image: s.image,
+                    since: s.started,
+                    healthy: s.healthy,
+                }),
+                Err(error) => {
+                    debug!(%error, "cannot read the scheduler's pod");
+                    None
+                }
+            };
+            Ok((GuestCluster::Reachable, Some(kubeconfig), scheduler))
         }
-        Err(e) => Ok((GuestCluster::Unreachable(e.to_string()), Some(kubeconfig))),
+        Err(e) => Ok((
+            GuestCluster::Unreachable(e.to_string()),
+            Some(kubeconfig),
+            None,
+        )),
     }
 }
 

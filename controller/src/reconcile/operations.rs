@@ -39,6 +39,8 @@ pub enum Output {
     Initialised(AdminKubeconfig),
     Joined,
     Drained,
+    /// The scheduler runs the spec's configuration.
+    SchedulerSwitched(guest::RunningScheduler),
 }
 
 /// How an operation ended.

@@ -17,6 +17,9 @@ pub struct Outcome {
     pub retrying: Vec<(Action, String)>,
     /// What happened to the nodes, in order, for their timelines.
     pub stamps: Vec<Stamp>,
+    /// A scheduler configuration refused (and rolled back) in this pass: its hash and
+    /// the scheduler's error.
+    pub scheduler_rejected: Option<(String, String)>,
 }
 
 impl Outcome {
@@ -29,6 +32,10 @@ impl Outcome {
         self.retrying.extend(earlier.retrying);
         let later = std::mem::replace(&mut self.stamps, earlier.stamps);
         self.stamps.extend(later);
+        self.scheduler_rejected = self
+            .scheduler_rejected
+            .take()
+            .or(earlier.scheduler_rejected);
     }
 
     /// The first failure as the pass's error, for the backoff policy.

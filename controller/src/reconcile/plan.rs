@@ -53,6 +53,9 @@ pub enum Action {
     /// Put its pool's labels (those the kubelet may not set itself, and any removed
     /// since) and extended resources on a registered worker's Node.
     ConfigureNode(NodeId),
+    /// Start switching the control plane's scheduler to the spec's configuration in
+    /// the background (rolled back if the scheduler refuses it).
+    SwitchScheduler,
     /// Abort the node's operation in flight: its node is no longer wanted or running.
     Abandon(NodeId),
     /// Destroy and undefine the node's domain.
@@ -68,7 +71,9 @@ impl Action {
     /// The node this step acts on.
     pub fn node(self) -> NodeId {
         match self {
-            Action::InitControlPlane | Action::ForgetCluster => NodeId::CONTROL_PLANE,
+            Action::InitControlPlane | Action::ForgetCluster | Action::SwitchScheduler => {
+                NodeId::CONTROL_PLANE
+            }
             Action::CreateDisk(id)
             | Action::DefineDomain(id)
             | Action::StartDomain(id)
@@ -90,6 +95,7 @@ impl Action {
             Operation::Init => Action::InitControlPlane,
             Operation::Join => Action::JoinWorker(node),
             Operation::Drain => Action::DrainNode(node),
+            Operation::Scheduler => Action::SwitchScheduler,
         }
     }
 
@@ -162,7 +168,10 @@ pub fn defer_retries(actions: Vec<Action>, failed: &[NodeId]) -> Vec<Action> {
         .filter(|a| {
             let starts = matches!(
                 a,
-                Action::InitControlPlane | Action::JoinWorker(_) | Action::DrainNode(_)
+                Action::InitControlPlane
+                    | Action::JoinWorker(_)
+                    | Action::DrainNode(_)
+                    | Action::SwitchScheduler
             );
             !(starts && failed.contains(&a.node()))
         })
@@ -198,7 +207,21 @@ fn operation_still_useful(
         Operation::Drain => {
             (!is_desired(spec, id) || replaced(spec, id, node)) && node.domain.is_some()
         }
+        // Not abandoned for a newer spec: a switch cut half-way could leave the
+        // scheduler down; the next one follows it.
+        Operation::Scheduler => node.domain == Some(VmState::Running) && node.ip.is_some(),
     }
+}
+
+/// Whether the control plane's scheduler should be switched: it runs another
+/// configuration than the spec's, one it has not refused.
+fn scheduler_to_switch(spec: &BenchClusterSpec, world: &World) -> bool {
+    let wanted = spec.scheduler.config_hash();
+    world
+        .scheduler
+        .as_ref()
+        .is_some_and(|running| running.config_hash != wanted)
+        && world.rejected_scheduler.as_deref() != Some(wanted.as_str())
 }
 
 /// Actions that remove everything the cluster owns: workers (highest index first),
@@ -269,6 +292,13 @@ fn create_or_progress(
                     if init {
                         out.extend(probe);
                         out.push(Action::InitControlPlane);
+                    } else if world.cluster == GuestCluster::Reachable
+                        && node.registered == Some(true)
+                        && world.operation(id).is_none()
+                        && scheduler_to_switch(spec, world)
+                    {
+                        out.extend(probe);
+                        out.push(Action::SwitchScheduler);
                     }
                 }
                 Role::Worker => {
@@ -377,6 +407,7 @@ pub(crate) mod tests {
             pools: Vec::new(),
             network: NetworkSpec { name: "net".into() },
             kubernetes: KubernetesSpec::default(),
+            scheduler: Default::default(),
             ssh: SshSpec {
                 user: "bench".into(),
                 key_secret: SecretReference { name: "key".into() },
@@ -392,6 +423,8 @@ pub(crate) mod tests {
             cluster: GuestCluster::Uninitialised,
             operations: BTreeMap::new(),
             capacity: None,
+            scheduler: None,
+            rejected_scheduler: None,
         }
     }
 
@@ -438,6 +471,15 @@ pub(crate) mod tests {
         world
     }
 
+    fn running_scheduler(config_hash: &str) -> super::super::world::ObservedScheduler {
+        super::super::world::ObservedScheduler {
+            config_hash: config_hash.into(),
+            image: "registry.k8s.io/kube-scheduler:v1.35.4".into(),
+            since: None,
+            healthy: true,
+        }
+    }
+
     /// Applies actions the way a well-behaved hypervisor and guest would: steps at
     /// once, background operations between passes.
     fn simulate(spec: &BenchClusterSpec, world: &mut World, actions: &[Action]) {
@@ -475,6 +517,9 @@ pub(crate) mod tests {
                 }
                 Action::JoinWorker(_) => {
                     assert!(world.operations.insert(id, Operation::Join).is_none());
+                }
+                Action::SwitchScheduler => {
+                    assert!(world.operations.insert(id, Operation::Scheduler).is_none());
                 }
                 Action::DrainNode(_) => {
                     assert!(world.operations.insert(id, Operation::Drain).is_none());
@@ -523,9 +568,14 @@ pub(crate) mod tests {
                     }
                     if operation == Operation::Init {
                         world.cluster = GuestCluster::Reachable;
+                        world.scheduler =
+                            Some(running_scheduler(benchcluster_crd::scheduler::DEFAULTS));
                     }
                 }
                 Operation::Init | Operation::Join => {}
+                Operation::Scheduler => {
+                    world.scheduler = Some(running_scheduler(&spec.scheduler.config_hash()));
+                }
                 Operation::Drain => {
                     node.registered = None;
                     node.cordoned = false;
@@ -1276,6 +1326,8 @@ pub(crate) mod tests {
                     cluster,
                     operations,
                     capacity: None,
+                    scheduler: None,
+                    rejected_scheduler: None,
                 }
             })
     }

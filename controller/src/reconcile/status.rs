@@ -13,6 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::context::Settings;
 use super::outcome::{Outcome, failure_message};
 use super::pools::{self, desired_nodes, fit};
+use super::scheduler;
 use super::timeline::Timeline;
 use super::world::{GuestCluster, NetworkState, Operation, VmState, World};
 use crate::names::{ClusterNames, NodeId};
@@ -184,12 +185,32 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
     let control_plane_ready = ready_nodes.contains(&NodeId::CONTROL_PLANE);
     let surplus = world.nodes.keys().any(|id| !desired.contains(id));
     let workers_ready = ready_workers == desired_workers && !surplus;
-    let (stalled, stall_reason, stall_message) = stall(inputs);
+    let rejected = scheduler::rejected(spec, previous, inputs.outcome, &inputs.now);
+    let scheduler_ready = scheduler::readiness(spec, world, rejected.as_ref());
+    // A configuration the scheduler refused waits for the spec to change.
+    let (stalled, stall_reason, stall_message) = match stall(inputs) {
+        (false, ..) if rejected.is_some() => (
+            true,
+            "SchedulerConfigRejected".to_owned(),
+            scheduler_ready.message.clone(),
+        ),
+        stall => stall,
+    };
     // A spec the controller cannot meet (a control plane of another size) is not Ready,
     // however well the cluster runs: Ready and Stalled never both hold.
-    let ready =
-        control_plane_ready && workers_ready && world.network == NetworkState::Ready && !stalled;
-    let (progress_reason, progress_message) = progress(inputs, &nodes);
+    let ready = control_plane_ready
+        && workers_ready
+        && scheduler_ready.ready
+        && world.network == NetworkState::Ready
+        && !stalled;
+    let (progress_reason, progress_message) = match progress(inputs, &nodes) {
+        // Every node is Ready: what is left is the scheduler.
+        (reason, _) if reason == "Converging" && !scheduler_ready.ready => (
+            format!("Scheduler{}", scheduler_ready.reason),
+            scheduler_ready.message.clone(),
+        ),
+        progress => progress,
+    };
     let now = inputs.now.clone();
     let cond = |t, status, reason: &str, message: String| {
         conditions::new(t, status, reason, message, *generation, now.clone())
@@ -233,6 +254,12 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
             "WorkersNotReady"
         },
         format!("{ready_workers}/{desired_workers} workers Ready"),
+    );
+    let scheduler_condition = cond(
+        ConditionType::SchedulerReady,
+        scheduler_ready.ready,
+        scheduler_ready.reason,
+        scheduler_ready.message,
     );
     let paused = spec.paused;
     let ready_condition = if ready {
@@ -294,6 +321,7 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
         ready_condition,
         control_plane,
         workers,
+        scheduler_condition,
         reconciling,
         stalled_condition,
     ];
@@ -324,6 +352,7 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
         },
         kubeconfig_secret: initialised.then(|| names.kubeconfig_secret()),
         last_provisioning,
+        scheduler: scheduler::status(world, previous, rejected),
     }
 }
 

@@ -4,6 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
 use super::pools::Capacity;
 use crate::names::{KeyTag, NodeId, Seed};
 
@@ -118,6 +120,8 @@ pub enum Operation {
     Join,
     /// Cordon, drain and delete of a surplus worker's Node.
     Drain,
+    /// The control plane's scheduler switched to the spec's configuration.
+    Scheduler,
 }
 
 impl Operation {
@@ -126,6 +130,7 @@ impl Operation {
             Operation::Init => "kubeadm init",
             Operation::Join => "kubeadm join",
             Operation::Drain => "drain",
+            Operation::Scheduler => "scheduler switch",
         }
     }
 }
@@ -143,6 +148,18 @@ pub enum GuestCluster {
     Reachable,
 }
 
+/// The control plane's scheduler, from its static pod in the guest API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedScheduler {
+    /// The configuration it reads (`SchedulerSpec::config_hash`).
+    pub config_hash: String,
+    pub image: String,
+    /// When its container started.
+    pub since: Option<Time>,
+    /// Running and ready.
+    pub healthy: bool,
+}
+
 /// Everything observe found, the only input of the planner besides the spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct World {
@@ -153,6 +170,11 @@ pub struct World {
     pub operations: BTreeMap<NodeId, Operation>,
     /// What the host offers VMs, when the hypervisor said.
     pub capacity: Option<Capacity>,
+    /// The scheduler, when the guest API showed it.
+    pub scheduler: Option<ObservedScheduler>,
+    /// The configuration hash the scheduler refused (from the status), while the spec
+    /// still asks for it: not tried again until the spec changes.
+    pub rejected_scheduler: Option<String>,
 }
 
 impl World {

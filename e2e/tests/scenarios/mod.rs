@@ -12,6 +12,7 @@ mod outage;
 mod pools;
 mod rejoin;
 mod scale;
+mod scheduler;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -68,6 +69,11 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: pools::NAME,
         run: pools::run,
+        on_up_by_default: true,
+    },
+    Scenario {
+        name: scheduler::NAME,
+        run: scheduler::run,
         on_up_by_default: true,
     },
     Scenario {

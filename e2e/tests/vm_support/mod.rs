@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use benchcluster_controller::guest::ssh::{SshConfig, SshGuest};
 use benchcluster_controller::guest::{
-    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestNode, InitConfig, NodeConfig,
-    Registration, Result as GuestResult,
+    AdminKubeconfig, ClusterNode, Credentials, Guest, GuestError, GuestNode, InitConfig,
+    NodeConfig, Registration, Result as GuestResult, RunningScheduler,
 };
 use benchcluster_controller::http::{self, Readiness};
 use benchcluster_controller::hypervisor::libvirt::{Libvirt, LibvirtConfig};
@@ -154,6 +154,33 @@ impl Guest for ProbeOnlyGuest {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(node_name.to_owned(), config.clone());
         Ok(())
+    }
+
+    async fn scheduler(
+        &self,
+        _kubeconfig: &AdminKubeconfig,
+        _control_plane: &str,
+    ) -> GuestResult<Option<RunningScheduler>> {
+        // No kubeadm, so no scheduler: reported as kube-scheduler's defaults, healthy.
+        Ok(Some(RunningScheduler {
+            config_hash: benchcluster_crd::scheduler::DEFAULTS.into(),
+            image: String::new(),
+            started: None,
+            healthy: true,
+        }))
+    }
+
+    async fn switch_scheduler(
+        &self,
+        control_plane: &GuestNode,
+        _credentials: &Credentials,
+        _kubeconfig: &AdminKubeconfig,
+        _config: &InitConfig,
+    ) -> GuestResult<RunningScheduler> {
+        Err(GuestError::Api(format!(
+            "{}: the vm tier runs no kubeadm, so no scheduler to switch",
+            control_plane.name
+        )))
     }
 
     async fn cluster_nodes(&self, _kubeconfig: &AdminKubeconfig) -> GuestResult<Vec<ClusterNode>> {

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use benchcluster_crd::BenchCluster;
 use kube::runtime::events::EventType;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::super::context::Context;
 use super::super::operations::{Ending, Finished, Output};
@@ -13,7 +13,7 @@ use super::super::plan::Action;
 use super::super::timeline::{Event, Stamp};
 use super::{publish, report_failure, secrets};
 use crate::error::{Error, Result};
-use crate::guest::Guest;
+use crate::guest::{Guest, GuestError};
 use crate::hypervisor::Hypervisor;
 use crate::names::{ClusterNames, NodeId};
 
@@ -39,6 +39,25 @@ pub async fn collect<H: Hypervisor, G: Guest>(
         let action = Action::starting(operation, id);
         let result = match ending {
             Ending::Finished(Ok(output)) => finish(bc, names, ctx, id, output, began, ended).await,
+            // Rolled back: not a failure to retry, the spec has to change.
+            Ending::Finished(Err(GuestError::SchedulerRejected {
+                config_hash,
+                message,
+            })) => {
+                warn!(config = %config_hash, error = %message, "kube-scheduler refused its configuration; rolled back");
+                publish(
+                    bc,
+                    ctx,
+                    EventType::Warning,
+                    "SchedulerConfigRejected",
+                    "SwitchScheduler",
+                    format!("kube-scheduler refused configuration {config_hash} and was rolled back: {message}"),
+                )
+                .await;
+                ctx.operations.clear_failure(uid, id);
+                outcome.scheduler_rejected = Some((config_hash, message));
+                continue;
+            }
             Ending::Finished(Err(error)) => Err(error.into()),
             Ending::Lost => Err(Error::OperationLost {
                 operation: operation.as_str(),
@@ -100,6 +119,24 @@ async fn finish<H: Hypervisor, G: Guest>(
         }
         Output::Drained => {
             publish(bc, ctx, EventType::Normal, "NodeDrained", "Drain", node).await;
+            None
+        }
+        Output::SchedulerSwitched(running) => {
+            let took = ended.saturating_duration_since(began);
+            info!(config = %running.config_hash, image = %running.image, ?took, "scheduler switched");
+            publish(
+                bc,
+                ctx,
+                EventType::Normal,
+                "SchedulerSwitched",
+                "SwitchScheduler",
+                format!(
+                    "kube-scheduler runs configuration {} (healthy {:.1}s after the switch began)",
+                    running.config_hash,
+                    took.as_secs_f64()
+                ),
+            )
+            .await;
             None
         }
     })

@@ -169,6 +169,7 @@ fn needs_credentials(action: Action) -> bool {
         Action::ProbeSsh(_)
             | Action::InitControlPlane
             | Action::JoinWorker(_)
+            | Action::SwitchScheduler
             | Action::DefineDomain(_)
     )
 }

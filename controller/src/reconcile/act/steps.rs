@@ -19,7 +19,7 @@ use super::super::timeline::{Event, Stamp};
 use super::super::world::Operation;
 use super::{publish, secrets};
 use crate::error::{Error, Result};
-use crate::guest::{Credentials, Guest, GuestError, GuestNode, InitConfig};
+use crate::guest::{Credentials, Guest, GuestError, GuestNode, InitConfig, SchedulerSpec};
 use crate::hypervisor::{DomainOwner, DomainSpec, Hypervisor, HypervisorError, OverlaySpec, Owner};
 use crate::names::{ClusterNames, MAC_CANDIDATES, NodeId, Seed};
 use crate::seed::{self, HostKey, Identity};
@@ -56,6 +56,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
             Action::DrainNode(id) => self.drain_node(id),
             Action::Uncordon(id) => self.uncordon(id).await,
             Action::ConfigureNode(id) => self.configure_node(id).await,
+            Action::SwitchScheduler => self.switch_scheduler(),
             Action::Abandon(id) => Ok(self.abandon(id)),
             Action::RemoveDomain(id) => self.remove_domain(id, stamps).await,
             Action::DeleteVolumes(id) => self.delete_volumes(id).await,
@@ -209,9 +210,12 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
     fn init_control_plane(&self) -> Result<StepResult> {
         let node = self.guest_node(NodeId::CONTROL_PLANE)?;
         let credentials = self.credentials("initialise the control plane")?.clone();
+        // kube-scheduler's defaults first: the spec's configuration follows as a switch
+        // (SwitchScheduler) once the control plane is up, so a configuration the
+        // scheduler refuses is rolled back instead of failing kubeadm's health check.
         let config = InitConfig {
-            pod_subnet: self.bc.spec.kubernetes.pod_subnet.clone(),
-            service_subnet: self.bc.spec.kubernetes.service_subnet.clone(),
+            scheduler: SchedulerSpec::default(),
+            ..self.init_config()
         };
         let guest = Arc::clone(&self.ctx.guest);
         Ok(
@@ -220,6 +224,31 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
                     .init_control_plane(&node, &credentials, &config)
                     .await
                     .map(Output::Initialised)
+            }),
+        )
+    }
+
+    /// The kubeadm configuration the spec asks for.
+    fn init_config(&self) -> InitConfig {
+        InitConfig {
+            pod_subnet: self.bc.spec.kubernetes.pod_subnet.clone(),
+            service_subnet: self.bc.spec.kubernetes.service_subnet.clone(),
+            scheduler: self.bc.spec.scheduler.clone(),
+        }
+    }
+
+    fn switch_scheduler(&self) -> Result<StepResult> {
+        let node = self.guest_node(NodeId::CONTROL_PLANE)?;
+        let kubeconfig = self.kubeconfig("switch the scheduler")?;
+        let credentials = self.credentials("switch the scheduler")?.clone();
+        let config = self.init_config();
+        let guest = Arc::clone(&self.ctx.guest);
+        Ok(
+            self.start_operation(NodeId::CONTROL_PLANE, Operation::Scheduler, async move {
+                guest
+                    .switch_scheduler(&node, &credentials, &kubeconfig, &config)
+                    .await
+                    .map(Output::SchedulerSwitched)
             }),
         )
     }
