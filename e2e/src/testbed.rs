@@ -80,6 +80,28 @@ pub fn volumes(namespace: &str, name: &str) -> anyhow::Result<BTreeSet<String>> 
 }
 
 /// The test driver behind the instrumentation the tests read.
+/// A KubeSchedulerConfiguration whose one profile packs pods (`NodeResourcesFit`
+/// scoring with `MostAllocated`), as a benchmark would compare with the default
+/// spreading.
+pub fn most_allocated() -> serde_json::Value {
+    json!({
+        "apiVersion": "kubescheduler.config.k8s.io/v1",
+        "kind": "KubeSchedulerConfiguration",
+        "profiles": [{
+            "schedulerName": "default-scheduler",
+            "pluginConfig": [{
+                "name": "NodeResourcesFit",
+                "args": {
+                    "scoringStrategy": {
+                        "type": "MostAllocated",
+                        "resources": [{"name": "cpu", "weight": 1}, {"name": "memory", "weight": 1}],
+                    },
+                },
+            }],
+        }],
+    })
+}
+
 pub fn hypervisor() -> Instrumented<Libvirt> {
     let mut hypervisor = Instrumented::new(Libvirt::new(LibvirtConfig::for_uri(URI)));
     hypervisor.recorded_seeds = Some(RecordedSeeds::new(URI, POOL));

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail, ensure};
 use benchcluster_crd::quantity::parse_bytes;
 use benchcluster_crd::{BenchCluster, Firmware, TaintEffect};
-use benchcluster_e2e::{TestApiServer, create_namespace, wait};
+use benchcluster_e2e::{TestApiServer, create_namespace, testbed, wait};
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::core::Status;
 use serde_json::{Value, json};
@@ -1077,27 +1077,6 @@ async fn a_pools_shape_and_scheduling_properties_are_immutable() -> anyhow::Resu
     .await
 }
 
-/// A KubeSchedulerConfiguration whose one profile packs pods (`NodeResourcesFit` scoring
-/// with `MostAllocated`), as a benchmark would compare with the default spreading.
-fn most_allocated() -> Value {
-    json!({
-        "apiVersion": "kubescheduler.config.k8s.io/v1",
-        "kind": "KubeSchedulerConfiguration",
-        "profiles": [{
-            "schedulerName": "default-scheduler",
-            "pluginConfig": [{
-                "name": "NodeResourcesFit",
-                "args": {
-                    "scoringStrategy": {
-                        "type": "MostAllocated",
-                        "resources": [{"name": "cpu", "weight": 1}, {"name": "memory", "weight": 1}],
-                    },
-                },
-            }],
-        }],
-    })
-}
-
 fn with_scheduler_config(config: Value) -> Value {
     with(minimal("x"), "/spec/scheduler", json!({"config": config}))
 }
@@ -1105,18 +1084,19 @@ fn with_scheduler_config(config: Value) -> Value {
 #[tokio::test]
 async fn a_scheduler_config_is_stored_with_every_field_as_written() -> anyhow::Result<()> {
     with_env("crd-scheduler", |env| async move {
-        env.create(with_scheduler_config(most_allocated())).await?;
+        env.create(with_scheduler_config(testbed::most_allocated()))
+            .await?;
         // Fields the schema does not declare (pluginConfig and below) are kept, not pruned.
         let raw = env.dynamic().get("x").await?;
         let stored = &raw.data["spec"]["scheduler"]["config"];
         ensure!(
-            *stored == most_allocated(),
+            *stored == testbed::most_allocated(),
             "stored config differs from the one sent: {stored:#}"
         );
         let bc = env.typed().get("x").await?;
         let config = bc.spec.scheduler.config.context("config missing")?;
         ensure!(
-            Value::Object(config.0) == most_allocated(),
+            Value::Object(config.0) == testbed::most_allocated(),
             "typed config differs"
         );
         // A cluster without one gets kube-scheduler's defaults; the field may change
@@ -1124,7 +1104,7 @@ async fn a_scheduler_config_is_stored_with_every_field_as_written() -> anyhow::R
         env.create(minimal("plain")).await?;
         let plain = env.typed().get("plain").await?;
         ensure!(plain.spec.scheduler.config.is_none());
-        let mut changed = most_allocated();
+        let mut changed = testbed::most_allocated();
         changed["profiles"][0]["schedulerName"] = json!("packing");
         update(&env, "x", "/spec/scheduler/config", changed)
             .await
@@ -1140,9 +1120,9 @@ async fn a_scheduler_config_is_stored_with_every_field_as_written() -> anyhow::R
 #[tokio::test]
 async fn bad_scheduler_configs_are_rejected_naming_the_field() -> anyhow::Result<()> {
     with_env("crd-bad-scheduler", |env| async move {
-        let set = |pointer: &str, value: Value| with(most_allocated(), pointer, value);
+        let set = |pointer: &str, value: Value| with(testbed::most_allocated(), pointer, value);
         let without = |key: &str| {
-            let mut config = most_allocated();
+            let mut config = testbed::most_allocated();
             config.as_object_mut().unwrap().remove(key);
             config
         };
@@ -1195,7 +1175,7 @@ async fn bad_scheduler_configs_are_rejected_naming_the_field() -> anyhow::Result
             ),
             (
                 "a config that is a list",
-                json!([most_allocated()]),
+                json!([testbed::most_allocated()]),
                 "spec.scheduler.config",
                 "must be of type object",
             ),

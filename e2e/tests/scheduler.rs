@@ -25,26 +25,6 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-/// One profile that packs pods (`NodeResourcesFit` scoring with `MostAllocated`).
-fn most_allocated() -> Value {
-    json!({
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "profiles": [{
-            "schedulerName": "default-scheduler",
-            "pluginConfig": [{
-                "name": "NodeResourcesFit",
-                "args": {
-                    "scoringStrategy": {
-                        "type": "MostAllocated",
-                        "resources": [{"name": "cpu", "weight": 1}, {"name": "memory", "weight": 1}],
-                    },
-                },
-            }],
-        }],
-    })
-}
-
 /// Valid by the CRD's rules, refused by kube-scheduler: a score plugin it does not have.
 fn unknown_plugin() -> Value {
     json!({
@@ -252,8 +232,8 @@ async fn a_live_scheduler_change_is_switched_reported_and_reverted() -> Result<(
     assert_eq!(switches(guest), 0);
 
     // A MostAllocated profile: switched once, on the running cluster.
-    let packing = hash(&most_allocated())?;
-    set_config(&f, "live", &most_allocated()).await?;
+    let packing = hash(&testbed::most_allocated())?;
+    set_config(&f, "live", &testbed::most_allocated()).await?;
     let bc = wait_running(&f, "live", &packing).await?;
     let (_, reason, message) = condition(&bc, ConditionType::SchedulerReady);
     assert_eq!(reason, "Running");
@@ -382,13 +362,16 @@ async fn a_new_cluster_is_switched_to_its_configuration_before_ready() -> Result
     let controller =
         RunningController::start(f.client.clone(), Some(&f.namespace), testbed::hypervisor());
     let guest = &controller.ctx.guest;
-    for (name, config) in [("packed", most_allocated()), ("broken", unknown_plugin())] {
+    for (name, config) in [
+        ("packed", testbed::most_allocated()),
+        ("broken", unknown_plugin()),
+    ] {
         let mut bc = f.cluster(name, 1)?;
         bc.spec.scheduler.config = Some(serde_json::from_value(config)?);
         f.api.create(&PostParams::default(), &bc).await?;
     }
 
-    let packing = hash(&most_allocated())?;
+    let packing = hash(&testbed::most_allocated())?;
     f.wait_ready("packed", 1).await?;
     let bc = wait_running(&f, "packed", &packing).await?;
     assert_eq!(scheduler(&bc).config_hash, packing);

@@ -25,7 +25,6 @@ impl SshGuest {
         node: &GuestNode,
         config: &InitConfig,
     ) -> Result<AdminKubeconfig> {
-        let short = self.config.command_timeout;
         if self
             .exists(session, node, "test init marker", INIT_DONE)
             .await?
@@ -76,17 +75,7 @@ impl SshGuest {
             self.kubeadm(session, node, "kubeadm reset", &["reset", "-f"])
                 .await?;
         }
-        let version = self
-            .run(
-                session,
-                node,
-                "kubeadm version",
-                &["kubeadm", "version", "-o", "short"],
-                None,
-                short,
-            )
-            .await?;
-        let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+        let version = self.kubeadm_version(session, node).await?;
         // Written first: the ClusterConfiguration points the scheduler at it.
         let scheduler_file = match &config.scheduler.config {
             Some(document) => {

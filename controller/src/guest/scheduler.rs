@@ -361,17 +361,7 @@ impl SshGuest {
         config_file: Option<&str>,
         switch: &str,
     ) -> Result<()> {
-        let version = self
-            .run(
-                session,
-                node,
-                "kubeadm version",
-                &["kubeadm", "version", "-o", "short"],
-                None,
-                self.config.command_timeout,
-            )
-            .await?;
-        let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+        let version = self.kubeadm_version(session, node).await?;
         let document = init_configuration(
             node,
             config,
@@ -588,29 +578,20 @@ mod tests {
 
         assert!(failed(&pod(&["kube-scheduler", &arg], false, 1)));
         assert_eq!(switch_of(&with_config), Some("17"));
-        let mut crashing = pod(&["kube-scheduler", &arg], false, 0);
-        let status = &mut crashing
-            .status
-            .as_mut()
-            .unwrap()
-            .container_statuses
-            .as_mut()
-            .unwrap()[0];
-        status.state = Some(
-            serde_json::from_value(json!({"waiting": {"reason": "CrashLoopBackOff"}})).unwrap(),
-        );
-        assert!(failed(&crashing));
-        let status = &mut crashing
-            .status
-            .as_mut()
-            .unwrap()
-            .container_statuses
-            .as_mut()
-            .unwrap()[0];
-        status.state = Some(
-            serde_json::from_value(json!({"waiting": {"reason": "ContainerCreating"}})).unwrap(),
-        );
-        assert!(!failed(&crashing));
+        let waiting = |reason: &str| {
+            let mut pod = pod(&["kube-scheduler", &arg], false, 0);
+            pod.status
+                .as_mut()
+                .unwrap()
+                .container_statuses
+                .as_mut()
+                .unwrap()[0]
+                .state =
+                Some(serde_json::from_value(json!({"waiting": {"reason": reason}})).unwrap());
+            pod
+        };
+        assert!(failed(&waiting("CrashLoopBackOff")));
+        assert!(!failed(&waiting("ContainerCreating")));
     }
 
     #[test]

@@ -383,6 +383,25 @@ impl SshGuest {
             .await
     }
 
+    /// The node's kubeadm version (`v1.35.4`), which its configuration names.
+    pub(super) async fn kubeadm_version(
+        &self,
+        session: &Session,
+        node: &GuestNode,
+    ) -> Result<String> {
+        let output = self
+            .run(
+                session,
+                node,
+                "kubeadm version",
+                &["kubeadm", "version", "-o", "short"],
+                None,
+                self.config.command_timeout,
+            )
+            .await?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
     /// `Ok` when no kubeadm holds [`KUBEADM_LOCK`], else [`GuestError::Busy`].
     pub(super) async fn kubeadm_idle(&self, session: &Session, node: &GuestNode) -> Result<()> {
         self.run_locked(

@@ -30,7 +30,7 @@ use benchcluster_e2e::logs::{ControllerLog, LogCapture};
 use benchcluster_e2e::sandbox::{self, IMAGE_POOL, NETWORK, NODE_POOL};
 use benchcluster_e2e::{TestApiServer, create_namespace, keys, wait};
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -860,4 +860,32 @@ pub fn indent(text: &str) -> String {
         .map(|l| format!("    {l}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The name of the one worker of `pool`.
+pub fn node_of_pool(bc: &BenchCluster, pool: &str) -> anyhow::Result<String> {
+    let nodes: Vec<String> = bc
+        .status_or_default()
+        .nodes
+        .into_iter()
+        .filter(|n| n.pool.as_deref() == Some(pool))
+        .map(|n| n.name)
+        .collect();
+    match nodes.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => anyhow::bail!("pool {pool} has nodes {nodes:?}, want one"),
+    }
+}
+
+/// The pause image the kubelet has (preloaded in the image), from the Node's status.
+pub fn pause_image(node: &Node) -> anyhow::Result<String> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.images.as_ref())
+        .into_iter()
+        .flatten()
+        .flat_map(|i| i.names.iter().flatten())
+        .find(|n| n.contains("/pause:"))
+        .cloned()
+        .context("no pause image on the Node")
 }

@@ -19,7 +19,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
-use super::Bed;
+use super::{Bed, node_of_pool, pause_image};
 use crate::vm_support::POLL;
 
 pub const NAME: &str = "pools";
@@ -80,21 +80,6 @@ pub fn run(bed: &Bed) -> BoxFuture<'_, anyhow::Result<()>> {
             .await?;
         Ok(())
     })
-}
-
-/// The name of the one worker of `pool`.
-fn node_of_pool(bc: &BenchCluster, pool: &str) -> anyhow::Result<String> {
-    let nodes: Vec<String> = bc
-        .status_or_default()
-        .nodes
-        .into_iter()
-        .filter(|n| n.pool.as_deref() == Some(pool))
-        .map(|n| n.name)
-        .collect();
-    match nodes.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => anyhow::bail!("pool {pool} has nodes {nodes:?}, want one"),
-    }
 }
 
 fn quantity(node: &Node, of: &str, name: &str) -> anyhow::Result<String> {
@@ -231,19 +216,6 @@ async fn check_nodes(bed: &Bed, bc: &BenchCluster, nodes: &Api<Node>) -> anyhow:
         }
     }
     Ok(())
-}
-
-/// The pause image the kubelet has (preloaded in the image), from the Node's status.
-fn pause_image(node: &Node) -> anyhow::Result<String> {
-    node.status
-        .as_ref()
-        .and_then(|s| s.images.as_ref())
-        .into_iter()
-        .flatten()
-        .flat_map(|i| i.names.iter().flatten())
-        .find(|n| n.contains("/pause:"))
-        .cloned()
-        .context("no pause image on the Node")
 }
 
 fn pod(name: &str, image: &str, extra: serde_json::Value) -> anyhow::Result<Pod> {

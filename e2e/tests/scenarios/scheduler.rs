@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-use super::Bed;
+use super::{Bed, node_of_pool, pause_image};
 use crate::vm_support::POLL;
 
 pub const NAME: &str = "scheduler";
@@ -563,32 +563,4 @@ fn unknown_plugin() -> anyhow::Result<KubeSchedulerConfiguration> {
 
 fn configuration(value: Value) -> anyhow::Result<KubeSchedulerConfiguration> {
     Ok(serde_json::from_value(value)?)
-}
-
-/// The name of the one worker of `pool`.
-fn node_of_pool(bc: &BenchCluster, pool: &str) -> anyhow::Result<String> {
-    let nodes: Vec<String> = bc
-        .status_or_default()
-        .nodes
-        .into_iter()
-        .filter(|n| n.pool.as_deref() == Some(pool))
-        .map(|n| n.name)
-        .collect();
-    match nodes.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => anyhow::bail!("pool {pool} has nodes {nodes:?}, want one"),
-    }
-}
-
-/// The pause image the kubelet has (preloaded in the image), from the Node's status.
-fn pause_image(node: &Node) -> anyhow::Result<String> {
-    node.status
-        .as_ref()
-        .and_then(|s| s.images.as_ref())
-        .into_iter()
-        .flatten()
-        .flat_map(|i| i.names.iter().flatten())
-        .find(|n| n.contains("/pause:"))
-        .cloned()
-        .context("no pause image on the Node")
 }
