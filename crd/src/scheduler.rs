@@ -47,6 +47,10 @@ const SCHEDULER_NAME_MESSAGE: &str = "spec.scheduler.config.profiles entries mus
 const UNIQUE_NAMES_RULE: &str = "self.all(p, !has(p.schedulerName) || self.exists_one(q, has(q.schedulerName) && q.schedulerName == p.schedulerName))";
 const UNIQUE_NAMES_MESSAGE: &str = "spec.scheduler.config.profiles must not repeat a schedulerName: a pod picks its profile by spec.schedulerName";
 
+/// An image reference: registry/path components, an optional tag, an optional digest.
+const IMAGE_RULE: &str = r"self.matches('^[a-z0-9]([-a-z0-9._]*[a-z0-9])?(:[0-9]+)?(/[a-z0-9]([-a-z0-9._]*[a-z0-9])?)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$')";
+const IMAGE_MESSAGE: &str = "spec.scheduler.image must be an image reference such as registry.example/kube-scheduler:v1.35.4: lower-case registry and path, optional :tag and @sha256: digest";
+
 /// The guest cluster's scheduler.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -66,6 +70,14 @@ pub struct SchedulerSpec {
     /// plane). Each entry of `profiles` needs a `schedulerName`, unique in the list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<KubeSchedulerConfiguration>,
+    /// A kube-scheduler image to run instead of kubeadm's, for example a build with
+    /// out-of-tree plugins (kubernetes-sigs/scheduler-plugins). It must be present on
+    /// the control plane (preloaded in its base image): it is never pulled. Switched
+    /// live like `config`; one that does not start is rolled back the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new(IMAGE_RULE).message(IMAGE_MESSAGE))]
+    pub image: Option<String>,
 }
 
 impl SchedulerSpec {
@@ -104,14 +116,24 @@ pub struct SchedulerStatus {
     pub rejected: Option<RejectedConfig>,
 }
 
-/// A scheduler configuration that did not start, and why.
+/// A scheduler configuration (and image) that did not start, and why.
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RejectedConfig {
     pub config_hash: String,
+    /// The custom image asked for with it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// The scheduler's own error, from its log.
     pub message: String,
     pub at: Time,
+}
+
+impl RejectedConfig {
+    /// Whether `spec` asks for what was refused.
+    pub fn is_for(&self, spec: &SchedulerSpec) -> bool {
+        self.config_hash == spec.config_hash() && self.image == spec.image
+    }
 }
 
 /// A KubeSchedulerConfiguration document, every field kept as written.

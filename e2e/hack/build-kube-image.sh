@@ -20,8 +20,10 @@
 #   names `kubeadm config images list` prints: kube-apiserver, kube-controller-manager,
 #   kube-scheduler and etcd (etcd at the version kubeadm names, built from its Go
 #   module), each one layer holding the static binary, and pause, whose binary is
-#   Debian's catatonit (`catatonit -P`). kube-proxy and CoreDNS are not built: the
-#   controller skips those kubeadm addons (a scheduler benchmark cluster needs neither).
+#   Debian's catatonit (`catatonit -P`); and kube-scheduler once more as
+#   localhost/benchcluster/kube-scheduler:e2e, the e2e tier's custom scheduler image.
+#   kube-proxy and CoreDNS are not built: the controller skips those kubeadm addons
+#   (a scheduler benchmark cluster needs neither).
 # - The pod network: bridge + host-local on each Node's podCIDR, written by containerd
 #   from a template once kubelet knows the podCIDR (kube-guest/etc/containerd/config.toml
 #   says how and why).
@@ -58,6 +60,8 @@ PRUNED_MODULE_DIRS="drivers/gpu drivers/media drivers/net/wireless drivers/infin
 # The Kubernetes binaries the guest runs on the host side of containers.
 NODE_BINARIES="kubeadm kubelet kubectl"
 CONTROL_PLANE_BINARIES="kube-apiserver kube-controller-manager kube-scheduler"
+# The e2e tier's custom scheduler image (e2e/tests/scenarios/scheduler.rs names it too).
+CUSTOM_SCHEDULER_IMAGE=localhost/benchcluster/kube-scheduler:e2e
 
 here=$(cd "$(dirname "$0")" && pwd)
 guest="$here/guest"
@@ -298,6 +302,10 @@ mkdir -p "$staging"
 for b in $CONTROL_PLANE_BINARIES; do
   oci_archive "$(image_named "$b")" "$staging/$b.tar" "[\"/usr/local/bin/$b\"]" "$k8s_bin/$b:/usr/local/bin/$b"
 done
+# kube-scheduler again under a name of its own, as a custom build would be preloaded:
+# the e2e tier runs it through spec.scheduler.image (never pulled).
+oci_archive "$CUSTOM_SCHEDULER_IMAGE" "$staging/kube-scheduler-custom.tar" \
+  '["/usr/local/bin/kube-scheduler"]' "$k8s_bin/kube-scheduler:/usr/local/bin/kube-scheduler"
 oci_archive "$etcd_ref" "$staging/etcd.tar" '["/usr/local/bin/etcd"]' "$etcd_binary:/usr/local/bin/etcd"
 oci_archive "$pause_ref" "$staging/pause.tar" '["/catatonit","-P"]' "$root/usr/bin/catatonit:/catatonit"
 log "image archives written after $((SECONDS - start))s"

@@ -1227,6 +1227,33 @@ async fn bad_scheduler_configs_are_rejected_naming_the_field() -> anyhow::Result
                 failures.push(format!("{what}: {e:#}"));
             }
         }
+        for (what, image, says) in [
+            (
+                "an upper-case image",
+                "Registry.example/Sched:v1",
+                "must be an image reference",
+            ),
+            (
+                "an image with a space",
+                "localhost/sched custom",
+                "must be an image reference",
+            ),
+            ("an empty image", "", "at least 1"),
+        ] {
+            let object = with(minimal("x"), "/spec/scheduler", json!({"image": image}));
+            let result = env.create(object).await;
+            if let Err(e) = expect_invalid(result, "spec.scheduler.image", says) {
+                failures.push(format!("{what}: {e:#}"));
+            }
+        }
+        let good = with(
+            minimal("x"),
+            "/spec/scheduler",
+            json!({"image": "localhost/benchcluster/kube-scheduler:e2e"}),
+        );
+        if let Err(e) = env.create(good).await {
+            failures.push(format!("a good image refused: {e:#}"));
+        }
         ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
         Ok(())
     })

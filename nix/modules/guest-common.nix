@@ -26,6 +26,12 @@ let
   # path also marks, on disk, which set of images a VM has already imported.
   imageList = pkgs.writeText "benchcluster-images" (lib.concatStrings
     (lib.mapAttrsToList (name: archive: "${name} ${archive}\n") preloaded));
+  # "<reference> <archive>" per line: images of the user's own, such as a custom
+  # kube-scheduler for spec.scheduler.image.
+  extraImageList = pkgs.writeText "benchcluster-extra-images" (lib.concatStrings
+    (lib.mapAttrsToList (ref: archive: "${ref} ${archive}\n") cfg.extraImages));
+  # What one VM imports; the stamp of a VM that imported it.
+  importStamp = "${imageList} ${extraImageList}";
   # containerd's sandbox image: imported under this name, so it needs no re-tag.
   sandboxImage = "benchcluster.local/pause:nix";
 
@@ -111,6 +117,24 @@ in
       description = ''
         Images imported into containerd's `k8s.io` namespace at first boot, under the
         names `kubeadm config images list` prints, so kubeadm pulls nothing.
+      '';
+    };
+
+    extraImages = lib.mkOption {
+      type = lib.types.attrsOf lib.types.package;
+      default = { };
+      example = lib.literalExpression ''
+        {
+          "localhost/scheduler-plugins/kube-scheduler:v0.33" =
+            pkgs.dockerTools.buildImage { name = "localhost/scheduler-plugins/kube-scheduler"; tag = "v0.33"; ... };
+        }
+      '';
+      description = ''
+        More images imported into containerd's `k8s.io` namespace at first boot and
+        pinned, by the reference each runs under: an image archive (docker or OCI,
+        gzipped or not) whose own name is that reference. A custom kube-scheduler baked
+        into the control plane's image this way is what `spec.scheduler.image` names
+        (the controller never pulls it).
       '';
     };
   };
@@ -353,8 +377,8 @@ in
       script = ''
         set -euo pipefail
         stamp=/var/lib/benchcluster/preloaded-images
-        if [ "$(cat "$stamp" 2> /dev/null)" = "${imageList}" ]; then
-          echo "images from ${imageList} already imported"
+        if [ "$(cat "$stamp" 2> /dev/null)" = "${importStamp}" ]; then
+          echo "images from ${importStamp} already imported"
           exit 0
         fi
         ctr() { command ctr --namespace k8s.io "$@"; }
@@ -380,7 +404,16 @@ in
             echo "$ref: not preloaded on this role"
           fi
         done
-        echo "${imageList}" > "$stamp"
+        while read -r ref archive; do
+          echo "importing $ref"
+          gzip -dcf "$archive" | ctr images import -
+          if ! ctr images ls -q | grep -qxF "$ref"; then
+            echo "$archive holds no image named $ref" >&2
+            exit 1
+          fi
+          ctr images label "$ref" io.cri-containerd.pinned=pinned > /dev/null
+        done < ${extraImageList}
+        echo "${importStamp}" > "$stamp"
       '';
     };
   };

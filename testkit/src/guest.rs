@@ -37,8 +37,9 @@ pub struct FakeNode {
 #[derive(Debug, Default)]
 struct Cluster {
     nodes: BTreeMap<String, FakeNode>,
-    /// The configuration hash its scheduler runs.
+    /// The configuration hash its scheduler runs, and its custom image.
     scheduler: String,
+    scheduler_image: Option<String>,
     /// Nodes cordoned by a drain (`remove_node`) and not uncordoned since.
     cordoned: BTreeSet<String>,
 }
@@ -333,6 +334,7 @@ impl Guest for FakeGuest {
         }
         let cluster = state.clusters.entry(node.name.clone()).or_default();
         cluster.scheduler = config.scheduler.config_hash();
+        cluster.scheduler_image = config.scheduler.image.clone();
         cluster.nodes.insert(
             node.name.clone(),
             FakeNode {
@@ -441,7 +443,11 @@ impl Guest for FakeGuest {
             .filter(|c| c.nodes.contains_key(control_plane))
             .map(|c| RunningScheduler {
                 config_hash: c.scheduler.clone(),
-                image: "registry.k8s.io/kube-scheduler:v1.35.4".into(),
+                image: c
+                    .scheduler_image
+                    .clone()
+                    .unwrap_or_else(|| "registry.k8s.io/kube-scheduler:v1.35.4".into()),
+                custom_image: c.scheduler_image.clone(),
                 started: None,
                 healthy: true,
             }))
@@ -472,15 +478,22 @@ impl Guest for FakeGuest {
         if refused {
             return Err(GuestError::SchedulerRejected {
                 config_hash: wanted,
+                image: config.scheduler.image.clone(),
                 message: format!(
                     "\"command failed\" err=\"initializing profiles: creating profile for scheduler name default-scheduler: \\\"{UNKNOWN_PLUGIN}\\\" does not exist\""
                 ),
             });
         }
         cluster.scheduler = wanted.clone();
+        cluster.scheduler_image = config.scheduler.image.clone();
         Ok(RunningScheduler {
             config_hash: wanted,
-            image: "registry.k8s.io/kube-scheduler:v1.35.4".into(),
+            image: config
+                .scheduler
+                .image
+                .clone()
+                .unwrap_or_else(|| "registry.k8s.io/kube-scheduler:v1.35.4".into()),
+            custom_image: config.scheduler.image.clone(),
             started: None,
             healthy: true,
         })

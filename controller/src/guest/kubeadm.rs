@@ -277,7 +277,7 @@ mod tests {
             &config,
             "v1.35.4",
             Duration::from_secs(600),
-            scheduler::component(None, None),
+            scheduler::component(None, None, None),
         );
         let documents: Vec<&str> = text.split("\n---\n").collect();
         assert_eq!(documents.len(), 3);
@@ -318,6 +318,7 @@ mod tests {
                 }))
                 .unwrap(),
             ),
+            image: None,
         };
         let config = InitConfig {
             pod_subnet: "10.244.0.0/16".into(),
@@ -330,7 +331,7 @@ mod tests {
             &config,
             "v1.35.4",
             Duration::from_secs(600),
-            scheduler::component(Some(&path), None),
+            scheduler::component(Some(&path), None, None),
         );
         let documents: Vec<&str> = text.split("\n---\n").collect();
         assert_eq!(documents.len(), 3);

@@ -65,7 +65,10 @@ pub struct InitConfig {
 pub struct RunningScheduler {
     /// [`SchedulerSpec::config_hash`] of the configuration it reads.
     pub config_hash: String,
+    /// The container's image.
     pub image: String,
+    /// `spec.scheduler.image` it was switched to, if any (else kubeadm's image).
+    pub custom_image: Option<String>,
     /// When its container started.
     pub started: Option<Time>,
     /// Running and ready (its readiness probe asks `/readyz`).
@@ -131,6 +134,8 @@ pub enum GuestError {
     #[error("kube-scheduler refused configuration {config_hash}: {message}")]
     SchedulerRejected {
         config_hash: String,
+        /// The custom image asked for with it.
+        image: Option<String>,
         /// The scheduler's own error, from its log.
         message: String,
     },

@@ -44,6 +44,10 @@ const MAX_MESSAGE: usize = 600;
 /// switch's manifest differs by it, so its pod is a new one (a new UID) even when it
 /// returns to a configuration that ran before: the statuses it shows are all its own.
 const SWITCH_ENV: &str = "BENCHCLUSTER_SCHEDULER_SWITCH";
+/// Environment variable naming the custom image a switch asked for (absent: kubeadm's).
+const IMAGE_ENV: &str = "BENCHCLUSTER_SCHEDULER_IMAGE";
+/// kubeadm patches a switch to a custom image applies to the scheduler's manifest.
+const PATCHES_DIR: &str = "/etc/benchcluster/scheduler-patches";
 /// Waiting reasons of a container that will not start by itself.
 const FAILED_WAITING: [&str; 8] = [
     "CrashLoopBackOff",
@@ -85,8 +89,13 @@ pub(super) fn config_file(config: &KubeSchedulerConfiguration) -> String {
 }
 
 /// The ClusterConfiguration's `scheduler` section (kubeadm v1beta4); `config_file` is
-/// the configuration the scheduler reads, if any; `switch` names the switch writing it.
-pub(super) fn component(config_file: Option<&str>, switch: Option<&str>) -> Value {
+/// the configuration the scheduler reads, if any; `switch` names the switch writing it,
+/// and `image` the custom image it asks for.
+pub(super) fn component(
+    config_file: Option<&str>,
+    switch: Option<&str>,
+    image: Option<&str>,
+) -> Value {
     // Leader election off, as for kube-controller-manager (one control plane; see
     // `init_configuration`). The flag stays with a config file too: kubeadm always
     // passes `--leader-elect=true`, and kube-scheduler lets leader-election flags
@@ -106,11 +115,15 @@ pub(super) fn component(config_file: Option<&str>, switch: Option<&str>) -> Valu
             }]),
         );
     }
+    let mut envs = Vec::new();
     if let Some(switch) = switch {
-        section.insert(
-            "extraEnvs".into(),
-            json!([{"name": SWITCH_ENV, "value": switch}]),
-        );
+        envs.push(json!({"name": SWITCH_ENV, "value": switch}));
+    }
+    if let Some(image) = image {
+        envs.push(json!({"name": IMAGE_ENV, "value": image}));
+    }
+    if !envs.is_empty() {
+        section.insert("extraEnvs".into(), Value::Array(envs));
     }
     section.insert("extraArgs".into(), Value::Array(args));
     Value::Object(section)
@@ -153,13 +166,29 @@ pub(super) fn running(pod: &Pod) -> Option<RunningScheduler> {
     Some(RunningScheduler {
         config_hash: hash_of(config_arg),
         image: container.image.clone().unwrap_or_default(),
+        custom_image: env_of(pod, IMAGE_ENV).map(str::to_owned),
         healthy: started.is_some() && status.is_some_and(|s| s.ready),
         started,
     })
 }
 
+/// The kubeadm patch (JSON patch) that runs `image` in the scheduler's pod, never
+/// pulled.
+pub(super) fn image_patch(image: &str) -> String {
+    let patch = json!([
+        {"op": "replace", "path": "/spec/containers/0/image", "value": image},
+        {"op": "replace", "path": "/spec/containers/0/imagePullPolicy", "value": "Never"},
+    ]);
+    format!("{patch}\n")
+}
+
 /// The switch that wrote the pod's manifest ([`SWITCH_ENV`]).
 fn switch_of(pod: &Pod) -> Option<&str> {
+    env_of(pod, SWITCH_ENV)
+}
+
+/// The value of an environment variable of the scheduler's container.
+fn env_of<'a>(pod: &'a Pod, name: &str) -> Option<&'a str> {
     pod.spec
         .as_ref()?
         .containers
@@ -168,7 +197,7 @@ fn switch_of(pod: &Pod) -> Option<&str> {
         .env
         .as_ref()?
         .iter()
-        .find(|e| e.name == SWITCH_ENV)?
+        .find(|e| e.name == name)?
         .value
         .as_deref()
 }
@@ -225,6 +254,16 @@ fn switch_id() -> String {
     now.as_millis().to_string()
 }
 
+/// What a switch makes the scheduler run.
+struct Target<'a> {
+    /// The configuration file; none: kube-scheduler's defaults.
+    config_file: Option<&'a str>,
+    /// A custom image; none: kubeadm's.
+    image: Option<&'a str>,
+    /// Names the switch ([`SWITCH_ENV`]).
+    switch: String,
+}
+
 /// How waiting for a scheduler ended, short of success.
 enum NotHealthy {
     /// Its container failed; the error from its log.
@@ -268,18 +307,21 @@ impl SshGuest {
         config: &InitConfig,
     ) -> Result<RunningScheduler> {
         let wanted = config.scheduler.config_hash();
+        let image = config.scheduler.image.clone();
         let before = self.observe_scheduler(kubeconfig, &node.name).await?;
         if let Some(running) = before
             .as_ref()
-            .filter(|r| r.config_hash == wanted && r.healthy)
+            .filter(|r| r.config_hash == wanted && r.custom_image == image && r.healthy)
         {
             return Ok(running.clone());
         }
-        // Back to what ran before when it was healthy, else to kube-scheduler's defaults.
-        let fallback = before
-            .as_ref()
-            .filter(|r| r.healthy && r.config_hash.starts_with("sha256-"))
-            .map(|r| r.config_hash.clone());
+        // Back to what ran before when it was healthy, else to kube-scheduler's defaults
+        // with kubeadm's image.
+        let healthy_before = before.as_ref().filter(|r| r.healthy);
+        let fallback = healthy_before
+            .map(|r| r.config_hash.clone())
+            .filter(|hash| hash.starts_with("sha256-"));
+        let fallback_image = healthy_before.and_then(|r| r.custom_image.clone());
         let wanted_path = config
             .scheduler
             .config
@@ -289,31 +331,31 @@ impl SshGuest {
             self.put_file(session, node, path, config_file(document).as_bytes())
                 .await?;
         }
-        let switch = switch_id();
-        info!(node = %node.name, config = %wanted, %switch, "switching the scheduler");
-        self.regenerate_scheduler(session, node, config, wanted_path.as_deref(), &switch)
+        let target = Target {
+            config_file: wanted_path.as_deref(),
+            image: image.as_deref(),
+            switch: switch_id(),
+        };
+        info!(node = %node.name, config = %wanted, image = ?image, switch = %target.switch, "switching the scheduler");
+        self.regenerate_scheduler(session, node, config, &target)
             .await?;
         let error = match self
-            .await_scheduler(kubeconfig, node, &wanted, &switch)
+            .await_scheduler(kubeconfig, node, &wanted, &target.switch)
             .await?
         {
             Ok(running) => {
                 // kubeadm's record of the cluster (kube-system/kubeadm-config) follows,
                 // so a later kubeadm run keeps this scheduler.
+                let upload = [
+                    "init",
+                    "phase",
+                    "upload-config",
+                    "kubeadm",
+                    "--config",
+                    PHASE_CONFIG,
+                ];
                 if let Err(error) = self
-                    .kubeadm(
-                        session,
-                        node,
-                        "kubeadm upload-config",
-                        &[
-                            "init",
-                            "phase",
-                            "upload-config",
-                            "kubeadm",
-                            "--config",
-                            PHASE_CONFIG,
-                        ],
-                    )
+                    .kubeadm(session, node, "kubeadm upload-config", &upload)
                     .await
                 {
                     warn!(node = %node.name, %error, "kubeadm-config not updated");
@@ -329,37 +371,41 @@ impl SshGuest {
         warn!(node = %node.name, config = %wanted, %error, "scheduler refused its configuration; rolling back");
         let back = fallback.as_deref().unwrap_or(DEFAULTS);
         let back_path = fallback.as_deref().map(config_path);
-        let switch = switch_id();
-        self.regenerate_scheduler(session, node, config, back_path.as_deref(), &switch)
+        let target = Target {
+            config_file: back_path.as_deref(),
+            image: fallback_image.as_deref(),
+            switch: switch_id(),
+        };
+        self.regenerate_scheduler(session, node, config, &target)
             .await?;
-        match self
-            .await_scheduler(kubeconfig, node, back, &switch)
+        let message = match self
+            .await_scheduler(kubeconfig, node, back, &target.switch)
             .await?
         {
-            Ok(_) => Err(GuestError::SchedulerRejected {
-                config_hash: wanted,
-                message: error,
-            }),
-            Err(NotHealthy::Refused(again)) => Err(GuestError::SchedulerRejected {
-                config_hash: wanted,
-                message: format!("{error}; the rollback to {back} failed too: {again}"),
-            }),
-            Err(NotHealthy::TimedOut) => Err(GuestError::SchedulerRejected {
-                config_hash: wanted,
-                message: format!("{error}; the rollback to {back} is not healthy yet"),
-            }),
-        }
+            Ok(_) => error,
+            Err(NotHealthy::Refused(again)) => {
+                format!("{error}; the rollback to {back} failed too: {again}")
+            }
+            Err(NotHealthy::TimedOut) => {
+                format!("{error}; the rollback to {back} is not healthy yet")
+            }
+        };
+        Err(GuestError::SchedulerRejected {
+            config_hash: wanted,
+            image,
+            message,
+        })
     }
 
-    /// Has kubeadm write the scheduler's manifest reading `config_file` (none: defaults)
-    /// from the cluster's own kubeadm configuration; the kubelet then replaces the pod.
+    /// Has kubeadm write the scheduler's manifest for `target` from the cluster's own
+    /// kubeadm configuration (a custom image through a kubeadm patch); the kubelet then
+    /// replaces the pod.
     async fn regenerate_scheduler(
         &self,
         session: &Session,
         node: &GuestNode,
         config: &InitConfig,
-        config_file: Option<&str>,
-        switch: &str,
+        target: &Target<'_>,
     ) -> Result<()> {
         let version = self.kubeadm_version(session, node).await?;
         let document = init_configuration(
@@ -367,25 +413,37 @@ impl SshGuest {
             config,
             &version,
             self.config.join_token_ttl,
-            component(config_file, Some(switch)),
+            component(target.config_file, Some(&target.switch), target.image),
         );
         self.put_file(session, node, PHASE_CONFIG, document.as_bytes())
             .await?;
-        self.kubeadm(
+        // Only this switch's patch in the directory kubeadm reads.
+        self.run(
             session,
             node,
-            "kubeadm control-plane scheduler",
-            &[
-                "init",
-                "phase",
-                "control-plane",
-                "scheduler",
-                "--config",
-                PHASE_CONFIG,
-            ],
+            "clear scheduler patches",
+            &["sudo", "-n", "rm", "-rf", PATCHES_DIR],
+            None,
+            self.config.command_timeout,
         )
-        .await
-        .map(drop)
+        .await?;
+        let mut args = vec![
+            "init",
+            "phase",
+            "control-plane",
+            "scheduler",
+            "--config",
+            PHASE_CONFIG,
+        ];
+        if let Some(image) = target.image {
+            let patch = format!("{PATCHES_DIR}/kube-scheduler+json.json");
+            self.put_file(session, node, &patch, image_patch(image).as_bytes())
+                .await?;
+            args.extend(["--patches", PATCHES_DIR]);
+        }
+        self.kubeadm(session, node, "kubeadm control-plane scheduler", &args)
+            .await
+            .map(drop)
     }
 
     /// Waits, bounded, until the pod of `switch` runs configuration `hash` and is ready,
@@ -518,7 +576,7 @@ mod tests {
     fn each_config_file_is_inside_the_mounted_directory_and_names_its_hash() {
         let hash = most_allocated().hash();
         let path = config_path(&hash);
-        let mounted = component(Some(&path), Some("17"));
+        let mounted = component(Some(&path), Some("17"), Some("localhost/sched:custom"));
         let volume = &mounted["extraVolumes"][0];
         assert_eq!(volume["hostPath"], CONFIG_DIR);
         assert_eq!(volume["mountPath"], CONFIG_DIR);
@@ -529,10 +587,13 @@ mod tests {
         );
         assert_eq!(
             mounted["extraEnvs"],
-            json!([{"name": SWITCH_ENV, "value": "17"}])
+            json!([
+                {"name": SWITCH_ENV, "value": "17"},
+                {"name": IMAGE_ENV, "value": "localhost/sched:custom"},
+            ])
         );
-        assert!(component(None, None).get("extraVolumes").is_none());
-        assert!(component(None, None).get("extraEnvs").is_none());
+        assert!(component(None, None, None).get("extraVolumes").is_none());
+        assert!(component(None, None, None).get("extraEnvs").is_none());
         assert_eq!(hash_of(Some(&path)), hash);
         assert_eq!(hash_of(None), DEFAULTS);
         assert_eq!(hash_of(Some("/etc/other.yaml")), "/etc/other.yaml");
@@ -592,6 +653,39 @@ mod tests {
         };
         assert!(failed(&waiting("CrashLoopBackOff")));
         assert!(!failed(&waiting("ContainerCreating")));
+    }
+
+    #[test]
+    fn a_custom_image_is_patched_in_never_pulled_and_read_back() {
+        let patch: Value = serde_json::from_str(&image_patch("localhost/sched:custom")).unwrap();
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "replace", "path": "/spec/containers/0/image", "value": "localhost/sched:custom"},
+                {"op": "replace", "path": "/spec/containers/0/imagePullPolicy", "value": "Never"},
+            ])
+        );
+        let mut custom = pod(&["kube-scheduler"], true, 0);
+        custom.spec.as_mut().unwrap().containers[0]
+            .env
+            .as_mut()
+            .unwrap()
+            .push(
+                serde_json::from_value(
+                    json!({"name": IMAGE_ENV, "value": "localhost/sched:custom"}),
+                )
+                .unwrap(),
+            );
+        assert_eq!(
+            running(&custom).unwrap().custom_image.as_deref(),
+            Some("localhost/sched:custom")
+        );
+        assert_eq!(
+            running(&pod(&["kube-scheduler"], true, 0))
+                .unwrap()
+                .custom_image,
+            None
+        );
     }
 
     #[test]

@@ -144,7 +144,7 @@ async fn apply<H: Hypervisor, G: Guest>(
     let previous = ctx.last_status(bc);
     // A configuration the scheduler refused is not tried again until the spec changes.
     observation.world.rejected_scheduler =
-        scheduler::rejected(&bc.spec, &previous, &collected, &status::now()).map(|r| r.config_hash);
+        scheduler::rejected(&bc.spec, &previous, &collected, &status::now());
     let failed: Vec<NodeId> = collected.failures.iter().map(|(a, _)| a.node()).collect();
     let actions = defer_retries(plan(&bc.spec, &observation.world), &failed);
     debug!(?actions, "planned");

@@ -238,6 +238,7 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
                 Ok(scheduler) => scheduler.map(|s| ObservedScheduler {
                     config_hash: s.config_hash,
                     image: s.image,
+                    custom_image: s.custom_image,
                     since: s.started,
                     healthy: s.healthy,
                 }),

@@ -5,6 +5,14 @@ use super::timeline::Stamp;
 use crate::error::Error;
 use crate::names::NodeId;
 
+/// A scheduler configuration (and image) refused, and the scheduler's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerRejection {
+    pub config_hash: String,
+    pub image: Option<String>,
+    pub message: String,
+}
+
 /// What one pass achieved.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -17,9 +25,8 @@ pub struct Outcome {
     pub retrying: Vec<(Action, String)>,
     /// What happened to the nodes, in order, for their timelines.
     pub stamps: Vec<Stamp>,
-    /// A scheduler configuration refused (and rolled back) in this pass: its hash and
-    /// the scheduler's error.
-    pub scheduler_rejected: Option<(String, String)>,
+    /// A scheduler configuration refused (and rolled back) in this pass.
+    pub scheduler_rejected: Option<SchedulerRejection>,
 }
 
 impl Outcome {

@@ -216,12 +216,14 @@ fn operation_still_useful(
 /// Whether the control plane's scheduler should be switched: it runs another
 /// configuration than the spec's, one it has not refused.
 fn scheduler_to_switch(spec: &BenchClusterSpec, world: &World) -> bool {
-    let wanted = spec.scheduler.config_hash();
     world
         .scheduler
         .as_ref()
-        .is_some_and(|running| running.config_hash != wanted)
-        && world.rejected_scheduler.as_deref() != Some(wanted.as_str())
+        .is_some_and(|running| !running.runs(&spec.scheduler))
+        && !world
+            .rejected_scheduler
+            .as_ref()
+            .is_some_and(|r| r.is_for(&spec.scheduler))
 }
 
 /// Actions that remove everything the cluster owns: workers (highest index first),
@@ -369,6 +371,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::names::{KeyTag, Seed};
+    use crate::reconcile::world::ObservedScheduler;
     use crate::reconcile::world::VmSize;
     use benchcluster_crd::{
         Firmware, ImageSpec, KubernetesSpec, NetworkSpec, NodeTemplate, SecretReference, SshSpec,
@@ -471,10 +474,11 @@ pub(crate) mod tests {
         world
     }
 
-    fn running_scheduler(config_hash: &str) -> super::super::world::ObservedScheduler {
-        super::super::world::ObservedScheduler {
+    fn running_scheduler(config_hash: &str) -> ObservedScheduler {
+        ObservedScheduler {
             config_hash: config_hash.into(),
             image: "registry.k8s.io/kube-scheduler:v1.35.4".into(),
+            custom_image: None,
             since: None,
             healthy: true,
         }
@@ -574,7 +578,10 @@ pub(crate) mod tests {
                 }
                 Operation::Init | Operation::Join => {}
                 Operation::Scheduler => {
-                    world.scheduler = Some(running_scheduler(&spec.scheduler.config_hash()));
+                    world.scheduler = Some(ObservedScheduler {
+                        custom_image: spec.scheduler.image.clone(),
+                        ..running_scheduler(&spec.scheduler.config_hash())
+                    });
                 }
                 Operation::Drain => {
                     node.registered = None;
@@ -592,6 +599,54 @@ pub(crate) mod tests {
                 node.ip = Some(Ipv4Addr::new(192, 168, 222, 20));
             }
         }
+    }
+
+    #[test]
+    fn the_scheduler_is_switched_once_to_what_the_spec_asks_unless_refused() {
+        let mut spec = spec(1);
+        let mut world = ready_world(1);
+        world.scheduler = Some(running_scheduler(benchcluster_crd::scheduler::DEFAULTS));
+        assert!(
+            plan(&spec, &world).is_empty(),
+            "defaults run: nothing to do"
+        );
+
+        spec.scheduler.image = Some("localhost/sched:custom".into());
+        assert_eq!(plan(&spec, &world), vec![Action::SwitchScheduler]);
+        spec.scheduler.image = None;
+        spec.scheduler.config = Some(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "kubescheduler.config.k8s.io/v1",
+                "kind": "KubeSchedulerConfiguration",
+            }))
+            .unwrap(),
+        );
+        assert_eq!(plan(&spec, &world), vec![Action::SwitchScheduler]);
+
+        // In flight: not started twice.
+        world
+            .operations
+            .insert(NodeId::CONTROL_PLANE, Operation::Scheduler);
+        assert!(plan(&spec, &world).is_empty());
+        world.operations.clear();
+
+        // Refused: not tried again while the spec asks for it.
+        world.rejected_scheduler = Some(benchcluster_crd::RejectedConfig {
+            config_hash: spec.scheduler.config_hash(),
+            image: None,
+            message: "refused".into(),
+            at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ),
+        });
+        assert!(plan(&spec, &world).is_empty());
+        // The same configuration with another image is another thing to try.
+        spec.scheduler.image = Some("localhost/sched:custom".into());
+        assert_eq!(plan(&spec, &world), vec![Action::SwitchScheduler]);
+
+        // Not while the guest API is silent.
+        world.cluster = GuestCluster::Unreachable("timeout".into());
+        assert!(!plan(&spec, &world).contains(&Action::SwitchScheduler));
     }
 
     #[test]

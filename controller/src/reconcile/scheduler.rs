@@ -17,17 +17,14 @@ pub fn rejected(
     outcome: &Outcome,
     now: &Time,
 ) -> Option<RejectedConfig> {
-    let wanted = spec.scheduler.config_hash();
-    let fresh = outcome
-        .scheduler_rejected
-        .as_ref()
-        .map(|(config_hash, message)| RejectedConfig {
-            config_hash: config_hash.clone(),
-            message: message.clone(),
-            at: now.clone(),
-        });
+    let fresh = outcome.scheduler_rejected.as_ref().map(|r| RejectedConfig {
+        config_hash: r.config_hash.clone(),
+        image: r.image.clone(),
+        message: r.message.clone(),
+        at: now.clone(),
+    });
     let kept = previous.scheduler.as_ref().and_then(|s| s.rejected.clone());
-    fresh.or(kept).filter(|r| r.config_hash == wanted)
+    fresh.or(kept).filter(|r| r.is_for(&spec.scheduler))
 }
 
 /// `status.scheduler`: what the guest API shows, else the last status's (the API may
@@ -58,13 +55,24 @@ pub struct Readiness {
     pub message: String,
 }
 
+/// A configuration and image as messages name them.
+fn describe(config_hash: &str, image: Option<&str>) -> String {
+    match image {
+        None => format!("configuration {config_hash}"),
+        Some(image) => format!("configuration {config_hash} with image {image}"),
+    }
+}
+
 /// Whether the scheduler runs the spec's configuration and is healthy, and if not why.
 pub fn readiness(
     spec: &BenchClusterSpec,
     world: &World,
     rejected: Option<&RejectedConfig>,
 ) -> Readiness {
-    let wanted = spec.scheduler.config_hash();
+    let wanted = describe(
+        &spec.scheduler.config_hash(),
+        spec.scheduler.image.as_deref(),
+    );
     let not = |reason, message: String| Readiness {
         ready: false,
         reason,
@@ -86,30 +94,31 @@ pub fn readiness(
         return not(
             "ConfigRejected",
             format!(
-                "kube-scheduler refused configuration {}: {}; it runs {} (rolled back) until spec.scheduler changes",
-                rejected.config_hash, rejected.message, running.config_hash
+                "kube-scheduler refused {wanted}: {}; it runs {} (rolled back) until spec.scheduler changes",
+                rejected.message,
+                describe(&running.config_hash, running.custom_image.as_deref()),
             ),
         );
     }
-    if running.config_hash != wanted {
+    if !running.runs(&spec.scheduler) {
         return not(
             "Switching",
             format!(
-                "switching from configuration {} to {wanted}",
-                running.config_hash
+                "switching from {} to {wanted}",
+                describe(&running.config_hash, running.custom_image.as_deref())
             ),
         );
     }
     if !running.healthy {
         return not(
             "Unhealthy",
-            format!("kube-scheduler with configuration {wanted} is not running and ready"),
+            format!("kube-scheduler with {wanted} is not running and ready"),
         );
     }
     Readiness {
         ready: true,
         reason: "Running",
-        message: format!("kube-scheduler runs configuration {wanted}"),
+        message: format!("kube-scheduler runs {wanted}"),
     }
 }
 
@@ -122,6 +131,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
+    use crate::reconcile::outcome::SchedulerRejection;
     use crate::reconcile::plan::tests::spec;
     use crate::reconcile::world::{NetworkState, ObservedScheduler};
 
@@ -135,6 +145,7 @@ mod tests {
             scheduler: running.map(|(hash, healthy)| ObservedScheduler {
                 config_hash: hash.into(),
                 image: "registry.k8s.io/kube-scheduler:v1.35.4".into(),
+                custom_image: None,
                 since: None,
                 healthy,
             }),
@@ -173,6 +184,15 @@ mod tests {
         assert_eq!((r.ready, r.reason), (false, "Unhealthy"));
         let r = readiness(&spec, &world(None), None);
         assert_eq!((r.ready, r.reason), (false, "Unknown"));
+        let mut custom = spec.clone();
+        custom.scheduler.image = Some("localhost/sched:custom".into());
+        let r = readiness(&custom, &world(Some((&wanted, true))), None);
+        assert_eq!((r.ready, r.reason), (false, "Switching"));
+        assert!(
+            r.message.contains("localhost/sched:custom"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]
@@ -180,7 +200,11 @@ mod tests {
         let spec = with_config(8);
         let wanted = spec.scheduler.config_hash();
         let outcome = Outcome {
-            scheduler_rejected: Some((wanted.clone(), "\"NoSuchPlugin\" does not exist".into())),
+            scheduler_rejected: Some(SchedulerRejection {
+                config_hash: wanted.clone(),
+                image: None,
+                message: "\"NoSuchPlugin\" does not exist".into(),
+            }),
             ..Outcome::default()
         };
         let fresh = rejected(&spec, &BenchClusterStatus::default(), &outcome, &now()).unwrap();

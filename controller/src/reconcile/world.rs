@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use benchcluster_crd::{RejectedConfig, SchedulerSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::pools::Capacity;
@@ -153,11 +154,21 @@ pub enum GuestCluster {
 pub struct ObservedScheduler {
     /// The configuration it reads (`SchedulerSpec::config_hash`).
     pub config_hash: String,
+    /// The container's image.
     pub image: String,
+    /// The `spec.scheduler.image` it was switched to (none: kubeadm's image).
+    pub custom_image: Option<String>,
     /// When its container started.
     pub since: Option<Time>,
     /// Running and ready.
     pub healthy: bool,
+}
+
+impl ObservedScheduler {
+    /// Whether it runs what `spec` asks for.
+    pub fn runs(&self, spec: &SchedulerSpec) -> bool {
+        self.config_hash == spec.config_hash() && self.custom_image == spec.image
+    }
 }
 
 /// Everything observe found, the only input of the planner besides the spec.
@@ -172,9 +183,9 @@ pub struct World {
     pub capacity: Option<Capacity>,
     /// The scheduler, when the guest API showed it.
     pub scheduler: Option<ObservedScheduler>,
-    /// The configuration hash the scheduler refused (from the status), while the spec
+    /// The configuration the scheduler refused (from the status), while the spec
     /// still asks for it: not tried again until the spec changes.
-    pub rejected_scheduler: Option<String>,
+    pub rejected_scheduler: Option<RejectedConfig>,
 }
 
 impl World {

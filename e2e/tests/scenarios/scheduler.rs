@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use benchcluster_crd::conditions::{self, ConditionType};
 use benchcluster_crd::scheduler::{API_VERSION, DEFAULTS, KIND};
-use benchcluster_crd::{BenchCluster, KubeSchedulerConfiguration, POOL_LABEL, SchedulerSpec};
+use benchcluster_crd::{BenchCluster, KubeSchedulerConfiguration, POOL_LABEL, Role};
 use benchcluster_e2e::wait;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -39,6 +39,8 @@ const PODS: usize = 4;
 /// The second profile of the MostAllocated configuration.
 const PROBE_PROFILE: &str = "switch-probe";
 const BAD_PLUGIN: &str = "NoSuchPlugin";
+/// The custom scheduler image preloaded in the e2e image (e2e/hack/build-kube-image.sh).
+const CUSTOM_IMAGE: &str = "localhost/benchcluster/kube-scheduler:e2e";
 /// A scheduler restart under emulation (30-90 s) and the controller's steps around it.
 const SWITCH_DEADLINE: Duration = Duration::from_secs(5 * 60);
 /// A refused configuration: the scheduler started with it, its failure seen, the
@@ -226,14 +228,63 @@ impl Run<'_> {
         );
         self.delete_pods().await?;
 
-        // 5. As found.
+        // 5. A custom image, preloaded in the control plane's image: it runs and binds.
+        let edit = self.set_image(Some(CUSTOM_IMAGE)).await?;
+        let seen = self
+            .wait_scheduler("the custom image running", edit, SWITCH_DEADLINE, |bc| {
+                running(bc, DEFAULTS) && image_of(bc).as_deref() == Some(CUSTOM_IMAGE)
+            })
+            .await?;
+        check_reason(&seen.bc, "Running")?;
+        let created = Instant::now();
+        self.create(self.pod("sched-custom-image", None)?).await?;
+        let (node, bound) = self
+            .wait_bound("sched-custom-image", created, POD_DEADLINE)
+            .await?;
+        ensure!(self.is_worker(&node), "sched-custom-image on {node}");
+        let client = self.bed.guest_client().await?;
+        let pod: Pod = Api::namespaced(client, "kube-system")
+            .get(&format!(
+                "kube-scheduler-{}",
+                node_of_control_plane(&seen.bc)?
+            ))
+            .await?;
+        let running_image = pod
+            .spec
+            .and_then(|s| s.containers.into_iter().next())
+            .and_then(|c| c.image);
+        ensure!(
+            running_image.as_deref() == Some(CUSTOM_IMAGE),
+            "the scheduler's pod runs {running_image:?}, not {CUSTOM_IMAGE}"
+        );
+        eprintln!(
+            "  image {CUSTOM_IMAGE}: running and healthy {:.1?} after the edit; \
+             sched-custom-image bound to {node} {bound:.1?} after it was created",
+            seen.after
+        );
+        let edit = self.set_image(None).await?;
+        let seen = self
+            .wait_scheduler("kubeadm's image back", edit, SWITCH_DEADLINE, |bc| {
+                running(bc, DEFAULTS)
+                    && image_of(bc)
+                        .is_some_and(|i| i.starts_with("registry.k8s.io/kube-scheduler:"))
+            })
+            .await?;
+        eprintln!(
+            "  image removed: kubeadm's {} back {:.1?} after the edit",
+            image_of(&seen.bc).unwrap_or_default(),
+            seen.after
+        );
+        self.delete_pods().await?;
+
+        // 6. As found.
         let bc = self
             .bed
             .wait_ready("Ready with the default scheduler", SWITCH_DEADLINE)
             .await?;
         ensure!(
-            bc.spec.scheduler.config.is_none(),
-            "spec.scheduler.config still set"
+            bc.spec.scheduler.config.is_none() && bc.spec.scheduler.image.is_none(),
+            "spec.scheduler still set"
         );
         Ok(())
     }
@@ -255,6 +306,21 @@ impl Run<'_> {
             )
             .await
             .context("editing spec.scheduler.config")?;
+        Ok(Instant::now())
+    }
+
+    /// Sets or removes `spec.scheduler.image`; the instant the edit was accepted.
+    async fn set_image(&self, image: Option<&str>) -> anyhow::Result<Instant> {
+        let patch = json!({"spec": {"scheduler": {"image": image}}});
+        self.bed
+            .api
+            .patch(
+                &self.bed.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .context("editing spec.scheduler.image")?;
         Ok(Instant::now())
     }
 
@@ -426,13 +492,19 @@ impl Run<'_> {
         {
             eprintln!("  deleting the scenario's pods after the failure: {error}");
         }
-        match self.bed.get().await {
-            Ok(bc) if bc.spec.scheduler.config.is_some() => match self.set_config(None).await {
-                Ok(_) => eprintln!("  removed spec.scheduler.config after the failure"),
-                Err(error) => eprintln!("  removing spec.scheduler.config: {error:#}"),
-            },
-            Ok(_) => {}
-            Err(error) => eprintln!("  reading the BenchCluster after the failure: {error:#}"),
+        let patch = json!({"spec": {"scheduler": {"config": null, "image": null}}});
+        match self
+            .bed
+            .api
+            .patch(
+                &self.bed.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => eprintln!("  removed spec.scheduler's config and image after the failure"),
+            Err(error) => eprintln!("  removing spec.scheduler's config and image: {error:#}"),
         }
     }
 }
@@ -458,6 +530,21 @@ fn check_reason(bc: &BenchCluster, want: &str) -> anyhow::Result<()> {
         "SchedulerReady reason {got:?}, want {want}"
     );
     Ok(())
+}
+
+/// The scheduler's image as status reports it.
+fn image_of(bc: &BenchCluster) -> Option<String> {
+    bc.status.as_ref()?.scheduler.as_ref()?.image.clone()
+}
+
+/// The control plane's node name.
+fn node_of_control_plane(bc: &BenchCluster) -> anyhow::Result<String> {
+    bc.status_or_default()
+        .nodes
+        .into_iter()
+        .find(|n| n.role == Role::ControlPlane)
+        .map(|n| n.name)
+        .context("no control-plane node in status")
 }
 
 /// The scheduler runs the configuration of `hash`, healthy, nothing rejected, and
@@ -519,10 +606,7 @@ fn scheduler_line(bc: &BenchCluster) -> String {
 }
 
 fn config_hash(config: &KubeSchedulerConfiguration) -> String {
-    SchedulerSpec {
-        config: Some(config.clone()),
-    }
-    .config_hash()
+    config.hash()
 }
 
 /// Scores by MostAllocated, without the plugins that spread; the same profile as

@@ -165,6 +165,7 @@ impl Guest for ProbeOnlyGuest {
         Ok(Some(RunningScheduler {
             config_hash: benchcluster_crd::scheduler::DEFAULTS.into(),
             image: String::new(),
+            custom_image: None,
             started: None,
             healthy: true,
         }))

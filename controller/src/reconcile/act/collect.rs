@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::super::context::Context;
 use super::super::operations::{Ending, Finished, Output};
-use super::super::outcome::{Outcome, failure_message};
+use super::super::outcome::{Outcome, SchedulerRejection, failure_message};
 use super::super::plan::Action;
 use super::super::timeline::{Event, Stamp};
 use super::{publish, report_failure, secrets};
@@ -42,6 +42,7 @@ pub async fn collect<H: Hypervisor, G: Guest>(
             // Rolled back: not a failure to retry, the spec has to change.
             Ending::Finished(Err(GuestError::SchedulerRejected {
                 config_hash,
+                image,
                 message,
             })) => {
                 warn!(config = %config_hash, error = %message, "kube-scheduler refused its configuration; rolled back");
@@ -55,7 +56,11 @@ pub async fn collect<H: Hypervisor, G: Guest>(
                 )
                 .await;
                 ctx.operations.clear_failure(uid, id);
-                outcome.scheduler_rejected = Some((config_hash, message));
+                outcome.scheduler_rejected = Some(SchedulerRejection {
+                    config_hash,
+                    image,
+                    message,
+                });
                 continue;
             }
             Ending::Finished(Err(error)) => Err(error.into()),
