@@ -5,16 +5,20 @@
 //! controller reports, and the validation the API server enforces (OpenAPI bounds and
 //! CEL rules). Doc comments become the schema descriptions shown by `kubectl explain`.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod components;
 pub mod conditions;
 pub mod pools;
 pub mod quantity;
 pub mod scheduler;
 
+pub use components::{Component, ComponentArgs};
 pub use conditions::ConditionType;
 pub use pools::{
     DEFAULT_POOL, KubeletSettings, NamedWorkerPool, POOL_LABEL, PoolStatus, Reservation, Taint,
@@ -159,7 +163,7 @@ pub struct NetworkSpec {
 }
 
 /// Settings of the kubeadm cluster.
-#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(SUBNETS_DISJOINT_RULE).field_path(".podSubnet").message(Message::Expression(SUBNETS_DISJOINT_MESSAGE.into())))]
 pub struct KubernetesSpec {
@@ -177,6 +181,26 @@ pub struct KubernetesSpec {
     #[x_kube(validation = Rule::new("isCIDR(self)").message("serviceSubnet must be a CIDR, for example 10.96.0.0/12"))]
     #[x_kube(validation = Rule::new(SERVICE_SUBNET_RULE).message(SERVICE_SUBNET_MESSAGE))]
     pub service_subnet: String,
+    /// Feature gates of the cluster, name to on or off, at most 64, for example
+    /// `SchedulerQueueingHints: false`. Every component gets all of them:
+    /// kube-apiserver, kube-controller-manager and kube-scheduler as `--feature-gates`,
+    /// every node's kubelet in its KubeletConfiguration (`featureGates`). Applied when
+    /// the cluster forms: `kubernetes` is immutable, so other gates need a new
+    /// BenchCluster. A gate a component does not know stops it from starting, and the
+    /// cluster does not form.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = components::MAX_FEATURE_GATES))]
+    #[x_kube(validation = Rule::new(components::FEATURE_GATE_NAMES_RULE).message(components::FEATURE_GATE_NAMES_MESSAGE))]
+    pub feature_gates: BTreeMap<String, bool>,
+    /// Extra command-line flags of kube-apiserver, kube-controller-manager,
+    /// kube-scheduler and every node's kubelet, flag name without `--` to value, passed
+    /// as kubeadm's `extraArgs` after the controller's own. Applied when the cluster
+    /// forms: `kubernetes` is immutable, so other flags need a new BenchCluster. Flags
+    /// the controller or kubeadm set are refused, and so is `feature-gates` (use
+    /// `featureGates`). A flag a component refuses stops it from starting, and the
+    /// cluster does not form.
+    #[serde(default, skip_serializing_if = "ComponentArgs::is_empty")]
+    pub extra_args: ComponentArgs,
 }
 
 /// kubeadm (`ValidatePodSubnetNodeMask`, with kube-controller-manager's default
@@ -229,6 +253,8 @@ impl Default for KubernetesSpec {
         Self {
             pod_subnet: default_pod_subnet(),
             service_subnet: default_service_subnet(),
+            feature_gates: BTreeMap::new(),
+            extra_args: ComponentArgs::default(),
         }
     }
 }

@@ -272,6 +272,8 @@ pub struct Registration {
     pub labels: BTreeMap<String, String>,
     pub taints: Vec<Taint>,
     pub kubelet: KubeletSettings,
+    /// The cluster's extra kubelet flags (`spec.kubernetes.extraArgs.kubelet`).
+    pub kubelet_args: BTreeMap<String, String>,
 }
 
 /// What the controller keeps on a registered Node through the guest API.

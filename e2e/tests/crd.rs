@@ -1259,3 +1259,201 @@ async fn bad_scheduler_configs_are_rejected_naming_the_field() -> anyhow::Result
     })
     .await
 }
+
+/// Gates and flags for every component, none of them managed.
+fn gates_and_flags() -> Value {
+    json!({
+        "featureGates": {"SchedulerQueueingHints": false, "InPlacePodVerticalScaling": true},
+        "extraArgs": {
+            "apiServer": {"v": "2", "audit-log-maxage": "7", "runtime-config": "api/all=true"},
+            "controllerManager": {"v": "3", "concurrent-deployment-syncs": "10"},
+            "scheduler": {"v": "4", "bind-address": "0.0.0.0"},
+            "kubelet": {"v": "5", "eviction-hard": "memory.available<100Mi", "read-only-port": ""},
+        },
+    })
+}
+
+fn with_kubernetes(kubernetes: Value) -> Value {
+    with(minimal("x"), "/spec/kubernetes", kubernetes)
+}
+
+#[tokio::test]
+async fn feature_gates_and_component_flags_are_stored_as_written() -> anyhow::Result<()> {
+    with_env("crd-components", |env| async move {
+        env.create(with_kubernetes(gates_and_flags())).await?;
+        let raw = env.dynamic().get("x").await?;
+        let stored = &raw.data["spec"]["kubernetes"];
+        for field in ["featureGates", "extraArgs"] {
+            ensure!(
+                stored[field] == gates_and_flags()[field],
+                "stored {field} differs from the one sent: {stored:#}"
+            );
+        }
+        ensure!(stored["podSubnet"] == "10.244.0.0/16", "{stored:#}");
+        let kubernetes = env.typed().get("x").await?.spec.kubernetes;
+        ensure!(kubernetes.feature_gates.get("SchedulerQueueingHints") == Some(&false));
+        ensure!(kubernetes.extra_args.kubelet["eviction-hard"] == "memory.available<100Mi");
+
+        // Without them, nothing is added to the stored object.
+        env.create(minimal("plain")).await?;
+        let plain = env.dynamic().get("plain").await?;
+        let stored = &plain.data["spec"]["kubernetes"];
+        ensure!(
+            stored.get("featureGates").is_none() && stored.get("extraArgs").is_none(),
+            "defaults added: {stored:#}"
+        );
+
+        // They apply when the cluster forms: changing them is changing the cluster.
+        let result = update(
+            &env,
+            "x",
+            "/spec/kubernetes/featureGates",
+            json!({"SchedulerQueueingHints": true}),
+        )
+        .await;
+        expect_invalid(result, "spec.kubernetes", "kubernetes is immutable")?;
+        let result = update(
+            &env,
+            "plain",
+            "/spec/kubernetes/extraArgs",
+            json!({"kubelet": {"v": "2"}}),
+        )
+        .await;
+        expect_invalid(result, "spec.kubernetes", "kubernetes is immutable")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bad_gates_and_component_flags_are_rejected_naming_the_field() -> anyhow::Result<()> {
+    with_env("crd-bad-components", |env| async move {
+        let args = |component: &str, flags: Value| json!({"extraArgs": {component: flags}});
+        let many = |n: usize| {
+            Value::Object(
+                (0..n)
+                    .map(|i| (format!("flag-{i}"), json!("1")))
+                    .collect(),
+            )
+        };
+        let cases: Vec<(&str, Value, &str, &str)> = vec![
+            (
+                "scheduler leader-elect",
+                args("scheduler", json!({"leader-elect": "true"})),
+                "spec.kubernetes.extraArgs.scheduler",
+                "spec.kubernetes.extraArgs.scheduler must not set leader-elect: the controller manages it",
+            ),
+            (
+                "scheduler config",
+                args("scheduler", json!({"v": "2", "config": "/etc/x.yaml"})),
+                "spec.kubernetes.extraArgs.scheduler",
+                "must not set config: the controller manages it; set spec.scheduler.config",
+            ),
+            (
+                "controller-manager leader-elect",
+                args("controllerManager", json!({"leader-elect": "true"})),
+                "spec.kubernetes.extraArgs.controllerManager",
+                "spec.kubernetes.extraArgs.controllerManager must not set leader-elect",
+            ),
+            (
+                "controller-manager cluster-cidr",
+                args("controllerManager", json!({"cluster-cidr": "10.0.0.0/8"})),
+                "spec.kubernetes.extraArgs.controllerManager",
+                "must not set cluster-cidr: kubeadm sets it from spec.kubernetes.podSubnet",
+            ),
+            (
+                "api server secure-port",
+                args("apiServer", json!({"secure-port": "443"})),
+                "spec.kubernetes.extraArgs.apiServer",
+                "spec.kubernetes.extraArgs.apiServer must not set secure-port",
+            ),
+            (
+                "api server advertise-address",
+                args("apiServer", json!({"advertise-address": "10.0.0.1"})),
+                "spec.kubernetes.extraArgs.apiServer",
+                "must not set advertise-address",
+            ),
+            (
+                "feature-gates as a flag",
+                args("apiServer", json!({"feature-gates": "A=true"})),
+                "spec.kubernetes.extraArgs.apiServer",
+                "must not set feature-gates: use spec.kubernetes.featureGates",
+            ),
+            (
+                "kubelet max-pods",
+                args("kubelet", json!({"max-pods": "500"})),
+                "spec.kubernetes.extraArgs.kubelet",
+                "spec.kubernetes.extraArgs.kubelet must not set max-pods: set it per pool with kubelet.maxPods",
+            ),
+            (
+                "kubelet node-ip",
+                args("kubelet", json!({"node-ip": "10.0.0.9"})),
+                "spec.kubernetes.extraArgs.kubelet",
+                "must not set node-ip",
+            ),
+            (
+                "kubelet cgroup-driver",
+                args("kubelet", json!({"cgroup-driver": "cgroupfs"})),
+                "spec.kubernetes.extraArgs.kubelet",
+                "must not set cgroup-driver",
+            ),
+            (
+                "a value smuggling another flag",
+                args("kubelet", json!({"v": "2 --node-ip=10.0.0.9"})),
+                "spec.kubernetes.extraArgs.kubelet",
+                "spec.kubernetes.extraArgs.kubelet values must be printable ASCII without spaces",
+            ),
+            (
+                "a value with a quote",
+                args("scheduler", json!({"v": "2\""})),
+                "spec.kubernetes.extraArgs.scheduler",
+                "values must be printable ASCII",
+            ),
+            (
+                "a flag name with its dashes",
+                args("scheduler", json!({"--v": "2"})),
+                "spec.kubernetes.extraArgs.scheduler",
+                "spec.kubernetes.extraArgs.scheduler keys must be flag names without the leading '--'",
+            ),
+            (
+                "a flag name with a value",
+                args("apiServer", json!({"v=2": ""})),
+                "spec.kubernetes.extraArgs.apiServer",
+                "keys must be flag names",
+            ),
+            (
+                "33 flags",
+                args("controllerManager", many(33)),
+                "spec.kubernetes.extraArgs.controllerManager",
+                "32",
+            ),
+            (
+                "a lower-case feature gate",
+                json!({"featureGates": {"schedulerQueueingHints": true}}),
+                "spec.kubernetes.featureGates",
+                "spec.kubernetes.featureGates keys must be feature gate names",
+            ),
+            (
+                "a feature gate of a component's flag syntax",
+                json!({"featureGates": {"A=true,B": true}}),
+                "spec.kubernetes.featureGates",
+                "keys must be feature gate names",
+            ),
+            (
+                "65 feature gates",
+                json!({"featureGates": Value::Object((0..65).map(|i| (format!("Gate{i}"), json!(true))).collect())}),
+                "spec.kubernetes.featureGates",
+                "64",
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (what, kubernetes, field, says) in cases {
+            let result = env.create(with_kubernetes(kubernetes)).await;
+            if let Err(e) = expect_invalid(result, field, says) {
+                failures.push(format!("{what}: {e:#}"));
+            }
+        }
+        ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
+        Ok(())
+    })
+    .await
+}

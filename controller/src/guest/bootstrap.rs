@@ -96,7 +96,7 @@ impl SshGuest {
             config,
             &version,
             self.config.join_token_ttl,
-            scheduler::component(scheduler_file.as_deref(), None, None),
+            scheduler::component(scheduler_file.as_deref(), None, None, &config.kubernetes),
         );
         self.put_file(session, node, INIT_CONFIG, document.as_bytes())
             .await?;

@@ -3,14 +3,17 @@
 //! can change a document's structure), the join command `kubeadm token create` prints,
 //! and the cluster CA an admin kubeconfig names.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use benchcluster_crd::components::{Component, feature_gates_arg};
 use kube::config::Kubeconfig;
 use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
 
 #[cfg(doc)]
 use super::scheduler;
-use super::{AdminKubeconfig, GuestNode, InitConfig, Registration};
+use super::{AdminKubeconfig, GuestNode, InitConfig, KubernetesSpec, Registration};
 
 pub(super) const INIT_CONFIG: &str = "/etc/benchcluster/kubeadm-init.yaml";
 pub(super) const JOIN_CONFIG: &str = "/etc/benchcluster/kubeadm-join.yaml";
@@ -94,6 +97,42 @@ pub(super) fn parse_join_command(text: &str) -> Option<JoinTicket> {
     })
 }
 
+/// One kubeadm v1beta4 `extraArgs` entry.
+pub(super) fn arg(name: &str, value: &str) -> Value {
+    json!({"name": name, "value": value})
+}
+
+/// A component's kubeadm `extraArgs`: the controller's own (`managed`), then the user's
+/// flags of `args` (`spec.kubernetes.extraArgs`) without those the controller or
+/// kubeadm set, in name order.
+pub(super) fn extra_args(
+    managed: Vec<Value>,
+    component: Component,
+    args: &BTreeMap<String, String>,
+) -> Vec<Value> {
+    let mut all = managed;
+    all.extend(
+        component
+            .user_args(args)
+            .map(|(name, value)| arg(name, value)),
+    );
+    all
+}
+
+/// A control-plane component's kubeadm `extraArgs`: [`extra_args`], then the cluster's
+/// feature gates as `--feature-gates`.
+pub(super) fn control_plane_args(
+    managed: Vec<Value>,
+    component: Component,
+    kubernetes: &KubernetesSpec,
+) -> Value {
+    let mut all = extra_args(managed, component, kubernetes.extra_args.of(component));
+    if let Some(gates) = feature_gates_arg(&kubernetes.feature_gates) {
+        all.push(arg("feature-gates", &gates));
+    }
+    Value::Array(all)
+}
+
 /// kubeadm's InitConfiguration + ClusterConfiguration + KubeletConfiguration, as JSON
 /// documents (JSON is YAML), so no value can change the document's structure.
 /// `scheduler` is the ClusterConfiguration's scheduler section
@@ -103,8 +142,9 @@ pub(super) fn init_configuration(
     config: &InitConfig,
     version: &str,
     token_ttl: Duration,
-    scheduler: serde_json::Value,
+    scheduler: Value,
 ) -> String {
+    let kubernetes = &config.kubernetes;
     let ip = node.ip.to_string();
     let timeouts = serde_json::json!({
         "controlPlaneComponentHealthCheck": "15m0s",
@@ -129,7 +169,11 @@ pub(super) fn init_configuration(
         "nodeRegistration": {
             "name": node.name,
             "criSocket": CRI_SOCKET,
-            "kubeletExtraArgs": [{"name": "node-ip", "value": ip}],
+            "kubeletExtraArgs": extra_args(
+                vec![arg("node-ip", &ip)],
+                Component::Kubelet,
+                &kubernetes.extra_args.kubelet,
+            ),
         },
         "timeouts": timeouts,
     });
@@ -137,20 +181,37 @@ pub(super) fn init_configuration(
         "apiVersion": "kubeadm.k8s.io/v1beta4",
         "kind": "ClusterConfiguration",
         "kubernetesVersion": version,
-        "networking": {"podSubnet": config.pod_subnet, "serviceSubnet": config.service_subnet},
-        "apiServer": {"certSANs": [ip]},
+        "networking": {
+            "podSubnet": kubernetes.pod_subnet,
+            "serviceSubnet": kubernetes.service_subnet,
+        },
+        "apiServer": {
+            "certSANs": [ip],
+            "extraArgs": control_plane_args(Vec::new(), Component::ApiServer, kubernetes),
+        },
         // One control-plane node, so no one to elect. With leader election on, a
         // slow control plane (software emulation, a busy host) misses the 5 s lease
         // renewals, and kube-controller-manager and kube-scheduler exit and restart
         // over and over: no podCIDR gets allocated, no Node turns Ready.
-        "controllerManager": {"extraArgs": [{"name": "leader-elect", "value": "false"}]},
+        "controllerManager": {
+            "extraArgs": control_plane_args(
+                vec![arg("leader-elect", "false")],
+                Component::ControllerManager,
+                kubernetes,
+            ),
+        },
         "scheduler": scheduler,
     });
-    let kubelet = serde_json::json!({
+    let mut kubelet = serde_json::json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         "cgroupDriver": "systemd",
     });
+    // kubeadm uploads this document (the kubelet-config ConfigMap), and every join
+    // writes its kubelet's configuration from it: the gates reach every node.
+    if !kubernetes.feature_gates.is_empty() {
+        kubelet["featureGates"] = json!(kubernetes.feature_gates);
+    }
     format!("{init}\n---\n{cluster}\n---\n{kubelet}\n")
 }
 
@@ -160,7 +221,7 @@ pub(super) fn join_configuration(
     registration: &Registration,
 ) -> SecretString {
     let ip = worker.ip.to_string();
-    let mut kubelet_args = vec![serde_json::json!({"name": "node-ip", "value": ip})];
+    let mut managed = vec![arg("node-ip", &ip)];
     if !registration.labels.is_empty() {
         // Label keys and values hold neither ',' nor '=' (the CRD's patterns).
         let labels: Vec<String> = registration
@@ -168,8 +229,11 @@ pub(super) fn join_configuration(
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        kubelet_args.push(serde_json::json!({"name": "node-labels", "value": labels.join(",")}));
+        managed.push(arg("node-labels", &labels.join(",")));
     }
+    // Feature gates need no flag: they come with the cluster's KubeletConfiguration,
+    // which kubeadm join reads (see `init_configuration`).
+    let kubelet_args = extra_args(managed, Component::Kubelet, &registration.kubelet_args);
     let taints: Vec<serde_json::Value> = registration
         .taints
         .iter()
@@ -268,8 +332,10 @@ mod tests {
     #[test]
     fn kubeadm_documents_keep_hostile_values_as_strings() {
         let config = InitConfig {
-            pod_subnet: "10.244.0.0/16\"\n---\nkind: Evil".into(),
-            service_subnet: "10.96.0.0/12".into(),
+            kubernetes: KubernetesSpec {
+                pod_subnet: "10.244.0.0/16\"\n---\nkind: Evil".into(),
+                ..KubernetesSpec::default()
+            },
             scheduler: SchedulerSpec::default(),
         };
         let text = init_configuration(
@@ -277,7 +343,7 @@ mod tests {
             &config,
             "v1.35.4",
             Duration::from_secs(600),
-            scheduler::component(None, None, None),
+            scheduler::component(None, None, None, &config.kubernetes),
         );
         let documents: Vec<&str> = text.split("\n---\n").collect();
         assert_eq!(documents.len(), 3);
@@ -321,8 +387,7 @@ mod tests {
             image: None,
         };
         let config = InitConfig {
-            pod_subnet: "10.244.0.0/16".into(),
-            service_subnet: "10.96.0.0/12".into(),
+            kubernetes: KubernetesSpec::default(),
             scheduler,
         };
         let path = scheduler::config_path(&config.scheduler.config_hash());
@@ -331,7 +396,7 @@ mod tests {
             &config,
             "v1.35.4",
             Duration::from_secs(600),
-            scheduler::component(Some(&path), None, None),
+            scheduler::component(Some(&path), None, None, &config.kubernetes),
         );
         let documents: Vec<&str> = text.split("\n---\n").collect();
         assert_eq!(documents.len(), 3);
@@ -411,6 +476,7 @@ mod tests {
                 },
                 kube_reserved: Reservation::default(),
             },
+            kubelet_args: BTreeMap::new(),
         };
         let text = join_configuration(&node("x-gpu-0"), &ticket, &registration);
         let doc: serde_json::Value = serde_json::from_str(text.expose_secret()).unwrap();
@@ -430,6 +496,200 @@ mod tests {
             patch,
             serde_json::json!({"maxPods": 30, "systemReserved": {"cpu": "250m"}})
         );
+    }
+
+    /// A spec with gates and flags for every component, managed flags among them.
+    fn with_gates_and_flags() -> KubernetesSpec {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        KubernetesSpec {
+            feature_gates: [
+                ("SchedulerQueueingHints".to_owned(), false),
+                ("Alpha".to_owned(), true),
+            ]
+            .into(),
+            extra_args: benchcluster_crd::ComponentArgs {
+                api_server: map(&[("v", "2"), ("audit-log-maxage", "7")]),
+                controller_manager: map(&[("v", "3"), ("leader-elect", "true")]),
+                scheduler: map(&[("v", "4"), ("config", "/elsewhere")]),
+                kubelet: map(&[("v", "5"), ("max-pods", "500")]),
+            },
+            ..KubernetesSpec::default()
+        }
+    }
+
+    fn names(args: &serde_json::Value) -> Vec<&str> {
+        args.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn users_flags_and_gates_follow_the_managed_flags_of_each_component() {
+        let config = InitConfig {
+            kubernetes: with_gates_and_flags(),
+            scheduler: SchedulerSpec::default(),
+        };
+        let path = scheduler::config_path("sha256-0123456789abcdef");
+        let text = init_configuration(
+            &node("x-cp-0"),
+            &config,
+            "v1.35.4",
+            Duration::from_secs(600),
+            scheduler::component(Some(&path), None, None, &config.kubernetes),
+        );
+        let documents: Vec<serde_json::Value> = text
+            .split("\n---\n")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let (init, cluster, kubelet) = (&documents[0], &documents[1], &documents[2]);
+        let gates = serde_json::json!({"name": "feature-gates", "value": "Alpha=true,SchedulerQueueingHints=false"});
+        assert_eq!(
+            cluster["apiServer"]["extraArgs"],
+            serde_json::json!([
+                {"name": "audit-log-maxage", "value": "7"},
+                {"name": "v", "value": "2"},
+                gates,
+            ])
+        );
+        assert_eq!(
+            cluster["controllerManager"]["extraArgs"],
+            serde_json::json!([
+                {"name": "leader-elect", "value": "false"},
+                {"name": "v", "value": "3"},
+                gates,
+            ])
+        );
+        assert_eq!(
+            cluster["scheduler"]["extraArgs"],
+            serde_json::json!([
+                {"name": "leader-elect", "value": "false"},
+                {"name": "config", "value": path},
+                {"name": "v", "value": "4"},
+                gates,
+            ])
+        );
+        assert_eq!(
+            init["nodeRegistration"]["kubeletExtraArgs"],
+            serde_json::json!([
+                {"name": "node-ip", "value": "192.168.222.101"},
+                {"name": "v", "value": "5"},
+            ])
+        );
+        // The kubelet's gates are in its configuration, which joins read too.
+        assert_eq!(
+            kubelet["featureGates"],
+            serde_json::json!({"Alpha": true, "SchedulerQueueingHints": false})
+        );
+        assert_eq!(kubelet["cgroupDriver"], "systemd");
+        for args in [
+            &cluster["apiServer"]["extraArgs"],
+            &cluster["controllerManager"]["extraArgs"],
+            &cluster["scheduler"]["extraArgs"],
+            &init["nodeRegistration"]["kubeletExtraArgs"],
+        ] {
+            let mut seen = names(args);
+            seen.sort_unstable();
+            let count = seen.len();
+            seen.dedup();
+            assert_eq!(seen.len(), count, "a flag twice in {args}");
+        }
+    }
+
+    #[test]
+    fn without_gates_no_component_gets_any() {
+        let config = InitConfig {
+            kubernetes: KubernetesSpec::default(),
+            scheduler: SchedulerSpec::default(),
+        };
+        let text = init_configuration(
+            &node("x-cp-0"),
+            &config,
+            "v1.35.4",
+            Duration::from_secs(600),
+            scheduler::component(None, None, None, &config.kubernetes),
+        );
+        assert!(!text.contains("feature-gates"));
+        assert!(!text.contains("featureGates"));
+    }
+
+    #[test]
+    fn hostile_flag_values_stay_strings() {
+        let evil = "2\"\n---\nkind: Evil\n- name: kubeconfig";
+        let mut kubernetes = KubernetesSpec::default();
+        kubernetes
+            .extra_args
+            .api_server
+            .insert("v".into(), evil.into());
+        kubernetes
+            .extra_args
+            .kubelet
+            .insert("v".into(), evil.into());
+        let config = InitConfig {
+            kubernetes,
+            scheduler: SchedulerSpec::default(),
+        };
+        let text = init_configuration(
+            &node("x-cp-0"),
+            &config,
+            "v1.35.4",
+            Duration::from_secs(600),
+            scheduler::component(None, None, None, &config.kubernetes),
+        );
+        let documents: Vec<&str> = text.split("\n---\n").collect();
+        assert_eq!(documents.len(), 3);
+        let cluster: serde_json::Value = serde_json::from_str(documents[1]).unwrap();
+        assert_eq!(
+            cluster["apiServer"]["extraArgs"],
+            serde_json::json!([{"name": "v", "value": evil}])
+        );
+        let ticket = JoinTicket {
+            endpoint: "192.168.222.101:6443".into(),
+            token: SecretString::from("abcdef.0123456789abcdef"),
+            ca_cert_hash: "sha256:ff".into(),
+        };
+        let registration = Registration {
+            kubelet_args: config.kubernetes.extra_args.kubelet.clone(),
+            ..Registration::default()
+        };
+        let text = join_configuration(&node("x-w-0"), &ticket, &registration);
+        let doc: serde_json::Value = serde_json::from_str(text.expose_secret()).unwrap();
+        assert_eq!(
+            doc["nodeRegistration"]["kubeletExtraArgs"][1]["value"],
+            evil
+        );
+    }
+
+    #[test]
+    fn a_join_passes_the_users_kubelet_flags_after_the_controllers() {
+        let ticket = JoinTicket {
+            endpoint: "192.168.222.101:6443".into(),
+            token: SecretString::from("abcdef.0123456789abcdef"),
+            ca_cert_hash: "sha256:ff".into(),
+        };
+        let registration = Registration {
+            labels: [("benchcluster.dev/pool".to_owned(), "w".to_owned())].into(),
+            kubelet_args: with_gates_and_flags().extra_args.kubelet,
+            ..Registration::default()
+        };
+        let text = join_configuration(&node("x-w-0"), &ticket, &registration);
+        let doc: serde_json::Value = serde_json::from_str(text.expose_secret()).unwrap();
+        assert_eq!(
+            doc["nodeRegistration"]["kubeletExtraArgs"],
+            serde_json::json!([
+                {"name": "node-ip", "value": "192.168.222.101"},
+                {"name": "node-labels", "value": "benchcluster.dev/pool=w"},
+                {"name": "v", "value": "5"},
+            ])
+        );
+        // max-pods is a pool's setting; the user's flag is left out.
+        assert!(!text.expose_secret().contains("max-pods"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod redact;
 mod scheduler;
 pub mod ssh;
 
+pub use benchcluster_crd::KubernetesSpec;
 pub use benchcluster_crd::pools::{NodeConfig, Registration};
 pub use benchcluster_crd::scheduler::SchedulerSpec;
 
@@ -54,8 +55,8 @@ pub struct GuestNode {
 /// What `kubeadm init` needs beyond the node itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitConfig {
-    pub pod_subnet: String,
-    pub service_subnet: String,
+    /// Subnets, feature gates and the components' extra flags (`spec.kubernetes`).
+    pub kubernetes: KubernetesSpec,
     /// The scheduler the control plane starts with.
     pub scheduler: SchedulerSpec,
 }

@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use benchcluster_crd::KubeSchedulerConfiguration;
+use benchcluster_crd::components::Component;
 use benchcluster_crd::scheduler::DEFAULTS;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::Api;
@@ -20,10 +21,12 @@ use openssh::Session;
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use super::kubeadm::init_configuration;
+use super::kubeadm::{arg, control_plane_args, init_configuration};
 use super::redact::redact_tokens;
 use super::ssh::SshGuest;
-use super::{AdminKubeconfig, GuestError, GuestNode, InitConfig, Result, RunningScheduler};
+use super::{
+    AdminKubeconfig, GuestError, GuestNode, InitConfig, KubernetesSpec, Result, RunningScheduler,
+};
 
 /// Directory of the scheduler's configurations, mounted read-only into its pod. It holds
 /// nothing else: the kubeadm documents in /etc/benchcluster carry a bootstrap token.
@@ -90,20 +93,22 @@ pub(super) fn config_file(config: &KubeSchedulerConfiguration) -> String {
 
 /// The ClusterConfiguration's `scheduler` section (kubeadm v1beta4); `config_file` is
 /// the configuration the scheduler reads, if any; `switch` names the switch writing it,
-/// and `image` the custom image it asks for.
+/// and `image` the custom image it asks for. The user's flags and the feature gates of
+/// `kubernetes` follow the controller's, at init and at every switch alike.
 pub(super) fn component(
     config_file: Option<&str>,
     switch: Option<&str>,
     image: Option<&str>,
+    kubernetes: &KubernetesSpec,
 ) -> Value {
     // Leader election off, as for kube-controller-manager (one control plane; see
     // `init_configuration`). The flag stays with a config file too: kubeadm always
     // passes `--leader-elect=true`, and kube-scheduler lets leader-election flags
     // override its `--config` file.
-    let mut args = vec![json!({"name": "leader-elect", "value": "false"})];
+    let mut args = vec![arg("leader-elect", "false")];
     let mut section = serde_json::Map::new();
     if let Some(path) = config_file {
-        args.push(json!({"name": "config", "value": path}));
+        args.push(arg("config", path));
         section.insert(
             "extraVolumes".into(),
             json!([{
@@ -125,7 +130,10 @@ pub(super) fn component(
     if !envs.is_empty() {
         section.insert("extraEnvs".into(), Value::Array(envs));
     }
-    section.insert("extraArgs".into(), Value::Array(args));
+    section.insert(
+        "extraArgs".into(),
+        control_plane_args(args, Component::Scheduler, kubernetes),
+    );
     Value::Object(section)
 }
 
@@ -413,7 +421,12 @@ impl SshGuest {
             config,
             &version,
             self.config.join_token_ttl,
-            component(target.config_file, Some(&target.switch), target.image),
+            component(
+                target.config_file,
+                Some(&target.switch),
+                target.image,
+                &config.kubernetes,
+            ),
         );
         self.put_file(session, node, PHASE_CONFIG, document.as_bytes())
             .await?;
@@ -576,7 +589,12 @@ mod tests {
     fn each_config_file_is_inside_the_mounted_directory_and_names_its_hash() {
         let hash = most_allocated().hash();
         let path = config_path(&hash);
-        let mounted = component(Some(&path), Some("17"), Some("localhost/sched:custom"));
+        let mounted = component(
+            Some(&path),
+            Some("17"),
+            Some("localhost/sched:custom"),
+            &KubernetesSpec::default(),
+        );
         let volume = &mounted["extraVolumes"][0];
         assert_eq!(volume["hostPath"], CONFIG_DIR);
         assert_eq!(volume["mountPath"], CONFIG_DIR);
@@ -592,11 +610,54 @@ mod tests {
                 {"name": IMAGE_ENV, "value": "localhost/sched:custom"},
             ])
         );
-        assert!(component(None, None, None).get("extraVolumes").is_none());
-        assert!(component(None, None, None).get("extraEnvs").is_none());
+        assert!(
+            component(None, None, None, &KubernetesSpec::default())
+                .get("extraVolumes")
+                .is_none()
+        );
+        assert!(
+            component(None, None, None, &KubernetesSpec::default())
+                .get("extraEnvs")
+                .is_none()
+        );
         assert_eq!(hash_of(Some(&path)), hash);
         assert_eq!(hash_of(None), DEFAULTS);
         assert_eq!(hash_of(Some("/etc/other.yaml")), "/etc/other.yaml");
+    }
+
+    #[test]
+    fn a_switch_keeps_the_users_flags_and_gates_after_its_own() {
+        let mut kubernetes = KubernetesSpec::default();
+        kubernetes
+            .feature_gates
+            .insert("SchedulerQueueingHints".into(), false);
+        for (flag, value) in [("v", "4"), ("leader-elect", "true"), ("config", "/x")] {
+            kubernetes
+                .extra_args
+                .scheduler
+                .insert(flag.into(), value.into());
+        }
+        let path = config_path(&most_allocated().hash());
+        let expected = json!([
+            {"name": "leader-elect", "value": "false"},
+            {"name": "config", "value": path},
+            {"name": "v", "value": "4"},
+            {"name": "feature-gates", "value": "SchedulerQueueingHints=false"},
+        ]);
+        // At init and at a switch to a custom image alike.
+        let at_init = component(Some(&path), None, None, &kubernetes);
+        let at_switch = component(Some(&path), Some("17"), Some("localhost/s:1"), &kubernetes);
+        assert_eq!(at_init["extraArgs"], expected);
+        assert_eq!(at_switch["extraArgs"], expected);
+        let defaults = component(None, Some("18"), None, &kubernetes);
+        assert_eq!(
+            defaults["extraArgs"],
+            json!([
+                {"name": "leader-elect", "value": "false"},
+                {"name": "v", "value": "4"},
+                {"name": "feature-gates", "value": "SchedulerQueueingHints=false"},
+            ])
+        );
     }
 
     fn pod(command: &[&str], ready: bool, restarts: i32) -> Pod {

@@ -92,7 +92,8 @@ pub fn template(spec: &BenchClusterSpec, id: NodeId) -> Option<&WorkerTemplate> 
 }
 
 /// How the worker registers its Node: the pool label and the pool's labels the kubelet
-/// may set, its taints and kubelet settings. Nothing for the control plane.
+/// may set, its taints and kubelet settings, and the cluster's kubelet flags. Nothing
+/// for the control plane (`kubeadm init` has its own).
 pub fn registration(spec: &BenchClusterSpec, id: NodeId) -> Registration {
     let Some(t) = template(spec, id) else {
         return Registration::default();
@@ -108,6 +109,7 @@ pub fn registration(spec: &BenchClusterSpec, id: NodeId) -> Registration {
         labels,
         taints: t.taints.clone(),
         kubelet: t.kubelet.clone(),
+        kubelet_args: spec.kubernetes.extra_args.kubelet.clone(),
     }
 }
 
@@ -291,6 +293,27 @@ mod tests {
         assert_eq!(shape(&s, NodeId::worker(0)).unwrap().cpus, 2);
         assert_eq!(shape(&s, NodeId::pooled(gpu, 5)).map(|s| s.cpus), Some(4));
         assert!(shape(&s, NodeId::pooled(PoolName::new("gone").unwrap(), 0)).is_none());
+    }
+
+    #[test]
+    fn every_worker_registers_with_the_clusters_kubelet_flags() {
+        let mut s = with_pool(spec(1), "gpu", 1, 4);
+        s.kubernetes
+            .extra_args
+            .kubelet
+            .insert("v".into(), "4".into());
+        let gpu = PoolName::new("gpu").unwrap();
+        for id in [NodeId::worker(0), NodeId::pooled(gpu, 0)] {
+            assert_eq!(
+                registration(&s, id).kubelet_args,
+                s.kubernetes.extra_args.kubelet
+            );
+        }
+        // The control plane's come with kubeadm init.
+        assert_eq!(
+            registration(&s, NodeId::CONTROL_PLANE),
+            Registration::default()
+        );
     }
 
     #[test]

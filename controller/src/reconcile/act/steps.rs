@@ -231,8 +231,7 @@ impl<H: Hypervisor, G: Guest> Steps<'_, H, G> {
     /// The kubeadm configuration the spec asks for.
     fn init_config(&self) -> InitConfig {
         InitConfig {
-            pod_subnet: self.bc.spec.kubernetes.pod_subnet.clone(),
-            service_subnet: self.bc.spec.kubernetes.service_subnet.clone(),
+            kubernetes: self.bc.spec.kubernetes.clone(),
             scheduler: self.bc.spec.scheduler.clone(),
         }
     }
