@@ -97,6 +97,7 @@ impl SshGuest {
             &version,
             self.config.join_token_ttl,
             scheduler::component(scheduler_file.as_deref(), None, None, &config.kubernetes),
+            None,
         );
         self.put_file(session, node, INIT_CONFIG, document.as_bytes())
             .await?;

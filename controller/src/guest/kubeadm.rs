@@ -143,6 +143,7 @@ pub(super) fn init_configuration(
     version: &str,
     token_ttl: Duration,
     scheduler: Value,
+    patches: Option<&str>,
 ) -> String {
     let kubernetes = &config.kubernetes;
     let ip = node.ip.to_string();
@@ -152,7 +153,7 @@ pub(super) fn init_configuration(
         "kubernetesAPICall": "5m0s",
         "tlsBootstrap": "15m0s",
     });
-    let init = serde_json::json!({
+    let mut init = serde_json::json!({
         "apiVersion": "kubeadm.k8s.io/v1beta4",
         "kind": "InitConfiguration",
         // The default token lives 24 h; ours only until the first joins are done.
@@ -177,6 +178,11 @@ pub(super) fn init_configuration(
         },
         "timeouts": timeouts,
     });
+    // kubeadm reads its patches (a custom scheduler image) only from here when given a
+    // --config.
+    if let Some(directory) = patches {
+        init["patches"] = serde_json::json!({"directory": directory});
+    }
     let cluster = serde_json::json!({
         "apiVersion": "kubeadm.k8s.io/v1beta4",
         "kind": "ClusterConfiguration",
@@ -344,6 +350,7 @@ mod tests {
             "v1.35.4",
             Duration::from_secs(600),
             scheduler::component(None, None, None, &config.kubernetes),
+            None,
         );
         let documents: Vec<&str> = text.split("\n---\n").collect();
         assert_eq!(documents.len(), 3);
@@ -397,6 +404,7 @@ mod tests {
             "v1.35.4",
             Duration::from_secs(600),
             scheduler::component(Some(&path), None, None, &config.kubernetes),
+            None,
         );
         let documents: Vec<&str> = text.split("\n---\n").collect();
         assert_eq!(documents.len(), 3);
@@ -424,6 +432,32 @@ mod tests {
         );
         // The config itself travels in its own file, not in kubeadm's documents.
         assert!(!text.contains("kubescheduler.config.k8s.io"));
+    }
+
+    #[test]
+    fn kubeadm_reads_patches_from_the_init_configuration_only_when_asked() {
+        let config = InitConfig {
+            kubernetes: KubernetesSpec::default(),
+            scheduler: SchedulerSpec::default(),
+        };
+        let first = |patches| {
+            let text = init_configuration(
+                &node("x-cp-0"),
+                &config,
+                "v1.35.4",
+                Duration::from_secs(600),
+                scheduler::component(None, None, None, &config.kubernetes),
+                patches,
+            );
+            let init: serde_json::Value =
+                serde_json::from_str(text.split("\n---\n").next().unwrap()).unwrap();
+            init
+        };
+        assert_eq!(
+            first(Some("/etc/benchcluster/scheduler-patches"))["patches"],
+            serde_json::json!({"directory": "/etc/benchcluster/scheduler-patches"})
+        );
+        assert!(first(None).get("patches").is_none());
     }
 
     #[test]
@@ -543,6 +577,7 @@ mod tests {
             "v1.35.4",
             Duration::from_secs(600),
             scheduler::component(Some(&path), None, None, &config.kubernetes),
+            None,
         );
         let documents: Vec<serde_json::Value> = text
             .split("\n---\n")
@@ -614,6 +649,7 @@ mod tests {
             "v1.35.4",
             Duration::from_secs(600),
             scheduler::component(None, None, None, &config.kubernetes),
+            None,
         );
         assert!(!text.contains("feature-gates"));
         assert!(!text.contains("featureGates"));
@@ -641,6 +677,7 @@ mod tests {
             "v1.35.4",
             Duration::from_secs(600),
             scheduler::component(None, None, None, &config.kubernetes),
+            None,
         );
         let documents: Vec<&str> = text.split("\n---\n").collect();
         assert_eq!(documents.len(), 3);

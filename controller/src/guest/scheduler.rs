@@ -427,6 +427,7 @@ impl SshGuest {
                 target.image,
                 &config.kubernetes,
             ),
+            target.image.map(|_| PATCHES_DIR),
         );
         self.put_file(session, node, PHASE_CONFIG, document.as_bytes())
             .await?;
@@ -440,7 +441,12 @@ impl SshGuest {
             self.config.command_timeout,
         )
         .await?;
-        let mut args = vec![
+        if let Some(image) = target.image {
+            let patch = format!("{PATCHES_DIR}/kube-scheduler+json.json");
+            self.put_file(session, node, &patch, image_patch(image).as_bytes())
+                .await?;
+        }
+        let args = [
             "init",
             "phase",
             "control-plane",
@@ -448,12 +454,6 @@ impl SshGuest {
             "--config",
             PHASE_CONFIG,
         ];
-        if let Some(image) = target.image {
-            let patch = format!("{PATCHES_DIR}/kube-scheduler+json.json");
-            self.put_file(session, node, &patch, image_patch(image).as_bytes())
-                .await?;
-            args.extend(["--patches", PATCHES_DIR]);
-        }
         self.kubeadm(session, node, "kubeadm control-plane scheduler", &args)
             .await
             .map(drop)
