@@ -185,7 +185,8 @@ pub fn compute(inputs: &Inputs<'_>) -> BenchClusterStatus {
     let control_plane_ready = ready_nodes.contains(&NodeId::CONTROL_PLANE);
     let surplus = world.nodes.keys().any(|id| !desired.contains(id));
     let workers_ready = ready_workers == desired_workers && !surplus;
-    let rejected = scheduler::rejected(spec, previous, inputs.outcome, &inputs.now);
+    // Found once, by the driver, before planning.
+    let rejected = world.rejected_scheduler.clone();
     let scheduler_ready = scheduler::readiness(spec, world, rejected.as_ref());
     // A configuration the scheduler refused waits for the spec to change.
     let (stalled, stall_reason, stall_message) = match stall(inputs) {

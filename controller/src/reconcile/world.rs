@@ -183,8 +183,9 @@ pub struct World {
     pub capacity: Option<Capacity>,
     /// The scheduler, when the guest API showed it.
     pub scheduler: Option<ObservedScheduler>,
-    /// The configuration the scheduler refused (from the status), while the spec
-    /// still asks for it: not tried again until the spec changes.
+    /// The configuration the scheduler refused (this pass, else as the last status
+    /// says), while the spec still asks for it: not tried again until the spec changes.
+    /// Set by the driver ([`super::scheduler::rejected`]); the status reports it.
     pub rejected_scheduler: Option<RejectedConfig>,
 }
 
