@@ -295,23 +295,18 @@ impl Run<'_> {
         &self,
         config: Option<&KubeSchedulerConfiguration>,
     ) -> anyhow::Result<Instant> {
-        let config = serde_json::to_value(config)?;
-        let patch = json!({"spec": {"scheduler": {"config": config}}});
-        self.bed
-            .api
-            .patch(
-                &self.bed.name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
+        self.edit_scheduler(json!({"config": serde_json::to_value(config)?}))
             .await
-            .context("editing spec.scheduler.config")?;
-        Ok(Instant::now())
     }
 
     /// Sets or removes `spec.scheduler.image`; the instant the edit was accepted.
     async fn set_image(&self, image: Option<&str>) -> anyhow::Result<Instant> {
-        let patch = json!({"spec": {"scheduler": {"image": image}}});
+        self.edit_scheduler(json!({"image": image})).await
+    }
+
+    /// Merges `fields` into `spec.scheduler`; the instant the edit was accepted.
+    async fn edit_scheduler(&self, fields: Value) -> anyhow::Result<Instant> {
+        let patch = json!({"spec": {"scheduler": fields}});
         self.bed
             .api
             .patch(
@@ -320,7 +315,7 @@ impl Run<'_> {
                 &Patch::Merge(&patch),
             )
             .await
-            .context("editing spec.scheduler.image")?;
+            .with_context(|| format!("editing spec.scheduler: {fields}"))?;
         Ok(Instant::now())
     }
 
@@ -492,15 +487,8 @@ impl Run<'_> {
         {
             eprintln!("  deleting the scenario's pods after the failure: {error}");
         }
-        let patch = json!({"spec": {"scheduler": {"config": null, "image": null}}});
         match self
-            .bed
-            .api
-            .patch(
-                &self.bed.name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
+            .edit_scheduler(json!({"config": null, "image": null}))
             .await
         {
             Ok(_) => eprintln!("  removed spec.scheduler's config and image after the failure"),
