@@ -95,6 +95,29 @@ impl SchedulerSpec {
 /// The config hash of kube-scheduler's built-in defaults (no `--config`).
 pub const DEFAULTS: &str = "defaults";
 
+/// The scheduler a control plane runs, from its static pod as the guest cluster's API
+/// shows it: what the controller observes and its planner compares with the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningScheduler {
+    /// [`SchedulerSpec::config_hash`] of the configuration it reads.
+    pub config_hash: String,
+    /// The container's image.
+    pub image: String,
+    /// `spec.scheduler.image` it was switched to, if any (else kubeadm's image).
+    pub custom_image: Option<String>,
+    /// When its container started.
+    pub started: Option<Time>,
+    /// Running and ready (its readiness probe asks `/readyz`).
+    pub healthy: bool,
+}
+
+impl RunningScheduler {
+    /// Whether it runs what `spec` asks for.
+    pub fn runs(&self, spec: &SchedulerSpec) -> bool {
+        self.config_hash == spec.config_hash() && self.custom_image == spec.image
+    }
+}
+
 /// What the guest cluster's scheduler runs, and the last configuration it refused.
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use secrecy::SecretString;
 
 mod api;
@@ -30,7 +29,7 @@ pub mod ssh;
 
 pub use benchcluster_crd::KubernetesSpec;
 pub use benchcluster_crd::pools::{NodeConfig, Registration};
-pub use benchcluster_crd::scheduler::SchedulerSpec;
+pub use benchcluster_crd::scheduler::{RunningScheduler, SchedulerSpec};
 
 /// How to log in to a VM.
 #[derive(Debug, Clone)]
@@ -59,21 +58,6 @@ pub struct InitConfig {
     pub kubernetes: KubernetesSpec,
     /// The scheduler the control plane starts with.
     pub scheduler: SchedulerSpec,
-}
-
-/// The scheduler a control plane runs, from its static pod as the guest API shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunningScheduler {
-    /// [`SchedulerSpec::config_hash`] of the configuration it reads.
-    pub config_hash: String,
-    /// The container's image.
-    pub image: String,
-    /// `spec.scheduler.image` it was switched to, if any (else kubeadm's image).
-    pub custom_image: Option<String>,
-    /// When its container started.
-    pub started: Option<Time>,
-    /// Running and ready (its readiness probe asks `/readyz`).
-    pub healthy: bool,
 }
 
 /// The admin kubeconfig of a guest cluster, with its server set to the control plane

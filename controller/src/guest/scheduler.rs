@@ -319,7 +319,7 @@ impl SshGuest {
         let before = self.observe_scheduler(kubeconfig, &node.name).await?;
         if let Some(running) = before
             .as_ref()
-            .filter(|r| r.config_hash == wanted && r.custom_image == image && r.healthy)
+            .filter(|r| r.runs(&config.scheduler) && r.healthy)
         {
             return Ok(running.clone());
         }

@@ -12,7 +12,7 @@ use super::context::Context;
 use super::pools::Capacity;
 use super::timeline::{Event, Stamp};
 use super::world::{
-    GuestCluster, NetworkState, ObservedNode, ObservedScheduler, VmSize, VmState, World,
+    GuestCluster, NetworkState, ObservedNode, RunningScheduler, VmSize, VmState, World,
 };
 use crate::error::{Error, Result};
 use crate::guest::{AdminKubeconfig, Guest};
@@ -197,7 +197,7 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
 ) -> Result<(
     GuestCluster,
     Option<AdminKubeconfig>,
-    Option<ObservedScheduler>,
+    Option<RunningScheduler>,
 )> {
     let secret = ctx
         .secrets
@@ -235,13 +235,7 @@ async fn observe_guest_cluster<H: Hypervisor, G: Guest>(
             }
             let control_plane = names.node(NodeId::CONTROL_PLANE);
             let scheduler = match ctx.guest.scheduler(&kubeconfig, &control_plane).await {
-                Ok(scheduler) => scheduler.map(|s| ObservedScheduler {
-                    config_hash: s.config_hash,
-                    image: s.image,
-                    custom_image: s.custom_image,
-                    since: s.started,
-                    healthy: s.healthy,
-                }),
+                Ok(scheduler) => scheduler,
                 Err(error) => {
                     debug!(%error, "cannot read the scheduler's pod");
                     None

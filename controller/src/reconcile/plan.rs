@@ -371,7 +371,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::names::{KeyTag, Seed};
-    use crate::reconcile::world::ObservedScheduler;
+    use crate::reconcile::world::RunningScheduler;
     use crate::reconcile::world::VmSize;
     use benchcluster_crd::{
         Firmware, ImageSpec, KubernetesSpec, NetworkSpec, NodeTemplate, SecretReference, SshSpec,
@@ -474,12 +474,12 @@ pub(crate) mod tests {
         world
     }
 
-    fn running_scheduler(config_hash: &str) -> ObservedScheduler {
-        ObservedScheduler {
+    fn running_scheduler(config_hash: &str) -> RunningScheduler {
+        RunningScheduler {
             config_hash: config_hash.into(),
             image: "registry.k8s.io/kube-scheduler:v1.35.4".into(),
             custom_image: None,
-            since: None,
+            started: None,
             healthy: true,
         }
     }
@@ -578,7 +578,7 @@ pub(crate) mod tests {
                 }
                 Operation::Init | Operation::Join => {}
                 Operation::Scheduler => {
-                    world.scheduler = Some(ObservedScheduler {
+                    world.scheduler = Some(RunningScheduler {
                         custom_image: spec.scheduler.image.clone(),
                         ..running_scheduler(&spec.scheduler.config_hash())
                     });

@@ -38,7 +38,7 @@ pub fn status(
         Some(s) => SchedulerStatus {
             config_hash: s.config_hash.clone(),
             image: Some(s.image.clone()).filter(|i| !i.is_empty()),
-            since: s.since.clone(),
+            since: s.started.clone(),
             healthy: s.healthy,
             rejected: None,
         },
@@ -133,7 +133,7 @@ mod tests {
     use super::*;
     use crate::reconcile::outcome::SchedulerRejection;
     use crate::reconcile::plan::tests::spec;
-    use crate::reconcile::world::{NetworkState, ObservedScheduler};
+    use crate::reconcile::world::{NetworkState, RunningScheduler};
 
     fn world(running: Option<(&str, bool)>) -> World {
         World {
@@ -142,11 +142,11 @@ mod tests {
             cluster: GuestCluster::Reachable,
             operations: BTreeMap::new(),
             capacity: None,
-            scheduler: running.map(|(hash, healthy)| ObservedScheduler {
+            scheduler: running.map(|(hash, healthy)| RunningScheduler {
                 config_hash: hash.into(),
                 image: "registry.k8s.io/kube-scheduler:v1.35.4".into(),
                 custom_image: None,
-                since: None,
+                started: None,
                 healthy,
             }),
             rejected_scheduler: None,

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use benchcluster_crd::{RejectedConfig, SchedulerSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use benchcluster_crd::RejectedConfig;
+pub use benchcluster_crd::scheduler::RunningScheduler;
 
 use super::pools::Capacity;
 use crate::names::{KeyTag, NodeId, Seed};
@@ -149,28 +149,6 @@ pub enum GuestCluster {
     Reachable,
 }
 
-/// The control plane's scheduler, from its static pod in the guest API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObservedScheduler {
-    /// The configuration it reads (`SchedulerSpec::config_hash`).
-    pub config_hash: String,
-    /// The container's image.
-    pub image: String,
-    /// The `spec.scheduler.image` it was switched to (none: kubeadm's image).
-    pub custom_image: Option<String>,
-    /// When its container started.
-    pub since: Option<Time>,
-    /// Running and ready.
-    pub healthy: bool,
-}
-
-impl ObservedScheduler {
-    /// Whether it runs what `spec` asks for.
-    pub fn runs(&self, spec: &SchedulerSpec) -> bool {
-        self.config_hash == spec.config_hash() && self.custom_image == spec.image
-    }
-}
-
 /// Everything observe found, the only input of the planner besides the spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct World {
@@ -182,7 +160,7 @@ pub struct World {
     /// What the host offers VMs, when the hypervisor said.
     pub capacity: Option<Capacity>,
     /// The scheduler, when the guest API showed it.
-    pub scheduler: Option<ObservedScheduler>,
+    pub scheduler: Option<RunningScheduler>,
     /// The configuration the scheduler refused (this pass, else as the last status
     /// says), while the spec still asks for it: not tried again until the spec changes.
     /// Set by the driver ([`super::scheduler::rejected`]); the status reports it.
