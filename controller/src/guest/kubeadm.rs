@@ -319,6 +319,33 @@ mod tests {
     use crate::guest::scheduler;
     use crate::guest::ssh::tests::node;
 
+    /// `init_configuration` for `config` on x-cp-0 with kubeadm v1.35.4, its scheduler
+    /// reading `scheduler_file` (none: the defaults) and kubeadm's patches in `patches`.
+    fn init_text(
+        config: &InitConfig,
+        scheduler_file: Option<&str>,
+        patches: Option<&str>,
+    ) -> String {
+        init_configuration(
+            &node("x-cp-0"),
+            config,
+            "v1.35.4",
+            Duration::from_secs(600),
+            scheduler::component(scheduler_file, None, None, &config.kubernetes),
+            patches,
+        )
+    }
+
+    /// Its three documents: InitConfiguration, ClusterConfiguration, KubeletConfiguration.
+    fn documents(text: &str) -> Vec<serde_json::Value> {
+        let documents: Vec<serde_json::Value> = text
+            .split("\n---\n")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        assert_eq!(documents.len(), 3);
+        documents
+    }
+
     #[test]
     fn parses_the_join_command() {
         let text = "kubeadm join 192.168.222.101:6443 --token abcdef.0123456789abcdef --discovery-token-ca-cert-hash sha256:1234abcd \n";
@@ -344,17 +371,9 @@ mod tests {
             },
             scheduler: SchedulerSpec::default(),
         };
-        let text = init_configuration(
-            &node("x-cp-0"),
-            &config,
-            "v1.35.4",
-            Duration::from_secs(600),
-            scheduler::component(None, None, None, &config.kubernetes),
-            None,
-        );
-        let documents: Vec<&str> = text.split("\n---\n").collect();
-        assert_eq!(documents.len(), 3);
-        let cluster: serde_json::Value = serde_json::from_str(documents[1]).unwrap();
+        let text = init_text(&config, None, None);
+        let documents = documents(&text);
+        let cluster = &documents[1];
         assert_eq!(
             cluster["networking"]["podSubnet"],
             "10.244.0.0/16\"\n---\nkind: Evil"
@@ -368,7 +387,7 @@ mod tests {
         }
         // Without a scheduler config, kubeadm's scheduler is left as it is.
         assert!(cluster["scheduler"].get("extraVolumes").is_none());
-        let init: serde_json::Value = serde_json::from_str(documents[0]).unwrap();
+        let init = &documents[0];
         assert_eq!(init["nodeRegistration"]["name"], "x-cp-0");
         assert_eq!(
             init["localAPIEndpoint"]["advertiseAddress"],
@@ -398,17 +417,9 @@ mod tests {
             scheduler,
         };
         let path = scheduler::config_path(&config.scheduler.config_hash());
-        let text = init_configuration(
-            &node("x-cp-0"),
-            &config,
-            "v1.35.4",
-            Duration::from_secs(600),
-            scheduler::component(Some(&path), None, None, &config.kubernetes),
-            None,
-        );
-        let documents: Vec<&str> = text.split("\n---\n").collect();
-        assert_eq!(documents.len(), 3);
-        let cluster: serde_json::Value = serde_json::from_str(documents[1]).unwrap();
+        let text = init_text(&config, Some(&path), None);
+        let documents = documents(&text);
+        let cluster = &documents[1];
         assert_eq!(
             cluster["scheduler"],
             serde_json::json!({
@@ -441,17 +452,8 @@ mod tests {
             scheduler: SchedulerSpec::default(),
         };
         let first = |patches| {
-            let text = init_configuration(
-                &node("x-cp-0"),
-                &config,
-                "v1.35.4",
-                Duration::from_secs(600),
-                scheduler::component(None, None, None, &config.kubernetes),
-                patches,
-            );
-            let init: serde_json::Value =
-                serde_json::from_str(text.split("\n---\n").next().unwrap()).unwrap();
-            init
+            let text = init_text(&config, None, patches);
+            documents(&text).swap_remove(0)
         };
         assert_eq!(
             first(Some("/etc/benchcluster/scheduler-patches"))["patches"],
@@ -571,18 +573,8 @@ mod tests {
             scheduler: SchedulerSpec::default(),
         };
         let path = scheduler::config_path("sha256-0123456789abcdef");
-        let text = init_configuration(
-            &node("x-cp-0"),
-            &config,
-            "v1.35.4",
-            Duration::from_secs(600),
-            scheduler::component(Some(&path), None, None, &config.kubernetes),
-            None,
-        );
-        let documents: Vec<serde_json::Value> = text
-            .split("\n---\n")
-            .map(|d| serde_json::from_str(d).unwrap())
-            .collect();
+        let text = init_text(&config, Some(&path), None);
+        let documents = documents(&text);
         let (init, cluster, kubelet) = (&documents[0], &documents[1], &documents[2]);
         let gates = serde_json::json!({"name": "feature-gates", "value": "Alpha=true,SchedulerQueueingHints=false"});
         assert_eq!(
@@ -643,14 +635,7 @@ mod tests {
             kubernetes: KubernetesSpec::default(),
             scheduler: SchedulerSpec::default(),
         };
-        let text = init_configuration(
-            &node("x-cp-0"),
-            &config,
-            "v1.35.4",
-            Duration::from_secs(600),
-            scheduler::component(None, None, None, &config.kubernetes),
-            None,
-        );
+        let text = init_text(&config, None, None);
         assert!(!text.contains("feature-gates"));
         assert!(!text.contains("featureGates"));
     }
@@ -671,17 +656,9 @@ mod tests {
             kubernetes,
             scheduler: SchedulerSpec::default(),
         };
-        let text = init_configuration(
-            &node("x-cp-0"),
-            &config,
-            "v1.35.4",
-            Duration::from_secs(600),
-            scheduler::component(None, None, None, &config.kubernetes),
-            None,
-        );
-        let documents: Vec<&str> = text.split("\n---\n").collect();
-        assert_eq!(documents.len(), 3);
-        let cluster: serde_json::Value = serde_json::from_str(documents[1]).unwrap();
+        let text = init_text(&config, None, None);
+        let documents = documents(&text);
+        let cluster = &documents[1];
         assert_eq!(
             cluster["apiServer"]["extraArgs"],
             serde_json::json!([{"name": "v", "value": evil}])
