@@ -312,23 +312,10 @@ pub fn feature_gates_arg(gates: &BTreeMap<String, bool>) -> Option<String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
-
-    fn kubernetes_schema() -> JSONSchemaProps {
-        let crd = crate::crd();
-        let root = crd.spec.versions[0]
-            .schema
-            .clone()
-            .unwrap()
-            .open_api_v3_schema
-            .unwrap();
-        let spec = root.properties.unwrap()["spec"].clone();
-        spec.properties.unwrap()["kubernetes"].clone()
-    }
 
     #[test]
     fn every_managed_flag_is_refused_by_a_rule_naming_the_field() {
-        let kubernetes = kubernetes_schema();
+        let kubernetes = crate::schema_at(&["spec", "kubernetes"]);
         let extra_args = kubernetes.properties.as_ref().unwrap()["extraArgs"].clone();
         let properties = extra_args.properties.unwrap();
         assert_eq!(properties.len(), Component::ALL.len());

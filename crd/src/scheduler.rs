@@ -250,27 +250,11 @@ impl JsonSchema for KubeSchedulerConfiguration {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-        JSONSchemaProps, JSONSchemaPropsOrArray,
-    };
-
-    fn config_schema() -> JSONSchemaProps {
-        let crd = crate::crd();
-        let root = crd.spec.versions[0]
-            .schema
-            .clone()
-            .unwrap()
-            .open_api_v3_schema
-            .unwrap();
-        let property = |schema: &JSONSchemaProps, name: &str| {
-            schema.properties.as_ref().unwrap()[name].clone()
-        };
-        property(&property(&property(&root, "spec"), "scheduler"), "config")
-    }
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray;
 
     #[test]
     fn the_config_keeps_unknown_fields_and_every_rule_names_its_field() {
-        let schema = config_schema();
+        let schema = crate::schema_at(&["spec", "scheduler", "config"]);
         assert_eq!(schema.type_.as_deref(), Some("object"));
         assert_eq!(schema.x_kubernetes_preserve_unknown_fields, Some(true));
         let profiles = &schema.properties.as_ref().unwrap()["profiles"];
