@@ -339,13 +339,15 @@ impl SshGuest {
             self.put_file(session, node, path, config_file(document).as_bytes())
                 .await?;
         }
+        // Asked once: the switch and its rollback render the same cluster.
+        let version = self.kubeadm_version(session, node).await?;
         let target = Target {
             config_file: wanted_path.as_deref(),
             image: image.as_deref(),
             switch: switch_id(),
         };
         info!(node = %node.name, config = %wanted, image = ?image, switch = %target.switch, "switching the scheduler");
-        self.regenerate_scheduler(session, node, config, &target)
+        self.regenerate_scheduler(session, node, config, &version, &target)
             .await?;
         let error = match self
             .await_scheduler(kubeconfig, node, &wanted, &target.switch)
@@ -384,7 +386,7 @@ impl SshGuest {
             image: fallback_image.as_deref(),
             switch: switch_id(),
         };
-        self.regenerate_scheduler(session, node, config, &target)
+        self.regenerate_scheduler(session, node, config, &version, &target)
             .await?;
         let message = match self
             .await_scheduler(kubeconfig, node, back, &target.switch)
@@ -405,21 +407,21 @@ impl SshGuest {
         })
     }
 
-    /// Has kubeadm write the scheduler's manifest for `target` from the cluster's own
-    /// kubeadm configuration (a custom image through a kubeadm patch); the kubelet then
+    /// Has kubeadm (`version`) write the scheduler's manifest for `target` from the
+    /// cluster's own kubeadm configuration (a custom image through a kubeadm patch); the kubelet then
     /// replaces the pod.
     async fn regenerate_scheduler(
         &self,
         session: &Session,
         node: &GuestNode,
         config: &InitConfig,
+        version: &str,
         target: &Target<'_>,
     ) -> Result<()> {
-        let version = self.kubeadm_version(session, node).await?;
         let document = init_configuration(
             node,
             config,
-            &version,
+            version,
             self.config.join_token_ttl,
             component(
                 target.config_file,
